@@ -1,0 +1,95 @@
+"""Every Redis key and channel name refreshd uses, built in one place.
+
+Credentials are spread over a fixed number of partitions. All keys of one
+partition share the hash tag ``{<prefix><n>}`` so that each Lua script
+touches a single slot: the same code runs on one Redis, on Sentinel and on
+Redis Cluster. Profiles and process-wide signals live outside partitions.
+
+Changing ``partitions`` after credentials exist would strand them in the
+old partitions, so the value is recorded in Redis on first use and checked
+by every process (see ``Store.check_layout``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+__all__ = ["Keyspace", "Partition"]
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """The keys of one partition; the Lua scripts build per-credential keys
+    from ``base`` so a batch claim need not pass thousands of KEYS."""
+
+    index: int
+    base: str  # "{refreshd:3}:" - every key of this partition starts with it
+
+    @property
+    def due(self) -> str:
+        """Sorted set: member = credential id, score = next refresh time (ms)."""
+        return f"{self.base}due"
+
+    def cred(self, credential_id: str) -> str:
+        return f"{self.base}cred:{credential_id}"
+
+    def lock(self, credential_id: str) -> str:
+        return f"{self.base}lock:{credential_id}"
+
+    def by_profile(self, profile_id: str) -> str:
+        """Set of this partition's credential ids that use ``profile_id``."""
+        return f"{self.base}byprofile:{profile_id}"
+
+    @property
+    def all_creds(self) -> str:
+        """Sorted set of every credential id of the partition (score 0), so
+        listing and counting never need SCAN."""
+        return f"{self.base}creds"
+
+
+@dataclass(frozen=True, slots=True)
+class Keyspace:
+    """Key names for one installation (prefix + partition count)."""
+
+    prefix: str = "refreshd:"
+    partitions: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.partitions <= 16384:
+            raise ValueError("partitions must be between 1 and 16384")
+        if not self.prefix or any(c in self.prefix for c in "{} \n"):
+            raise ValueError("prefix must be non-empty and free of braces and spaces")
+
+    def partition_of(self, credential_id: str) -> Partition:
+        """Stable across processes and Python versions (crc32, not hash())."""
+        return self.partition(zlib.crc32(credential_id.encode()) % self.partitions)
+
+    def partition(self, index: int) -> Partition:
+        return Partition(index, f"{{{self.prefix}{index}}}:")
+
+    def all_partitions(self) -> list[Partition]:
+        return [self.partition(i) for i in range(self.partitions)]
+
+    def profile(self, profile_id: str) -> str:
+        return f"{self.prefix}profile:{profile_id}"
+
+    @property
+    def profiles(self) -> str:
+        """Sorted set of profile ids (score 0: ordered by id) for paging."""
+        return f"{self.prefix}profiles"
+
+    @property
+    def layout(self) -> str:
+        """Hash recording the partition count the data was written with."""
+        return f"{self.prefix}layout"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel: one JSON message per refresh outcome."""
+        return f"{self.prefix}events"
+
+    @property
+    def wake(self) -> str:
+        """Pub/sub channel: a credential became due earlier than workers think."""
+        return f"{self.prefix}wake"

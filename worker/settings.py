@@ -1,0 +1,257 @@
+"""The one place settings come from: ``REFRESHD_*`` environment variables.
+
+``Settings.from_env()`` builds a frozen object and fails loudly on bad
+input ("REFRESHD_CONCURRENCY is not an integer: 'x'"), so a typo stops the
+process at start instead of surfacing at 3 a.m. The object is passed
+explicitly; there is no module-level singleton. ``SETTINGS_DOC`` drives both
+``--help`` and the README table (a test keeps the README in step).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from worker.errors import ConfigError
+
+__all__ = ["SETTINGS_DOC", "Settings"]
+
+
+def _doc(env: str, help_: str) -> dict[str, str]:
+    return {"env": env, "help": help_}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str | None = field(
+        default=None,
+        metadata=_doc(
+            "REFRESHD_REDIS_URL",
+            "Redis/Valkey URL (redis://, rediss://, unix://). Unset: start or join the "
+            "embedded Valkey server under REFRESHD_DATA_DIR.",
+        ),
+    )
+    data_dir: Path = field(
+        default=Path(".refreshd"),
+        metadata=_doc("REFRESHD_DATA_DIR", "Directory for the embedded server's data."),
+    )
+    prefix: str = field(
+        default="refreshd:",
+        metadata=_doc("REFRESHD_PREFIX", "Prefix of every key and channel name."),
+    )
+    partitions: int = field(
+        default=16,
+        metadata=_doc(
+            "REFRESHD_PARTITIONS",
+            "Number of key partitions (hash-tagged slots). Fixed once data exists.",
+        ),
+    )
+    concurrency: int = field(
+        default=256,
+        metadata=_doc("REFRESHD_CONCURRENCY", "Refreshes in flight at once in one process."),
+    )
+    claim_batch: int = field(
+        default=100,
+        metadata=_doc("REFRESHD_CLAIM_BATCH", "Most credentials claimed by one claim call."),
+    )
+    lease_s: float = field(
+        default=30.0,
+        metadata=_doc(
+            "REFRESHD_LEASE_SECONDS",
+            "How long a claim is held. A worker that dies leaves its credentials due "
+            "again after this long.",
+        ),
+    )
+    spend_margin_s: float = field(
+        default=2.0,
+        metadata=_doc(
+            "REFRESHD_SPEND_MARGIN_SECONDS",
+            "Safety margin between an HTTP request's deadline and the end of its lease.",
+        ),
+    )
+    drain_grace_s: float = field(
+        default=20.0,
+        metadata=_doc(
+            "REFRESHD_DRAIN_GRACE_SECONDS",
+            "On SIGTERM: how long in-flight refreshes may take before the process exits.",
+        ),
+    )
+    idle_wakeup_s: float = field(
+        default=5.0,
+        metadata=_doc(
+            "REFRESHD_IDLE_WAKEUP_SECONDS",
+            "Longest sleep between schedule checks when no wake-up arrives (a safety net; "
+            "workers normally wake on the earliest due time or a wake-up message).",
+        ),
+    )
+    http_host: str = field(
+        default="127.0.0.1",
+        metadata=_doc("REFRESHD_HTTP_HOST", "Bind address of /metrics, /healthz, /readyz."),
+    )
+    http_port: int = field(
+        default=9464,
+        metadata=_doc("REFRESHD_HTTP_PORT", "Port of /metrics, /healthz, /readyz (0: off)."),
+    )
+    durability: str = field(
+        default="auto",
+        metadata=_doc(
+            "REFRESHD_DURABILITY",
+            "When a commit counts as durable: 'auto' (WAITAOF when the server has "
+            "appendonly on, plus WAIT when it has replicas), 'fsync', 'replica', 'none'.",
+        ),
+    )
+    strict_server: bool = field(
+        default=False,
+        metadata=_doc(
+            "REFRESHD_STRICT_SERVER",
+            "Refuse to start (instead of warning) when Redis may evict keys or has "
+            "persistence off.",
+        ),
+    )
+    lead_min_s: float = field(
+        default=60.0,
+        metadata=_doc(
+            "REFRESHD_LEAD_MIN_SECONDS",
+            "Default refresh lead: at least this long before expiry (at most half the "
+            "token's lifetime).",
+        ),
+    )
+    lead_fraction: float = field(
+        default=0.2,
+        metadata=_doc(
+            "REFRESHD_LEAD_FRACTION", "Default refresh lead as a fraction of the lifetime."
+        ),
+    )
+    lead_max_s: float = field(
+        default=1800.0,
+        metadata=_doc("REFRESHD_LEAD_MAX_SECONDS", "Cap on the default refresh lead."),
+    )
+    backoff_base_s: float = field(
+        default=1.0,
+        metadata=_doc("REFRESHD_BACKOFF_BASE_SECONDS", "First retry delay bound (full jitter)."),
+    )
+    backoff_max_s: float = field(
+        default=300.0,
+        metadata=_doc("REFRESHD_BACKOFF_MAX_SECONDS", "Largest retry delay bound."),
+    )
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        metadata=_doc("REFRESHD_WORKER_ID", "Name of this process in logs and lock values."),
+    )
+    log_level: str = field(
+        default="info",
+        metadata=_doc("REFRESHD_LOG_LEVEL", "debug, info, warning or error."),
+    )
+    log_format: str = field(
+        default="json",
+        metadata=_doc("REFRESHD_LOG_FORMAT", "'json' (one object per line) or 'console'."),
+    )
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.partitions >= 1, "REFRESHD_PARTITIONS must be at least 1"),
+            (self.concurrency >= 1, "REFRESHD_CONCURRENCY must be at least 1"),
+            (self.claim_batch >= 1, "REFRESHD_CLAIM_BATCH must be at least 1"),
+            (self.lease_s >= 5, "REFRESHD_LEASE_SECONDS must be at least 5"),
+            (
+                0 < self.spend_margin_s < self.lease_s / 2,
+                "REFRESHD_SPEND_MARGIN_SECONDS must be positive and under half the lease",
+            ),
+            (self.drain_grace_s >= 0, "REFRESHD_DRAIN_GRACE_SECONDS must not be negative"),
+            (self.idle_wakeup_s > 0, "REFRESHD_IDLE_WAKEUP_SECONDS must be positive"),
+            (0 <= self.http_port <= 65535, "REFRESHD_HTTP_PORT must be a port number"),
+            (
+                self.durability in {"auto", "fsync", "replica", "none"},
+                "REFRESHD_DURABILITY must be one of auto, fsync, replica, none",
+            ),
+            (0 < self.lead_fraction < 1, "REFRESHD_LEAD_FRACTION must be between 0 and 1"),
+            (self.lead_min_s >= 0, "REFRESHD_LEAD_MIN_SECONDS must not be negative"),
+            (self.lead_max_s >= self.lead_min_s, "REFRESHD_LEAD_MAX_SECONDS must be >= min"),
+            (self.backoff_base_s > 0, "REFRESHD_BACKOFF_BASE_SECONDS must be positive"),
+            (
+                self.backoff_max_s >= self.backoff_base_s,
+                "REFRESHD_BACKOFF_MAX_SECONDS must be >= the base",
+            ),
+            (
+                self.log_level in {"debug", "info", "warning", "error"},
+                "REFRESHD_LOG_LEVEL must be debug, info, warning or error",
+            ),
+            (self.log_format in {"json", "console"}, "REFRESHD_LOG_FORMAT must be json or console"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every ``REFRESHD_*`` variable; unknown ones are an error, since
+        a misspelt name would otherwise be silently ignored."""
+        env = os.environ if environ is None else environ
+        known = {f.metadata["env"] for f in fields(cls)}
+        unknown = sorted(k for k in env if k.startswith("REFRESHD_") and k not in known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.metadata["env"], raw, _PARSERS[f.name])
+        values.update(overrides)
+        return cls(**values)
+
+
+def _parse(name: str, raw: str, kind: Callable[[str], Any]) -> Any:
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        label = {int: "an integer", float: "a number", _bool: "a boolean"}.get(kind, "valid")
+        raise ConfigError(f"{name} is not {label}: {raw!r}") from None
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(raw)
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "redis_url": str,
+    "data_dir": Path,
+    "prefix": str,
+    "partitions": int,
+    "concurrency": int,
+    "claim_batch": int,
+    "lease_s": float,
+    "spend_margin_s": float,
+    "drain_grace_s": float,
+    "idle_wakeup_s": float,
+    "http_host": str,
+    "http_port": int,
+    "durability": str,
+    "strict_server": _bool,
+    "lead_min_s": float,
+    "lead_fraction": float,
+    "lead_max_s": float,
+    "backoff_base_s": float,
+    "backoff_max_s": float,
+    "worker_id": str,
+    "log_level": str,
+    "log_format": str,
+}
+
+SETTINGS_DOC: list[tuple[str, str, str]] = [
+    (
+        f.metadata["env"],
+        "" if f.name in {"worker_id"} else str(f.default if f.default is not None else ""),
+        f.metadata["help"],
+    )
+    for f in fields(Settings)
+]
