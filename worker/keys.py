@@ -37,15 +37,18 @@ class Partition:
     def lock(self, credential_id: str) -> str:
         return f"{self.base}lock:{credential_id}"
 
-    def by_profile(self, profile_id: str) -> str:
-        """Set of this partition's credential ids that use ``profile_id``."""
-        return f"{self.base}byprofile:{profile_id}"
+    @property
+    def stats(self) -> str:
+        """Hash of counters kept by the scripts: ``status:<s>`` per status and
+        ``profile:<id>`` per profile, so `status` and profile deletion never
+        scan the keyspace. A counter costs bytes; a set of ids per profile
+        would cost ~70 bytes per credential."""
+        return f"{self.base}stats"
 
     @property
-    def all_creds(self) -> str:
-        """Sorted set of every credential id of the partition (score 0), so
-        listing and counting never need SCAN."""
-        return f"{self.base}creds"
+    def cred_pattern(self) -> str:
+        """SCAN pattern of this partition's credentials (operator listings only)."""
+        return f"{self.base}cred:*"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,54 @@
+"""`refreshd` command line: the worker, the demo, and operator commands.
+
+Output is JSON on stdout (``--table`` where a table helps); errors are one
+line on stderr and a non-zero exit, never a traceback. Secrets are read
+from a file, an environment variable or stdin, never from an argument
+(arguments end up in shell history and ``ps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import anyio
+
+from worker.cli import credentials, ops, profiles
+from worker.cli.common import Command, fail
+from worker.errors import ConfigError, RefreshdError
+from worker.settings import SETTINGS_DOC
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "settings (environment variables):\n" + "\n".join(
+        f"  {env:32} {help_}" + (f" [default: {default}]" if default else "")
+        for env, default, help_ in SETTINGS_DOC
+    )
+    parser = argparse.ArgumentParser(
+        prog="refreshd",
+        description="Keeps OAuth credentials fresh ahead of expiry; a refresh token is "
+        "never sent twice.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ops.register(sub)
+    profiles.register(sub)
+    credentials.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Command = args.handler
+    try:
+        return anyio.run(command, args, backend="asyncio")
+    except KeyboardInterrupt:
+        return 130
+    except ConfigError as exc:
+        return fail(str(exc), code=2)
+    except RefreshdError as exc:
+        return fail(str(exc))

@@ -1,0 +1,78 @@
+"""Helpers shared by the CLI commands: settings, output, secret input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from worker.errors import ConfigError
+from worker.logs import configure_logging
+from worker.settings import Settings
+
+__all__ = ["Command", "emit", "fail", "load_settings", "read_secret", "table"]
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def load_settings(*, log_to_stderr: bool = True) -> Settings:
+    """Operator commands log to stderr so stdout stays machine-readable."""
+    settings = Settings.from_env()
+    configure_logging(
+        settings.log_level, settings.log_format, stream=sys.stderr if log_to_stderr else None
+    )
+    return settings
+
+
+def emit(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Iterable[str]) -> None:
+    cols = list(columns)
+    cells = [[str(row.get(c, "")) for c in cols] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(cols)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def fail(message: str, *, code: int = 1) -> int:
+    print(f"refreshd: error: {message}", file=sys.stderr)
+    return code
+
+
+def add_secret_options(parser: argparse.ArgumentParser, name: str) -> None:
+    flag = name.replace("_", "-")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(f"--{flag}-file", metavar="PATH", help=f"read {name} from a file")
+    group.add_argument(f"--{flag}-env", metavar="VAR", help=f"read {name} from an env variable")
+    group.add_argument(
+        f"--{flag}-stdin", action="store_true", help=f"read {name} from standard input"
+    )
+
+
+def read_secret(args: argparse.Namespace, name: str) -> str | None:
+    """The secret named ``name`` from whichever source was given, or None."""
+    path = getattr(args, f"{name}_file", None)
+    env = getattr(args, f"{name}_env", None)
+    if path:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {name} from {path}: {exc.strerror}") from None
+    elif env:
+        if env not in os.environ:
+            raise ConfigError(f"environment variable {env} (for {name}) is not set")
+        value = os.environ[env].strip()
+    elif getattr(args, f"{name}_stdin", False):
+        value = sys.stdin.readline().strip()
+    else:
+        return None
+    if not value:
+        raise ConfigError(f"{name} is empty")
+    return value

@@ -1,0 +1,215 @@
+"""`refreshd demo`: the whole system on the default setup, end to end.
+
+A built-in token endpoint that rotates refresh tokens and treats a second
+use of one as theft (it revokes the grant, as strict providers do); N
+credentials with short lifetimes; several real workers racing over them
+through Redis; a live progress line; and a summary that exits non-zero if
+any refresh token was ever presented twice.
+
+Demo data lives under its own key prefix (``<prefix>demo:``), so it never
+touches real credentials, and is removed afterwards unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import TaskStatus
+
+from worker.app import build_refresher, build_worker, open_store, schedule_from
+from worker.cli.credentials import import_lines
+from worker.fakeprovider import FakeProvider, FakeProviderConfig
+from worker.metrics import Metrics
+from worker.profiles import ProfileStore
+from worker.redisio import guard
+from worker.runner import Worker
+from worker.settings import Settings
+from worker.store import Store
+from worker.transport import make_http_client
+
+__all__ = ["DemoOptions", "run_demo"]
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    credentials: int = 2000
+    lifetime_s: float = 20.0
+    duration_s: float = 30.0
+    workers: int = 2
+    keep: bool = False
+
+
+@dataclass(slots=True)
+class _Tally:
+    events: dict[str, int] = dataclasses.field(default_factory=dict)
+    lags: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def refreshed(self) -> int:
+        return self.events.get("token.refreshed", 0)
+
+
+async def _wipe(store: Store) -> None:
+    """Delete every key under the demo prefix (hash-tagged ones included)."""
+    prefix = store.keys.prefix
+    for pattern in (f"{prefix}*", f"{{{prefix}*"):
+        batch: list[str] = []
+        async for key in store.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                await guard(store.client.unlink(*batch))
+                batch.clear()
+        if batch:
+            await guard(store.client.unlink(*batch))
+
+
+async def _seed(
+    store: Store, provider: FakeProvider, settings: Settings, opts: DemoOptions
+) -> None:
+    await ProfileStore(store).create(
+        {
+            "id": "demo",
+            "name": "built-in demo endpoint (rotates, revokes on reuse)",
+            "token_url": provider.url,
+            "client_id": provider.config.client_id,
+            "client_secret": provider.config.client_secret,
+            "rotation": "always",
+            "allow_http": True,
+            "timeout_s": 5,
+        }
+    )
+    rng = random.Random(7)
+    lines = []
+    for n in range(opts.credentials):
+        grant = provider.issue_grant()
+        lines.append(
+            json.dumps(
+                {
+                    "id": f"demo-{n:06d}",
+                    "profile": "demo",
+                    "access_token": grant.access_token,
+                    "refresh_token": grant.refresh_token,
+                    # spread expiries so the run shows a catch-up burst, then a steady state
+                    "expires_in": rng.uniform(1, opts.lifetime_s),
+                }
+            )
+        )
+    summary = await import_lines(store, lines, schedule=schedule_from(settings), replace=False)
+    if summary["failed"]:
+        raise RuntimeError(f"demo import failed: {summary['errors'][:3]}")
+
+
+async def _count_events(store: Store, tally: _Tally, *, task_status: TaskStatus[None]) -> None:
+    async with store.client.pubsub() as pubsub:
+        await pubsub.subscribe(store.keys.events)
+        task_status.started()
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None:
+                kind = json.loads(message["data"])["type"]
+                tally.events[kind] = tally.events.get(kind, 0) + 1
+
+
+def _progress(elapsed: float, tally: _Tally, provider: FakeProvider, final: bool = False) -> None:
+    rate = tally.refreshed / elapsed if elapsed else 0.0
+    failed = sum(v for k, v in tally.events.items() if k != "token.refreshed")
+    line = (
+        f"[{elapsed:5.1f}s] refreshed {tally.refreshed:7d}  ({rate:7.1f}/s)  "
+        f"failed {failed:4d}  reuse detected {len(provider.stats.reuse_events)}"
+    )
+    if sys.stderr.isatty():
+        print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
+    elif final or int(elapsed) % 5 == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
+
+
+async def run_demo(settings: Settings, opts: DemoOptions) -> int:
+    if opts.credentials < 1 or opts.lifetime_s < 2 or opts.duration_s <= 0 or opts.workers < 1:
+        raise ValueError("credentials, workers >= 1, lifetime >= 2 s and duration > 0 please")
+    settings = dataclasses.replace(settings, prefix=f"{settings.prefix}demo:", http_port=0)
+    config = FakeProviderConfig(lifetime_s=max(int(opts.lifetime_s), 2), rotate=True,
+                                revoke_on_reuse=True, access_token_bytes=800)  # fmt: skip
+    tally = _Tally()
+    async with FakeProvider(config) as provider, open_store(settings) as store:
+        await _wipe(store)
+        print(f"seeding {opts.credentials} credentials (lifetime {opts.lifetime_s:g}s)...",
+              file=sys.stderr)  # fmt: skip
+        await _seed(store, provider, settings, opts)
+        workers: list[Worker] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(_count_events, store, tally)
+            async with anyio.create_task_group() as racing:
+                for n in range(opts.workers):
+                    await racing.start(_one_worker, settings, n, tally, workers)
+                started = time.monotonic()
+                while (elapsed := time.monotonic() - started) < opts.duration_s:
+                    await anyio.sleep(min(1.0, opts.duration_s - elapsed))
+                    _progress(time.monotonic() - started, tally, provider)
+                for worker in workers:
+                    worker.stop()
+            elapsed = time.monotonic() - started
+            await anyio.sleep(0.2)  # let the last events arrive
+            tg.cancel_scope.cancel()
+        _progress(elapsed, tally, provider, final=True)
+        if not opts.keep:
+            await _wipe(store)
+    return _report(opts, elapsed, tally, provider)
+
+
+async def _one_worker(
+    settings: Settings,
+    n: int,
+    tally: _Tally,
+    workers: list[Worker],
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    settings = dataclasses.replace(settings, worker_id=f"{settings.worker_id}-demo{n}")
+    async with open_store(settings) as store, make_http_client() as http:
+        metrics = Metrics()
+        refresher = build_refresher(settings, store, http, metrics)
+        refresher.on_lag = tally.lags.append
+        worker = build_worker(settings, store, refresher, metrics)
+        workers.append(worker)
+        task_status.started()
+        await worker.run()
+
+
+def _report(opts: DemoOptions, elapsed: float, tally: _Tally, provider: FakeProvider) -> int:
+    reuse = len(provider.stats.reuse_events)
+    double_sends = sum(1 for count in provider.send_counts.values() if count > 1)
+    summary = {
+        "credentials": opts.credentials,
+        "workers": opts.workers,
+        "duration_s": round(elapsed, 1),
+        "refreshed": tally.refreshed,
+        "refreshes_per_s": round(tally.refreshed / elapsed, 1) if elapsed else 0,
+        "failed": tally.events.get("token.failed", 0),
+        "needs_reauth": tally.events.get("credential.needs_reauth", 0),
+        "quarantined": tally.events.get("credential.quarantined", 0),
+        "reuse_detected": reuse,
+        "refresh_tokens_sent_twice": double_sends,
+        "lag_p50_ms": round(_percentile(tally.lags, 0.5) * 1000, 1),
+        "lag_p99_ms": round(_percentile(tally.lags, 0.99) * 1000, 1),
+    }
+    print(json.dumps(summary, indent=2))
+    if reuse or double_sends:
+        print("FAIL: a refresh token was used twice", file=sys.stderr)
+        return 1
+    print(f"OK: {tally.refreshed} refreshes, zero reuse", file=sys.stderr)
+    return 0

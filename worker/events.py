@@ -1,0 +1,74 @@
+"""The event schema consumers rely on: one JSON object per refresh outcome.
+
+Published on ``<prefix>events`` by the commit script itself, so a stored
+token and its event never disagree. Bump ``SCHEMA`` on any incompatible
+change; adding a field is compatible. The refresh token is never published.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["SCHEMA", "EventType", "build_event", "mask_event"]
+
+SCHEMA = 1
+
+
+class EventType(StrEnum):
+    REFRESHED = "token.refreshed"
+    FAILED = "token.failed"
+    NEEDS_REAUTH = "credential.needs_reauth"
+    QUARANTINED = "credential.quarantined"
+
+
+def build_event(
+    kind: EventType,
+    *,
+    credential_id: str,
+    profile: str,
+    version: int,
+    ts_ms: int,
+    access_token: str | None = None,
+    token_type: str = "",
+    expires_at_ms: int | None = None,
+    scope: str = "",
+    reason: str = "",
+    retry_at_ms: int | None = None,
+    failures: int | None = None,
+) -> str:
+    body: dict[str, Any] = {
+        "schema": SCHEMA,
+        "type": kind.value,
+        "credential_id": credential_id,
+        "profile": profile,
+        "version": version,
+        "ts": ts_ms,
+    }
+    if kind is EventType.REFRESHED:
+        body |= {
+            "access_token": access_token,
+            "token_type": token_type,
+            "expires_at": expires_at_ms,
+            "scope": scope,
+        }
+    else:
+        body["reason"] = reason
+        if failures is not None:
+            body["failures"] = failures
+        if retry_at_ms is not None:
+            body["retry_at"] = retry_at_ms
+    return json.dumps(body, separators=(",", ":"))
+
+
+def mask_event(raw: str) -> dict[str, Any]:
+    """For display (``refreshd watch``): the access token becomes a short
+    fingerprint unless the operator asks to reveal it."""
+    from worker.logs import fingerprint
+
+    body: dict[str, Any] = json.loads(raw)
+    token = body.get("access_token")
+    if isinstance(token, str) and token:
+        body["access_token"] = f"[{fingerprint(token)}]"
+    return body

@@ -1,0 +1,99 @@
+"""Every Prometheus metric refreshd exports, defined once.
+
+Labels are bounded: ``profile`` (operator-defined, a handful), ``outcome``
+and ``reason`` (fixed vocabularies in ``worker.refresher``), HTTP status
+classes. Never a credential id. A fresh ``Metrics`` gets its own registry so
+tests and several in-process workers do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.refreshes = Counter(
+            "refreshd_refreshes_total",
+            "Refresh attempts by outcome (refreshed, retry, needs_reauth, quarantined) and reason.",
+            ["profile", "outcome", "reason"],
+            registry=r,
+        )
+        self.refresh_duration = Histogram(
+            "refreshd_refresh_duration_seconds",
+            "Time from spend to provider answer, by profile.",
+            ["profile"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.schedule_lag = Histogram(
+            "refreshd_schedule_lag_seconds",
+            "Refresh start minus due time: how late the scheduler picked work up.",
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.provider_responses = Counter(
+            "refreshd_provider_responses_total",
+            "Token endpoint answers by HTTP status class (2xx, 4xx, 5xx, none).",
+            ["profile", "status_class"],
+            registry=r,
+        )
+        self.backlog = Gauge(
+            "refreshd_backlog",
+            "Credentials due now and not yet claimed (ready backlog).",
+            registry=r,
+        )
+        self.scheduled = Gauge(
+            "refreshd_scheduled_credentials",
+            "Credentials with a scheduled refresh.",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "refreshd_in_flight",
+            "Refreshes claimed by this process and not yet committed.",
+            registry=r,
+        )
+        self.claimed = Counter(
+            "refreshd_claimed_total", "Credentials claimed by this process.", registry=r
+        )
+        self.lock_contention = Counter(
+            "refreshd_lock_contention_total",
+            "Due credentials skipped at claim because another worker held them.",
+            registry=r,
+        )
+        self.lease_lost = Counter(
+            "refreshd_lease_lost_total",
+            "Claims lost before the spend, or commits that landed after the lease "
+            "lapsed (a correctness alarm when it grows).",
+            ["stage"],
+            registry=r,
+        )
+        self.expired_before_refresh = Counter(
+            "refreshd_expired_before_refresh_total",
+            "Refreshes that started after the access token had already expired.",
+            registry=r,
+        )
+        self.commit_failures = Counter(
+            "refreshd_commit_failures_total",
+            "Commits that could not be written (Redis unavailable, not durable, stale).",
+            ["reason"],
+            registry=r,
+        )
+        self.heartbeat = Gauge(
+            "refreshd_heartbeat_timestamp_seconds",
+            "Unix time of the event loop's last heartbeat.",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "refreshd_draining", "1 while the process drains after SIGTERM.", registry=r
+        )
+        self.redis_up = Gauge(
+            "refreshd_redis_up", "1 when the last Redis call succeeded.", registry=r
+        )

@@ -1,0 +1,155 @@
+"""Provider profiles in Redis: CRUD for operators, a small cache for workers.
+
+Semantics follow the custom-OAuth-profile API refreshd's users know (seed
+004): list pages with ``page`` (from 1) and ``per_page`` (1-100, default
+100); create and update validate every field; client secrets are never
+returned by list or get; delete refuses while credentials still use the
+profile unless forced, and a forced delete removes those credentials too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import fields
+from typing import Any
+
+from worker.codec import SecretCodec
+from worker.errors import ConfigError, Conflict, NotFound
+from worker.models import Profile, validate_id
+from worker.redisio import guard
+from worker.store import Store
+
+__all__ = ["ProfileCache", "ProfileStore"]
+
+_FIELDS = [f.name for f in fields(Profile)]
+
+
+def _to_hash(profile: Profile, codec: SecretCodec) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in _FIELDS:
+        value = getattr(profile, name)
+        if name == "client_secret":
+            out[name] = codec.encode(value) if value else ""
+        elif name == "extra_params":
+            out[name] = json.dumps(dict(value), sort_keys=True)
+        elif isinstance(value, bool):
+            out[name] = "1" if value else "0"
+        else:
+            out[name] = str(value)
+    return out
+
+
+def _from_hash(raw: dict[str, str], codec: SecretCodec) -> Profile:
+    data: dict[str, Any] = {k: v for k, v in raw.items() if k in _FIELDS}
+    if data.get("client_secret"):
+        data["client_secret"] = codec.decode(data["client_secret"])
+    return Profile.from_mapping(data)
+
+
+class ProfileStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.client = store.client
+        self.keys = store.keys
+        self.codec = store.codec
+
+    async def create(self, data: dict[str, Any]) -> dict[str, Any]:
+        profile = Profile.from_mapping(data)
+        key = self.keys.profile(profile.id)
+        now = str(int(time.time() * 1000))
+        # HSETNX on "id" makes creation atomic: two racing creators cannot
+        # both believe they made it.
+        if not await guard(self.client.hsetnx(key, "id", profile.id)):
+            raise Conflict(f"profile {profile.id!r} already exists")
+        mapping: dict[Any, Any] = _to_hash(profile, self.codec)
+        mapping |= {"created_at": now, "updated_at": now}
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, mapping=mapping)
+        pipe.zadd(self.keys.profiles, {profile.id: 0})
+        await guard(pipe.execute())
+        return await self.get(profile.id)
+
+    async def update(self, profile_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``changes`` over the stored profile; a secret not given is kept."""
+        current = await self.load(profile_id)
+        if changes.get("id", profile_id) != profile_id:
+            raise ConfigError("a profile's id cannot change; create a new profile")
+        merged = {name: getattr(current, name) for name in _FIELDS} | changes
+        profile = Profile.from_mapping(merged)
+        mapping: dict[Any, Any] = _to_hash(profile, self.codec)
+        mapping["updated_at"] = str(int(time.time() * 1000))
+        await guard(self.client.hset(self.keys.profile(profile_id), mapping=mapping))
+        return await self.get(profile_id)
+
+    async def load(self, profile_id: str) -> Profile:
+        """The full profile, secret included: for the worker, never for output."""
+        validate_id("profile", profile_id)
+        key = self.keys.profile(profile_id)
+        raw: dict[str, str] = await guard(self.client.hgetall(key))
+        if not raw or "token_url" not in raw:
+            raise NotFound(f"no profile {profile_id!r}")
+        return _from_hash(raw, self.codec)
+
+    async def get(self, profile_id: str) -> dict[str, Any]:
+        profile = await self.load(profile_id)
+        key = self.keys.profile(profile_id)
+        created, updated = await guard(self.client.hmget(key, ["created_at", "updated_at"]))
+        counts = await self.store.counters()
+        return profile.public() | {
+            "credentials_count": counts.get(f"profile:{profile_id}", 0),
+            "created_at": int(created or 0),
+            "updated_at": int(updated or 0),
+        }
+
+    async def list(self, *, page: int = 1, per_page: int = 100) -> list[dict[str, Any]]:
+        if page < 1:
+            raise ConfigError("page must be 1 or more")
+        if not 1 <= per_page <= 100:
+            raise ConfigError("per_page must be between 1 and 100")
+        first = (page - 1) * per_page
+        last = first + per_page - 1
+        ids: list[str] = await guard(self.client.zrange(self.keys.profiles, first, last))
+        return [await self.get(profile_id) for profile_id in ids]
+
+    async def delete(self, profile_id: str, *, force: bool = False) -> int:
+        """Delete the profile; returns how many credentials went with it."""
+        await self.load(profile_id)
+        in_use = (await self.store.counters()).get(f"profile:{profile_id}", 0)
+        if in_use and not force:
+            raise Conflict(
+                f"profile {profile_id!r} is used by {in_use} credential(s); delete them "
+                "first or pass --force to delete them with it"
+            )
+        removed = 0
+        if in_use:
+            for cred_id in await self.store.list_ids(limit=10**9):
+                cred = await self.store.get(cred_id)
+                if cred.profile == profile_id:
+                    await self.store.delete(cred_id, force=True)
+                    removed += 1
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.profile(profile_id))
+        pipe.zrem(self.keys.profiles, profile_id)
+        await guard(pipe.execute())
+        return removed
+
+
+class ProfileCache:
+    """Workers read a profile per refresh; caching it for a few seconds
+    turns that into one HGETALL per profile per interval. An update takes
+    effect within ``ttl_s``."""
+
+    def __init__(self, profiles: ProfileStore, *, ttl_s: float = 5.0) -> None:
+        self._profiles = profiles
+        self._ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, Profile]] = {}
+
+    async def get(self, profile_id: str) -> Profile:
+        hit = self._cache.get(profile_id)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self._ttl_s:
+            return hit[1]
+        profile = await self._profiles.load(profile_id)
+        self._cache[profile_id] = (now, profile)
+        return profile

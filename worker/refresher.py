@@ -1,0 +1,334 @@
+"""One refresh, start to finish: rule check, spend, request, commit.
+
+Outcomes (metric label ``outcome``): ``refreshed``; ``retry`` (backoff,
+the grant was not used or may be retried); ``needs_reauth`` (the provider
+refused: stop and tell consumers); ``quarantined`` (a request may have been
+answered with tokens we never saw, and sending the same refresh token again
+could revoke the grant: stop and tell consumers, never guess); ``skipped``
+(the claim was lost before anything was sent).
+
+The unknown-outcome rule: a refresh token whose request went unanswered
+may be sent again only when the profile says the provider does not rotate,
+or inside its reuse grace window counted from the first unanswered send.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+import httpx
+
+from worker.errors import (
+    Ambiguous,
+    NotFound,
+    NotSent,
+    Permanent,
+    RefreshFailure,
+    StoreUnavailable,
+    Transient,
+)
+from worker.events import EventType, build_event
+from worker.logs import fingerprint, get_logger
+from worker.metrics import Metrics
+from worker.models import Claimed, Profile, Rotation
+from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
+from worker.profiles import ProfileCache
+from worker.scheduling import Schedule
+from worker.store import CommitResult, Outcome, Store
+from worker.transport import send
+
+__all__ = ["RefreshTiming", "Refresher", "blind_retry_allowed"]
+
+log = get_logger("refreshd.refresh")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def blind_retry_allowed(profile: Profile, *, first_send_ms: int, now_ms: int) -> bool:
+    """May a refresh token whose earlier request went unanswered be sent
+    again? Only if the provider does not rotate, or if a new request can
+    finish inside the reuse grace window of the first send."""
+    if profile.rotation is Rotation.NEVER:
+        return True
+    grace_ms = profile.reuse_grace_s * 1000
+    return grace_ms > 0 and now_ms + profile.timeout_s * 1000 < first_send_ms + grace_ms
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTiming:
+    lease_ms: int
+    margin_ms: int
+    commit_patience_s: float = 30.0
+
+
+class Refresher:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        profiles: ProfileCache,
+        http: httpx.AsyncClient,
+        schedule: Schedule,
+        metrics: Metrics,
+        timing: RefreshTiming,
+        on_scheduled: Callable[[int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.profiles = profiles
+        self.http = http
+        self.schedule = schedule
+        self.metrics = metrics
+        self.timing = timing
+        self.on_scheduled = on_scheduled
+        #: called with each refresh's schedule lag in seconds (demo, benchmarks)
+        self.on_lag: Callable[[float], None] | None = None
+
+    async def refresh(self, c: Claimed) -> str:
+        self.metrics.in_flight.inc()
+        try:
+            return await self._refresh(c)
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def _refresh(self, c: Claimed) -> str:
+        now_ms = _now_ms()
+        lag_s = max(now_ms - c.due_ms, 0) / 1000
+        self.metrics.schedule_lag.observe(lag_s)
+        if self.on_lag is not None:
+            self.on_lag(lag_s)
+        if 0 < c.expires_at_ms < now_ms:
+            self.metrics.expired_before_refresh.inc()
+        try:
+            profile = await self.profiles.get(c.profile)
+        except NotFound:
+            failure = Permanent("profile_missing", f"profile {c.profile!r} does not exist")
+            return await self._finish_failure(c, None, failure, "needs_reauth", spent=False)
+        if c.ambiguous_at_ms is not None and not blind_retry_allowed(
+            profile, first_send_ms=c.ambiguous_at_ms, now_ms=now_ms
+        ):
+            unknown = Ambiguous("unknown_outcome", "an earlier request was never answered")
+            return await self._finish_failure(c, profile, unknown, "quarantined", spent=False)
+        try:
+            request = build_refresh_request(
+                profile, refresh_token=c.refresh_token, granted_scope=c.scope
+            )
+        except Permanent as failure:
+            return await self._finish_failure(c, profile, failure, "needs_reauth", spent=False)
+
+        timeout_ms = int(profile.timeout_s * 1000)
+        try:
+            spend = await self.store.spend(
+                c,
+                timeout_ms=timeout_ms,
+                margin_ms=self.timing.margin_ms,
+                rt_hash=fingerprint(c.refresh_token),
+            )
+        except StoreUnavailable:
+            # The spend may have been recorded without our hearing it. Nothing
+            # was sent, so clearing our own intent is safe; if Redis is still
+            # away, the intent expires and the unknown-outcome rule applies.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await self.store.commit(c, "release", next_due="now", fields={}, event="")
+            raise
+        if not spend.ok:
+            self.metrics.lease_lost.labels("spend").inc()
+            self.metrics.refreshes.labels(c.profile, "skipped", spend.reason).inc()
+            log.warning("refresh.skipped", credential_id=c.id, reason=spend.reason)
+            return "skipped"
+
+        started = time.monotonic()
+        try:
+            answer = await send(self.http, request, timeout_s=profile.timeout_s)
+            self.metrics.provider_responses.labels(c.profile, f"{answer.status // 100}xx").inc()
+            tokens = parse_token_answer(
+                answer,
+                profile,
+                now_ms=_now_ms(),
+                old_refresh_token=c.refresh_token,
+                old_scope=c.scope,
+            )
+        except RefreshFailure as failure:
+            if failure.status is None:
+                self.metrics.provider_responses.labels(c.profile, "none").inc()
+            self.metrics.refresh_duration.labels(c.profile).observe(time.monotonic() - started)
+            outcome = self._failure_outcome(profile, failure, c, spend.server_now_ms)
+            return await self._finish_failure(
+                c, profile, failure, outcome, spent=True, first_send_ms=spend.server_now_ms
+            )
+        self.metrics.refresh_duration.labels(c.profile).observe(time.monotonic() - started)
+        return await self._finish_success(c, profile, tokens)
+
+    def _failure_outcome(
+        self, profile: Profile, failure: RefreshFailure, c: Claimed, sent_ms: int
+    ) -> Outcome:
+        if isinstance(failure, NotSent | Transient):
+            return "retry"
+        if isinstance(failure, Permanent):
+            return "needs_reauth"
+        first_send = c.ambiguous_at_ms or sent_ms
+        if blind_retry_allowed(profile, first_send_ms=first_send, now_ms=_now_ms()):
+            return "retry"
+        return "quarantined"
+
+    async def _finish_success(self, c: Claimed, profile: Profile, tokens: TokenSet) -> str:
+        now_ms = _now_ms()
+        next_due = self.schedule.next_due_ms(
+            now_ms=now_ms, expires_at_ms=tokens.expires_at_ms, profile_lead_s=profile.refresh_lead_s
+        )
+        event = build_event(
+            EventType.REFRESHED,
+            credential_id=c.id,
+            profile=c.profile,
+            version=int(c.version) + 1,
+            ts_ms=now_ms,
+            access_token=tokens.access_token,
+            token_type=tokens.token_type,
+            expires_at_ms=tokens.expires_at_ms,
+            scope=tokens.scope,
+        )
+        fields: dict[str, str | int] = {
+            "access_token": tokens.access_token,
+            "refresh_token": tokens.refresh_token,
+            "token_type": tokens.token_type,
+            "scope": tokens.scope,
+            "expires_at": tokens.expires_at_ms,
+        }
+        result = await self._commit(c, "refreshed", next_due, fields, event, tokens)
+        if result is not None and result.ok:
+            self.metrics.refreshes.labels(c.profile, "refreshed", "ok").inc()
+            log.debug(
+                "token.refresh.succeeded",
+                credential_id=c.id,
+                rotated=tokens.rotated,
+                refresh_token_fp=fingerprint(tokens.refresh_token),
+            )
+            if self.on_scheduled is not None:
+                self.on_scheduled(next_due)
+            return "refreshed"
+        return "commit_failed"
+
+    async def _finish_failure(
+        self,
+        c: Claimed,
+        profile: Profile | None,
+        failure: RefreshFailure,
+        outcome: Outcome,
+        *,
+        spent: bool,
+        first_send_ms: int | None = None,
+    ) -> str:
+        now_ms = _now_ms()
+        failures = c.failures + 1
+        fields: dict[str, str | int] = {
+            "last_error": failure.reason
+            + (f" (HTTP {failure.status})" if failure.status is not None else "")
+        }
+        next_due: int | Literal[""] = ""
+        kind = {
+            "retry": EventType.FAILED,
+            "needs_reauth": EventType.NEEDS_REAUTH,
+            "quarantined": EventType.QUARANTINED,
+        }[outcome]
+        if outcome == "retry":
+            next_due = self.schedule.retry_due_ms(
+                now_ms=now_ms,
+                failures=failures,
+                expires_at_ms=c.expires_at_ms,
+                retry_after_s=failure.retry_after_s,
+            )
+            if isinstance(failure, Ambiguous) and profile is not None and spent:
+                # The same refresh token goes out again: remember when it was
+                # first sent, so the grace window is counted from there.
+                first = c.ambiguous_at_ms or first_send_ms or now_ms
+                fields |= {"ambiguous_token": c.token, "ambiguous_at": first}
+                if profile.rotation is not Rotation.NEVER:
+                    latest = first + int(profile.reuse_grace_s * 1000)
+                    latest -= int(profile.timeout_s * 1000) + 1000
+                    next_due = max(min(next_due, latest), now_ms + 50)
+        event = build_event(
+            kind,
+            credential_id=c.id,
+            profile=c.profile,
+            version=int(c.version),
+            ts_ms=now_ms,
+            reason=failure.reason,
+            failures=failures,
+            retry_at_ms=next_due or None,
+        )
+        result = await self._commit(c, outcome, next_due, fields, event, None)
+        if result is not None and result.ok:
+            self.metrics.refreshes.labels(c.profile, outcome, failure.reason).inc()
+            level = log.warning if outcome == "retry" else log.error
+            level(
+                f"token.refresh.{outcome}",
+                credential_id=c.id,
+                reason=failure.reason,
+                status=failure.status,
+                failures=failures,
+            )
+            if outcome == "retry" and next_due and self.on_scheduled is not None:
+                self.on_scheduled(next_due)
+        return outcome
+
+    async def _commit(
+        self,
+        c: Claimed,
+        outcome: Outcome,
+        next_due: int | Literal[""],
+        fields: dict[str, str | int],
+        event: str,
+        tokens: TokenSet | None,
+    ) -> CommitResult | None:
+        """Write the outcome, retrying while Redis is unreachable. Shielded:
+        once the provider has answered, its tokens must land even if the
+        process is being shut down (the open spend intent keeps every other
+        worker away meanwhile)."""
+        delay = 0.05
+        retried = False
+        with anyio.CancelScope(shield=True), anyio.move_on_after(self.timing.commit_patience_s):
+            while True:
+                try:
+                    result = await self.store.commit(
+                        c, outcome, next_due=next_due, fields=fields, event=event
+                    )
+                    if retried and not result.ok and tokens is not None:
+                        result = await self._landed_earlier(c, tokens, result)
+                except StoreUnavailable:
+                    self.metrics.commit_failures.labels("unavailable").inc()
+                    retried = True
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                if not result.ok:
+                    self.metrics.commit_failures.labels(result.reason).inc()
+                    log.error("commit.rejected", credential_id=c.id, reason=result.reason)
+                elif result.lease_lost:
+                    self.metrics.lease_lost.labels("commit").inc()
+                    log.warning("commit.after_lease", credential_id=c.id)
+                if result.ok and not result.durable:
+                    self.metrics.commit_failures.labels("not_durable").inc()
+                    log.warning("commit.not_durable", credential_id=c.id)
+                return result
+        log.critical(
+            "commit.abandoned",
+            credential_id=c.id,
+            outcome=outcome,
+            refresh_token_fp=fingerprint(tokens.refresh_token) if tokens else None,
+        )
+        return None
+
+    async def _landed_earlier(
+        self, c: Claimed, tokens: TokenSet, result: CommitResult
+    ) -> CommitResult:
+        """A commit whose reply was lost may have run: if the stored state is
+        exactly what it would have written, it did."""
+        stored = await self.store.get(c.id)
+        if stored.version == int(c.version) + 1 and stored.refresh_token == tokens.refresh_token:
+            return CommitResult(True, durable=result.durable)
+        return result

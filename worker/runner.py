@@ -1,0 +1,228 @@
+"""The worker loop: claim due credentials, feed them to refresh tasks, drain.
+
+Shape::
+
+    claim loop ──► bounded stream (claim_batch) ──► N consumers ──► Refresher
+        ▲ sleeps until the earliest due time, a wake-up message,
+        │ a local commit that scheduled something sooner, or free capacity
+
+The claim loop only claims what it can start soon (free consumers), so
+leases are not burnt in a queue. On stop it claims nothing more; consumers
+finish what they hold; claimed-but-unstarted credentials are handed back
+(due now) so another worker takes them at once.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from worker.errors import StoreUnavailable
+from worker.logs import get_logger
+from worker.metrics import Metrics
+from worker.models import Claimed
+from worker.redisio import REDIS_UNAVAILABLE
+from worker.refresher import Refresher
+from worker.store import Store
+
+__all__ = ["Worker", "WorkerConfig"]
+
+log = get_logger("refreshd.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    worker_id: str
+    concurrency: int = 256
+    claim_batch: int = 100
+    lease_ms: int = 30_000
+    idle_wakeup_s: float = 5.0
+    drain_grace_s: float = 20.0
+    gauge_interval_s: float = 1.0
+
+
+class Worker:
+    def __init__(
+        self, config: WorkerConfig, *, store: Store, refresher: Refresher, metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.refresher = refresher
+        self.metrics = metrics
+        self.draining = False
+        self.stopped = False
+        self._wake = anyio.Event()
+        self._sleep_until_ms = 0
+        self._busy = 0  # claimed and not finished (buffered + running)
+        self._token_base = f"{config.worker_id}:{uuid.uuid4().hex[:8]}"
+        self._seq = 0
+        refresher.on_scheduled = self.note_scheduled
+
+    # --------------------------------------------------------- signals
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def note_scheduled(self, due_ms: int) -> None:
+        """A commit scheduled a refresh; wake up if it is sooner than planned."""
+        if due_ms < self._sleep_until_ms:
+            self._wake.set()
+
+    def stop(self) -> None:
+        """Begin draining: claim nothing more, hand back what has not started."""
+        if not self.draining:
+            log.info("worker.draining", in_flight=self._busy)
+        self.draining = True
+        self.metrics.draining.set(1)
+        self._wake.set()
+
+    # ------------------------------------------------------------ run
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        send, receive = anyio.create_memory_object_stream[Claimed](cfg.claim_batch)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._gauges)
+            tg.start_soon(self._listen_for_wakeups)
+            async with anyio.create_task_group() as consumers:
+                for _ in range(cfg.concurrency):
+                    consumers.start_soon(self._consume, receive.clone())
+                receive.close()
+                task_status.started()
+                async with send:
+                    await self._claim_loop(send)
+                # The stream is closed: each consumer ends once it has finished
+                # (or handed back) what it holds. Past the grace period, cancel.
+                tg.start_soon(self._drain_deadline, consumers.cancel_scope)
+            tg.cancel_scope.cancel()
+        self.stopped = True
+        log.info("worker.stopped")
+
+    async def _drain_deadline(self, scope: anyio.CancelScope) -> None:
+        await anyio.sleep(self.config.drain_grace_s)
+        log.warning("worker.drain_timeout", still_running=self._busy)
+        scope.cancel()
+
+    def _next_token(self) -> str:
+        self._seq += 1
+        return f"{self._token_base}:{self._seq}"
+
+    async def _claim_loop(self, send: MemoryObjectSendStream[Claimed]) -> None:
+        cfg = self.config
+        partitions = self.store.keys.all_partitions()
+        start = random.randrange(len(partitions))
+        order = partitions[start:] + partitions[:start]
+        failures = 0
+        while not self.draining:
+            self._wake = anyio.Event()
+            free = cfg.concurrency - self._busy
+            claimed = 0
+            try:
+                for part in order:
+                    if free <= 0 or self.draining:
+                        break
+                    _, contended, items = await self.store.claim(
+                        part,
+                        limit=min(cfg.claim_batch, free),
+                        lease_ms=cfg.lease_ms,
+                        token=self._next_token(),
+                    )
+                    if contended:
+                        self.metrics.lock_contention.inc(contended)
+                    for item in items:
+                        self._busy += 1
+                        await send.send(item)
+                    claimed += len(items)
+                    free -= len(items)
+                order = order[1:] + order[:1]  # fairness across partitions
+                failures = 0
+                self.metrics.redis_up.set(1)
+            except StoreUnavailable as exc:
+                failures += 1
+                self.metrics.redis_up.set(0)
+                delay = min(0.1 * 2**failures, 5.0) * random.uniform(0.5, 1.0)
+                log.warning("claim.redis_unavailable", error=str(exc), retry_in_s=round(delay, 2))
+                await self._sleep(delay)
+                continue
+            if claimed:
+                self.metrics.claimed.inc(claimed)
+            if free <= 0:
+                await self._sleep(cfg.idle_wakeup_s)  # a finishing consumer wakes us
+            elif not claimed:
+                await self._sleep_until_due()
+
+    async def _sleep_until_due(self) -> None:
+        try:
+            earliest = await self.store.earliest_due()
+        except StoreUnavailable:
+            earliest = None
+        now_ms = int(time.time() * 1000)
+        delay = self.config.idle_wakeup_s
+        if earliest is not None:
+            delay = min(max((earliest - now_ms) / 1000, 0.0), delay)
+        if delay <= 0:
+            # due now but nothing claimed: held by others; let their leases run
+            delay = 0.01
+        await self._sleep(delay)
+
+    async def _sleep(self, delay_s: float) -> None:
+        self._sleep_until_ms = int(time.time() * 1000 + delay_s * 1000)
+        with anyio.move_on_after(delay_s):
+            await self._wake.wait()
+        self._sleep_until_ms = 0
+
+    async def _consume(self, receive: MemoryObjectReceiveStream[Claimed]) -> None:
+        async with receive:
+            async for item in receive:
+                try:
+                    if self.draining:
+                        await self._hand_back(item)
+                    else:
+                        await self.refresher.refresh(item)
+                except StoreUnavailable:
+                    log.warning("refresh.redis_unavailable", credential_id=item.id)
+                except Exception:
+                    log.exception("refresh.crashed", credential_id=item.id)
+                finally:
+                    self._busy -= 1
+                    if self._busy < self.config.concurrency:
+                        self._wake.set()
+
+    async def _hand_back(self, item: Claimed) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            await self.store.commit(item, "release", next_due="now", fields={}, event="")
+
+    async def _listen_for_wakeups(self) -> None:
+        """A credential added or moved earlier publishes on the wake channel;
+        every worker wakes and the claim script decides who gets it."""
+        channel = self.store.keys.wake
+        while True:
+            try:
+                async with self.store.client.pubsub() as pubsub:
+                    await pubsub.subscribe(channel)
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=30.0
+                        )
+                        if message is not None:
+                            self._wake.set()
+            except (StoreUnavailable, *REDIS_UNAVAILABLE):
+                await anyio.sleep(1.0)
+
+    async def _gauges(self) -> None:
+        while True:
+            self.metrics.heartbeat.set(time.time())
+            try:
+                due, scheduled = await self.store.schedule_counts(int(time.time() * 1000))
+                self.metrics.backlog.set(due)
+                self.metrics.scheduled.set(scheduled)
+                self.metrics.redis_up.set(1)
+            except StoreUnavailable:
+                self.metrics.redis_up.set(0)
+            await anyio.sleep(self.config.gauge_interval_s)

@@ -1,0 +1,89 @@
+"""When to refresh next: lead before expiry, jitter, backoff after failures.
+
+Pure functions of their inputs (the random source is injectable), so the
+rules are unit-tested without clocks or Redis.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+__all__ = ["Schedule", "parse_retry_after"]
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    lead_min_s: float = 60.0
+    lead_fraction: float = 0.2
+    lead_max_s: float = 1800.0
+    jitter_fraction: float = 0.1
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
+
+    def lead_s(self, lifetime_s: float, profile_lead_s: float = 0.0) -> float:
+        """How long before expiry to refresh. The default is the larger of a
+        fixed minimum and a fraction of the lifetime, capped, and never more
+        than half the lifetime (a 30 s token would otherwise be refreshed
+        the moment it arrives, forever)."""
+        if profile_lead_s > 0:
+            return min(profile_lead_s, lifetime_s * 0.9)
+        lead = min(max(self.lead_min_s, self.lead_fraction * lifetime_s), self.lead_max_s)
+        return min(lead, lifetime_s / 2)
+
+    def next_due_ms(
+        self,
+        *,
+        now_ms: int,
+        expires_at_ms: int,
+        profile_lead_s: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> int:
+        """Due time for a token expiring at ``expires_at_ms``. Jitter only
+        moves the refresh earlier, so tokens issued together spread out
+        without any of them getting closer to expiry."""
+        lifetime_s = max((expires_at_ms - now_ms) / 1000, 0.0)
+        lead = self.lead_s(lifetime_s, profile_lead_s)
+        jitter = (rng or random).uniform(0, self.jitter_fraction * lead)
+        return max(now_ms, int(expires_at_ms - (lead + jitter) * 1000))
+
+    def retry_due_ms(
+        self,
+        *,
+        now_ms: int,
+        failures: int,
+        expires_at_ms: int,
+        retry_after_s: float | None = None,
+        rng: random.Random | None = None,
+    ) -> int:
+        """Exponential backoff with full jitter after ``failures`` failures
+        (1 = first). ``Retry-After`` is a floor. While the access token is
+        still valid the retry never lands past its expiry (less a second),
+        because a retry before expiry can still keep the integration up;
+        an explicit Retry-After still wins, since ignoring it only earns
+        another refusal."""
+        bound = min(self.backoff_max_s, self.backoff_base_s * 2 ** max(failures - 1, 0))
+        delay = (rng or random).uniform(0, bound)
+        latest = expires_at_ms - 1000
+        if latest > now_ms:
+            delay = min(delay, (latest - now_ms) / 1000)
+        if retry_after_s is not None:
+            delay = max(delay, retry_after_s)
+        return now_ms + max(int(delay * 1000), 50)
+
+
+def parse_retry_after(value: str | None, *, now_s: float) -> float | None:
+    """RFC 9110 §10.2.3: delta-seconds or an HTTP-date. Garbage yields None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), 86400.0)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(when.timestamp() - now_s, 0.0), 86400.0)

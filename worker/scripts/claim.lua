@@ -1,0 +1,77 @@
+--[[ claim: lease due credentials of one partition to one worker.
+
+KEYS[1]  due    sorted set of the partition (member = id, score = due ms)
+KEYS[2]  stats  hash of the partition's counters (unused here, declared for the slot)
+ARGV[1]  base   key prefix of the partition, e.g. "{refreshd:3}:"
+ARGV[2]  limit  most credentials to claim
+ARGV[3]  lease  milliseconds the claim lasts
+ARGV[4]  token  claim token (unique per claim call); the lock value
+ARGV[5]  ids    "" to take what is due now, else ids separated by "\n" to claim
+                those ids whatever their due time ("refresh now")
+
+Returns { now_ms, contended, item... } where each item is the array
+  { id, due_ms, profile, access_token, refresh_token, token_type, scope,
+    expires_at, version, failures, ambiguous_at, recovered }
+`recovered` is "1" when the credential carried a spend intent past its
+deadline: a request was sent and never answered. The intent becomes
+`ambiguous_token` / `ambiguous_at` and the worker applies the rotation rule.
+
+Re-scoring `due` to now + lease IS the lease: a worker that dies leaves its
+credentials due again when the lease ends, without a reaper.
+]]
+local due_key = KEYS[1]
+local base, limit, lease, token, ids_arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local candidates = {}
+if ids_arg == '' then
+  local raw = redis.call('ZRANGE', due_key, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit, 'WITHSCORES')
+  for i = 1, #raw, 2 do candidates[#candidates + 1] = { raw[i], raw[i + 1] } end
+else
+  for id in string.gmatch(ids_arg, '[^\n]+') do
+    local score = redis.call('ZSCORE', due_key, id)
+    candidates[#candidates + 1] = { id, score or tostring(now) }
+  end
+end
+
+local out = { now, 0 }
+local contended = 0
+for _, c in ipairs(candidates) do
+  local id, score = c[1], c[2]
+  local ck, lk = base .. 'cred:' .. id, base .. 'lock:' .. id
+  local f = redis.call('HMGET', ck, 'status', 'intent', 'intent_deadline', 'intent_at',
+    'profile', 'access_token', 'refresh_token', 'token_type', 'scope', 'expires_at',
+    'version', 'failures', 'ambiguous_at')
+  local status = f[1]
+  if not status or status ~= 'active' then
+    -- deleted or stopped credentials never stay scheduled
+    redis.call('ZREM', due_key, id)
+  else
+    local ttl = redis.call('PTTL', lk)
+    local intent = f[2]
+    if ttl > 0 then
+      contended = contended + 1
+      redis.call('ZADD', due_key, now + ttl, id)
+    elseif intent and intent ~= '' and tonumber(f[3] or '0') > now then
+      -- a request is out and may still be answered: never race it
+      contended = contended + 1
+      redis.call('ZADD', due_key, tonumber(f[3]), id)
+    else
+      local recovered = '0'
+      local ambiguous_at = f[13] or ''
+      if intent and intent ~= '' then
+        recovered = '1'
+        if ambiguous_at == '' then ambiguous_at = f[4] end
+        redis.call('HSET', ck, 'ambiguous_token', intent, 'ambiguous_at', ambiguous_at)
+        redis.call('HDEL', ck, 'intent', 'intent_rt', 'intent_deadline', 'intent_at')
+      end
+      redis.call('SET', lk, token, 'PX', lease)
+      redis.call('ZADD', due_key, now + lease, id)
+      out[#out + 1] = { id, score, f[5], f[6] or '', f[7] or '', f[8] or '', f[9] or '',
+        f[10] or '0', f[11] or '0', f[12] or '0', ambiguous_at, recovered }
+    end
+  end
+end
+out[2] = contended
+return out

@@ -1,0 +1,328 @@
+"""Credentials in Redis: registration, the claim/spend/commit cycle, counts.
+
+Layout of a credential hash (``{prefix N}:cred:<id>``)::
+
+    profile, access_token*, refresh_token*, token_type, scope, expires_at (ms),
+    version (+1 per commit of new tokens), status, failures, last_error,
+    last_error_at, created_at, updated_at, refreshed_at,
+    intent, intent_rt, intent_deadline, intent_at   (open spend intent)
+    ambiguous_token, ambiguous_at                   (unanswered request)
+
+Fields marked * pass through the secret codec. All writes that must agree
+with each other happen inside one Lua script (``worker/scripts``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from worker.codec import SecretCodec
+from worker.errors import Conflict, NotFound, StoreUnavailable
+from worker.keys import Keyspace, Partition
+from worker.models import Claimed, Credential, CredentialInput, Status
+from worker.redisio import Scripts, guard, load_scripts
+
+__all__ = ["CommitResult", "Durability", "SpendResult", "Store"]
+
+Outcome = Literal["refreshed", "retry", "needs_reauth", "quarantined", "release"]
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """What a commit waits for before it counts (see ``Store.commit``)."""
+
+    fsync: bool = False
+    replicas: int = 0
+    timeout_ms: int = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class SpendResult:
+    ok: bool
+    reason: str = ""
+    server_now_ms: int = 0
+    deadline_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    ok: bool
+    reason: str = ""
+    lease_lost: bool = False
+    durable: bool = True
+    server_now_ms: int = 0
+
+
+class Store:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keyspace,
+        codec: SecretCodec,
+        durability: Durability | None = None,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.codec = codec
+        self.durability = durability or Durability()
+        self.scripts: Scripts = load_scripts(client)
+
+    # ------------------------------------------------------------ layout
+
+    async def check_layout(self) -> None:
+        """Record the partition count on first use; refuse a different one
+        later, since credentials would be looked up in the wrong partition."""
+        key = self.keys.layout
+        await guard(self.client.hsetnx(key, "partitions", self.keys.partitions))
+        stored: str | None = await guard(self.client.hget(key, "partitions"))
+        if stored is not None and int(stored) != self.keys.partitions:
+            raise Conflict(
+                f"this Redis holds data written with {stored} partitions; "
+                f"set REFRESHD_PARTITIONS={stored}"
+            )
+
+    # ------------------------------------------------------- credentials
+
+    async def upsert(self, cred: CredentialInput, *, due_ms: int, replace: bool) -> bool:
+        """Register ``cred``; returns True when it was new."""
+        part = self.keys.partition_of(cred.id)
+        fields: list[str | int] = [
+            "access_token", self.codec.encode(cred.access_token),
+            "refresh_token", self.codec.encode(cred.refresh_token),
+            "token_type", cred.token_type,
+            "scope", cred.scope,
+            "expires_at", cred.expires_at_ms,
+        ]  # fmt: skip
+        res = await guard(
+            self.scripts.upsert(
+                keys=[part.cred(cred.id), part.due, part.stats],
+                args=[cred.id, "replace" if replace else "create", due_ms, cred.profile, *fields],
+            )
+        )
+        if res[0] == "exists":
+            raise Conflict(f"credential {cred.id} already exists (use replace to overwrite)")
+        if res[0] == "busy":
+            raise Conflict(f"credential {cred.id} is being refreshed right now; try again")
+        return bool(res[1])
+
+    async def get(self, credential_id: str) -> Credential:
+        part = self.keys.partition_of(credential_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(part.cred(credential_id))
+        pipe.zscore(part.due, credential_id)
+        pipe.exists(part.lock(credential_id))
+        raw, due, locked = await guard(pipe.execute())
+        if not raw:
+            raise NotFound(f"no credential {credential_id!r}")
+        return self._credential(credential_id, raw, due, bool(locked))
+
+    def _credential(
+        self, credential_id: str, raw: Mapping[str, str], due: float | None, locked: bool
+    ) -> Credential:
+        def num(name: str) -> int:
+            return int(float(raw.get(name) or 0))
+
+        return Credential(
+            id=credential_id,
+            profile=raw.get("profile", ""),
+            status=Status(raw.get("status", "active")),
+            version=num("version"),
+            access_token=self.codec.decode(raw.get("access_token", "")),
+            refresh_token=self.codec.decode(raw.get("refresh_token", "")),
+            token_type=raw.get("token_type", ""),
+            scope=raw.get("scope", ""),
+            expires_at_ms=num("expires_at"),
+            failures=num("failures"),
+            last_error=raw.get("last_error", ""),
+            due_at_ms=None if due is None else int(due),
+            created_at_ms=num("created_at"),
+            updated_at_ms=num("updated_at"),
+            refreshed_at_ms=num("refreshed_at") or None,
+            in_flight=locked or bool(raw.get("intent")),
+        )
+
+    async def delete(self, credential_id: str, *, force: bool = False) -> None:
+        part = self.keys.partition_of(credential_id)
+        res = await guard(
+            self.scripts.delete(
+                keys=[part.cred(credential_id), part.lock(credential_id), part.due, part.stats],
+                args=[credential_id, "1" if force else "0"],
+            )
+        )
+        if res[0] == "missing":
+            raise NotFound(f"no credential {credential_id!r}")
+        if res[0] == "busy":
+            raise Conflict(f"credential {credential_id} is being refreshed; retry or use --force")
+
+    async def list_ids(self, *, limit: int = 1000) -> list[str]:
+        """Operator listing (SCAN per partition): fine for a CLI, never on a hot path."""
+        ids: list[str] = []
+        for part in self.keys.all_partitions():
+            skip = len(part.base) + len("cred:")
+            async for key in self.client.scan_iter(match=part.cred_pattern, count=1000):
+                ids.append(key[skip:])
+                if len(ids) >= limit:
+                    return sorted(ids)
+        return sorted(ids)
+
+    async def set_due(self, credential_id: str, due_ms: int) -> bool:
+        """Move an active credential's next refresh (``refresh now``)."""
+        part = self.keys.partition_of(credential_id)
+        changed = await guard(self.client.zadd(part.due, {credential_id: due_ms}, xx=True))
+        return changed is not None
+
+    # ------------------------------------------------- claim/spend/commit
+
+    async def claim(
+        self,
+        part: Partition,
+        *,
+        limit: int,
+        lease_ms: int,
+        token: str,
+        ids: Sequence[str] = (),
+    ) -> tuple[int, int, list[Claimed]]:
+        """Lease up to ``limit`` due credentials (or exactly ``ids``).
+        Returns (server now ms, contended count, claimed)."""
+        res = await guard(
+            self.scripts.claim(
+                keys=[part.due, part.stats],
+                args=[part.base, limit, lease_ms, token, "\n".join(ids)],
+            )
+        )
+        now_ms, contended = int(res[0]), int(res[1])
+        decode = self.codec.decode
+        claimed = [
+            Claimed(
+                id=item[0],
+                partition=part.index,
+                token=token,
+                due_ms=int(float(item[1])),
+                profile=item[2],
+                access_token=decode(item[3]),
+                refresh_token=decode(item[4]),
+                token_type=item[5],
+                scope=item[6],
+                expires_at_ms=int(float(item[7])),
+                version=item[8],
+                failures=int(item[9]),
+                ambiguous_at_ms=int(item[10]) if item[10] else None,
+                recovered=item[11] == "1",
+                claimed_at_ms=now_ms,
+            )
+            for item in res[2:]
+        ]
+        return now_ms, contended, claimed
+
+    async def spend(
+        self, c: Claimed, *, timeout_ms: int, margin_ms: int, rt_hash: str
+    ) -> SpendResult:
+        """Record the spend intent. It must be durable before the request
+        leaves: a server restart or failover that forgot it would let
+        another worker send the same refresh token."""
+        part = self.keys.partition(c.partition)
+        res, durable = await self._run_durably(
+            self.scripts.spend,
+            keys=[part.cred(c.id), part.lock(c.id), part.due],
+            args=[c.token, c.version, timeout_ms, margin_ms, rt_hash, c.id],
+        )
+        if res[0] != "ok":
+            return SpendResult(False, res[0])
+        if not durable:
+            await self.commit(c, "release", next_due="now", fields={}, event="")
+            return SpendResult(False, "not_durable")
+        return SpendResult(True, server_now_ms=int(res[1]), deadline_ms=int(res[2]))
+
+    async def commit(
+        self,
+        c: Claimed,
+        outcome: Outcome,
+        *,
+        next_due: int | Literal["now", ""],
+        fields: Mapping[str, str | int],
+        event: str,
+    ) -> CommitResult:
+        """Apply an outcome atomically with its event. When durability is
+        configured, the same round trip waits for the fsync (WAITAOF) and/or
+        a replica (WAIT); ``durable=False`` tells the caller to keep the new
+        tokens and re-apply them."""
+        part = self.keys.partition(c.partition)
+        flat: list[Any] = []
+        for name, value in fields.items():
+            if name in ("access_token", "refresh_token"):
+                value = self.codec.encode(str(value))
+            flat += [name, value]
+        res, durable = await self._run_durably(
+            self.scripts.commit,
+            keys=[part.cred(c.id), part.lock(c.id), part.due, part.stats],
+            args=[c.token, c.version, outcome, next_due, self.keys.events, event, c.id, *flat],
+        )
+        if res[0] != "ok":
+            return CommitResult(False, res[0])
+        return CommitResult(
+            True, lease_lost=res[1] == 1, durable=durable, server_now_ms=int(res[2])
+        )
+
+    async def _run_durably(
+        self, script: AsyncScript, *, keys: list[str], args: list[Any]
+    ) -> tuple[list[Any], bool]:
+        """Run a script and, in the same round trip, wait for what the
+        durability setting asks: WAITAOF (fsync on the primary) and/or WAIT
+        (replicas). Returns (result, durable)."""
+        d = self.durability
+        if not (d.fsync or d.replicas):
+            return await guard(script(keys=keys, args=args)), True
+        pipe = self.client.pipeline(transaction=False)
+        await script(keys=keys, args=args, client=pipe)
+        if d.fsync:
+            pipe.execute_command("WAITAOF", 1, 0, d.timeout_ms)
+        if d.replicas:
+            pipe.execute_command("WAIT", d.replicas, d.timeout_ms)
+        res, *acks = await guard(pipe.execute())
+        durable = True
+        if d.fsync:
+            durable = int(acks.pop(0)[0]) >= 1
+        if d.replicas:
+            durable = durable and int(acks.pop(0)) >= d.replicas
+        return res, durable
+
+    # ------------------------------------------------------------ counts
+
+    async def earliest_due(self) -> int | None:
+        pipe = self.client.pipeline(transaction=False)
+        for part in self.keys.all_partitions():
+            pipe.zrange(part.due, 0, 0, withscores=True)
+        results = await guard(pipe.execute())
+        scores = [int(r[0][1]) for r in results if r]
+        return min(scores) if scores else None
+
+    async def schedule_counts(self, now_ms: int) -> tuple[int, int]:
+        """(due now, scheduled in all) over every partition."""
+        pipe = self.client.pipeline(transaction=False)
+        for part in self.keys.all_partitions():
+            pipe.zcount(part.due, "-inf", now_ms)
+            pipe.zcard(part.due)
+        results = await guard(pipe.execute())
+        return sum(results[0::2]), sum(results[1::2])
+
+    async def counters(self) -> dict[str, int]:
+        """Sum of the partition counters (``status:<s>``, ``profile:<id>``)."""
+        pipe = self.client.pipeline(transaction=False)
+        for part in self.keys.all_partitions():
+            pipe.hgetall(part.stats)
+        totals: dict[str, int] = {}
+        for stats in await guard(pipe.execute()):
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0) + int(value)
+        return totals
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await guard(self.client.ping()))
+        except StoreUnavailable:
+            return False
