@@ -91,7 +91,7 @@ async def connect(
     )
     # A blocking pool makes bursts of concurrent refreshes queue for a
     # connection instead of failing with "Too many connections".
-    client = aioredis.Redis(connection_pool=pool)
+    client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
     try:
         yield client
     finally:
