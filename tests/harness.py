@@ -134,9 +134,9 @@ async def worker_running(settings: Settings, count: int = 1) -> AsyncIterator[li
                 w.worker.stop()
 
 
-async def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, what: str = "") -> None:
+async def wait_for(predicate: Callable[[], Any], *, within: float = 20.0, what: str = "") -> None:
     """Poll an async or sync predicate until it is truthy."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         result = predicate()
         if hasattr(result, "__await__"):
@@ -144,7 +144,7 @@ async def wait_for(predicate: Callable[[], Any], *, timeout: float = 20.0, what:
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            raise AssertionError(f"timed out after {within}s waiting for {what or predicate}")
         await anyio.sleep(0.05)
 
 

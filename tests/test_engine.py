@@ -28,7 +28,7 @@ async def test_racing_workers_never_send_a_refresh_token_twice(redis_url: str) -
                         provider.grant_state(g.grant_id).refreshes >= 3 for g in grants.values()
                     )
 
-                await wait_for(refreshed_three_times, timeout=30, what="3 refreshes each")
+                await wait_for(refreshed_three_times, within=30, what="3 refreshes each")
             await anyio.sleep(0.3)
             tg.cancel_scope.cancel()
 
