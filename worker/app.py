@@ -167,8 +167,7 @@ async def run_worker(
                     alive=lambda: heartbeat.alive(10.0),
                     ready=ready,
                 )
-                port = await tg.start(health.serve)
-                log.info("http.listening", host=settings.http_host, port=port)
+                await tg.start(health.serve)
             tg.start_soon(_stop_on_signal, worker)
             log.info("worker.started", worker_id=settings.worker_id,
                      concurrency=settings.concurrency)  # fmt: skip

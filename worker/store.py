@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from worker.codec import SecretCodec
 from worker.errors import Conflict, NotFound, StoreUnavailable
@@ -277,18 +278,28 @@ class Store:
         d = self.durability
         if not (d.fsync or d.replicas):
             return await guard(script(keys=keys, args=args)), True
-        pipe = self.client.pipeline(transaction=False)
-        await script(keys=keys, args=args, client=pipe)
-        if d.fsync:
-            pipe.execute_command("WAITAOF", 1, 0, d.timeout_ms)
-        if d.replicas:
-            pipe.execute_command("WAIT", d.replicas, d.timeout_ms)
-        res, *acks = await guard(pipe.execute())
-        durable = True
-        if d.fsync:
+        for attempt in range(2):
+            # EVALSHA by hand: redis-py's script-in-pipeline support sends a
+            # SCRIPT EXISTS first, which would double the round trips.
+            pipe = self.client.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            if d.fsync:
+                pipe.execute_command("WAITAOF", 1, 0, d.timeout_ms)
+            if d.replicas:
+                pipe.execute_command("WAIT", d.replicas, d.timeout_ms)
+            res, *acks = await guard(pipe.execute(raise_on_error=False))
+            if isinstance(res, NoScriptError) and attempt == 0:
+                # a restarted or failed-over server: the script did not run
+                script.sha = await guard(self.client.script_load(script.script))
+                continue
+            if isinstance(res, Exception):
+                raise res
+            break
+        durable = not any(isinstance(ack, Exception) for ack in acks)
+        if durable and d.fsync:
             durable = int(acks.pop(0)[0]) >= 1
-        if d.replicas:
-            durable = durable and int(acks.pop(0)) >= d.replicas
+        if durable and d.replicas:
+            durable = int(acks.pop(0)) >= d.replicas
         return res, durable
 
     # ------------------------------------------------------------ counts
