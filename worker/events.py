@@ -37,6 +37,7 @@ def build_event(
     reason: str = "",
     retry_at_ms: int | None = None,
     failures: int | None = None,
+    extra: dict[str, str] | None = None,
 ) -> str:
     body: dict[str, Any] = {
         "schema": SCHEMA,
@@ -53,6 +54,8 @@ def build_event(
             "expires_at": expires_at_ms,
             "scope": scope,
         }
+        if extra:
+            body["extra"] = extra
     else:
         body["reason"] = reason
         if failures is not None:

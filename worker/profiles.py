@@ -17,6 +17,7 @@ from typing import Any
 from worker.codec import SecretCodec
 from worker.errors import ConfigError, Conflict, NotFound
 from worker.models import Profile, validate_id
+from worker.presets import apply_preset
 from worker.redisio import guard
 from worker.store import Store
 
@@ -26,13 +27,15 @@ _FIELDS = [f.name for f in fields(Profile)]
 
 
 def _to_hash(profile: Profile, codec: SecretCodec) -> dict[str, str]:
+    """Flat strings for a Redis hash; secrets through the codec."""
     out: dict[str, str] = {}
-    for name in _FIELDS:
-        value = getattr(profile, name)
+    for name, value in profile.to_fields().items():
         if name == "client_secret":
             out[name] = codec.encode(value) if value else ""
-        elif name == "extra_params":
-            out[name] = json.dumps(dict(value), sort_keys=True)
+        elif name == "secret_params":
+            out[name] = codec.encode(json.dumps(value, sort_keys=True)) if value else ""
+        elif isinstance(value, dict | list):
+            out[name] = json.dumps(value, sort_keys=True)
         elif isinstance(value, bool):
             out[name] = "1" if value else "0"
         else:
@@ -44,6 +47,8 @@ def _from_hash(raw: dict[str, str], codec: SecretCodec) -> Profile:
     data: dict[str, Any] = {k: v for k, v in raw.items() if k in _FIELDS}
     if data.get("client_secret"):
         data["client_secret"] = codec.decode(data["client_secret"])
+    if data.get("secret_params"):
+        data["secret_params"] = codec.decode(data["secret_params"])
     return Profile.from_mapping(data)
 
 
@@ -55,7 +60,7 @@ class ProfileStore:
         self.codec = store.codec
 
     async def create(self, data: dict[str, Any]) -> dict[str, Any]:
-        profile = Profile.from_mapping(data)
+        profile = Profile.from_mapping(apply_preset(data))
         key = self.keys.profile(profile.id)
         now = str(int(time.time() * 1000))
         # HSETNX on "id" makes creation atomic: two racing creators cannot

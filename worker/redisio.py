@@ -52,6 +52,7 @@ class Scripts:
     commit: AsyncScript
     upsert: AsyncScript
     delete: AsyncScript
+    resume: AsyncScript
 
 
 def load_scripts(client: aioredis.Redis) -> Scripts:
@@ -66,6 +67,7 @@ def load_scripts(client: aioredis.Redis) -> Scripts:
         commit=load("commit"),
         upsert=load("upsert"),
         delete=load("delete"),
+        resume=load("resume"),
     )
 
 

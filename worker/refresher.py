@@ -14,6 +14,7 @@ or inside its reuse grace window counted from the first unanswered send.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +23,10 @@ from typing import Literal
 import anyio
 import httpx
 
+from worker.answers import TokenSet, read_answer
 from worker.errors import (
     Ambiguous,
+    ConfigError,
     NotFound,
     NotSent,
     Permanent,
@@ -35,10 +38,11 @@ from worker.events import EventType, build_event
 from worker.logs import fingerprint, get_logger
 from worker.metrics import Metrics
 from worker.models import Claimed, Profile, Rotation
-from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
 from worker.profiles import ProfileCache
+from worker.ratelimit import ProfileLimits
 from worker.scheduling import Schedule
 from worker.store import CommitResult, Outcome, Store
+from worker.strategies import build_request
 from worker.transport import send
 
 __all__ = ["RefreshTiming", "Refresher", "blind_retry_allowed"]
@@ -86,6 +90,7 @@ class Refresher:
         self.metrics = metrics
         self.timing = timing
         self.on_scheduled = on_scheduled
+        self.limits = ProfileLimits()
         #: called with each refresh's schedule lag in seconds (demo, benchmarks)
         self.on_lag: Callable[[float], None] | None = None
 
@@ -115,12 +120,18 @@ class Refresher:
             unknown = Ambiguous("unknown_outcome", "an earlier request was never answered")
             return await self._finish_failure(c, profile, unknown, "quarantined", spent=False)
         try:
-            request = build_refresh_request(
-                profile, refresh_token=c.refresh_token, granted_scope=c.scope
+            request = build_request(
+                profile, secret=c.refresh_token, granted_scope=c.scope, params=c.params
             )
-        except Permanent as failure:
-            return await self._finish_failure(c, profile, failure, "needs_reauth", spent=False)
+        except Permanent as refused:
+            return await self._finish_failure(c, profile, refused, "needs_reauth", spent=False)
+        except ConfigError as exc:
+            broken = Permanent("config_error", str(exc))
+            return await self._finish_failure(c, profile, broken, "needs_reauth", spent=False)
+        async with self.limits.slot(profile):
+            return await self._spend_and_send(c, profile, request)
 
+    async def _spend_and_send(self, c: Claimed, profile: Profile, request: httpx.Request) -> str:
         timeout_ms = int(profile.timeout_s * 1000)
         try:
             spend = await self.store.spend(
@@ -146,12 +157,8 @@ class Refresher:
         try:
             answer = await send(self.http, request, timeout_s=profile.timeout_s)
             self.metrics.provider_responses.labels(c.profile, f"{answer.status // 100}xx").inc()
-            tokens = parse_token_answer(
-                answer,
-                profile,
-                now_ms=_now_ms(),
-                old_refresh_token=c.refresh_token,
-                old_scope=c.scope,
+            tokens = read_answer(
+                answer, profile, now_ms=_now_ms(), old_secret=c.refresh_token, old_scope=c.scope
             )
         except RefreshFailure as failure:
             if failure.status is None:
@@ -191,6 +198,7 @@ class Refresher:
             token_type=tokens.token_type,
             expires_at_ms=tokens.expires_at_ms,
             scope=tokens.scope,
+            extra=tokens.extra,
         )
         fields: dict[str, str | int] = {
             "access_token": tokens.access_token,
@@ -199,7 +207,11 @@ class Refresher:
             "scope": tokens.scope,
             "expires_at": tokens.expires_at_ms,
         }
-        result = await self._commit(c, "refreshed", next_due, fields, event, tokens)
+        if tokens.extra:
+            fields["extra"] = json.dumps(tokens.extra, sort_keys=True)
+        if tokens.refresh_expires_at_ms:
+            fields["refresh_expires_at"] = tokens.refresh_expires_at_ms
+        result = await self._commit(c, "refreshed", next_due, fields, event, tokens, reason="")
         if result is not None and result.ok:
             self.metrics.refreshes.labels(c.profile, "refreshed", "ok").inc()
             log.debug(
@@ -261,7 +273,9 @@ class Refresher:
             failures=failures,
             retry_at_ms=next_due or None,
         )
-        result = await self._commit(c, outcome, next_due, fields, event, None)
+        result = await self._commit(
+            c, outcome, next_due, fields, event, None, reason=failure.reason
+        )
         if result is not None and result.ok:
             self.metrics.refreshes.labels(c.profile, outcome, failure.reason).inc()
             level = log.warning if outcome == "retry" else log.error
@@ -284,6 +298,8 @@ class Refresher:
         fields: dict[str, str | int],
         event: str,
         tokens: TokenSet | None,
+        *,
+        reason: str,
     ) -> CommitResult | None:
         """Write the outcome, retrying while Redis is unreachable. Shielded:
         once the provider has answered, its tokens must land even if the
@@ -295,7 +311,7 @@ class Refresher:
             while True:
                 try:
                     result = await self.store.commit(
-                        c, outcome, next_due=next_due, fields=fields, event=event
+                        c, outcome, next_due=next_due, fields=fields, event=event, reason=reason
                     )
                     if retried and not result.ok and tokens is not None:
                         result = await self._landed_earlier(c, tokens, result)

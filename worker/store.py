@@ -14,6 +14,7 @@ with each other happen inside one Lua script (``worker/scripts``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,7 +29,18 @@ from worker.keys import Keyspace, Partition
 from worker.models import Claimed, Credential, CredentialInput, Status
 from worker.redisio import Scripts, guard, load_scripts
 
-__all__ = ["CommitResult", "Durability", "SpendResult", "Store"]
+__all__ = ["SECRET_FIELDS", "CommitResult", "Durability", "SpendResult", "Store"]
+
+#: credential hash fields that pass through the secret codec
+SECRET_FIELDS = frozenset({"access_token", "refresh_token", "extra"})
+
+
+def _json_map(raw: str) -> dict[str, str]:
+    if not raw:
+        return {}
+    value = json.loads(raw)
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
 
 Outcome = Literal["refreshed", "retry", "needs_reauth", "quarantined", "release"]
 
@@ -98,6 +110,7 @@ class Store:
             "token_type", cred.token_type,
             "scope", cred.scope,
             "expires_at", cred.expires_at_ms,
+            "params", json.dumps(dict(cred.params), sort_keys=True) if cred.params else "",
         ]  # fmt: skip
         res = await guard(
             self.scripts.upsert(
@@ -145,6 +158,10 @@ class Store:
             updated_at_ms=num("updated_at"),
             refreshed_at_ms=num("refreshed_at") or None,
             in_flight=locked or bool(raw.get("intent")),
+            last_error_at_ms=num("last_error_at") or None,
+            refresh_expires_at_ms=num("refresh_expires_at") or None,
+            params=_json_map(raw.get("params", "")),
+            extra=_json_map(self.codec.decode(raw.get("extra", ""))),
         )
 
     async def delete(self, credential_id: str, *, force: bool = False) -> None:
@@ -159,6 +176,23 @@ class Store:
             raise NotFound(f"no credential {credential_id!r}")
         if res[0] == "busy":
             raise Conflict(f"credential {credential_id} is being refreshed; retry or use --force")
+
+    async def resume(self, credential_id: str) -> str:
+        """Operator action: back to active and due now; returns the old status."""
+        part = self.keys.partition_of(credential_id)
+        res = await guard(
+            self.scripts.resume(
+                keys=[part.cred(credential_id), part.due, part.stats], args=[credential_id]
+            )
+        )
+        if res[0] == "missing":
+            raise NotFound(f"no credential {credential_id!r}")
+        if res[0] == "active":
+            raise Conflict(f"credential {credential_id} is already active")
+        if res[0] == "busy":
+            raise Conflict(f"credential {credential_id} is being refreshed; try again")
+        await guard(self.client.publish(self.keys.wake, credential_id))
+        return str(res[1])
 
     async def list_ids(self, *, limit: int = 1000) -> list[str]:
         """Operator listing (SCAN per partition): fine for a CLI, never on a hot path."""
@@ -215,6 +249,7 @@ class Store:
                 ambiguous_at_ms=int(item[10]) if item[10] else None,
                 recovered=item[11] == "1",
                 claimed_at_ms=now_ms,
+                params=_json_map(item[12]),
             )
             for item in res[2:]
         ]
@@ -247,6 +282,7 @@ class Store:
         next_due: int | Literal["now", ""],
         fields: Mapping[str, str | int],
         event: str,
+        reason: str = "",
     ) -> CommitResult:
         """Apply an outcome atomically with its event. When durability is
         configured, the same round trip waits for the fsync (WAITAOF) and/or
@@ -255,13 +291,23 @@ class Store:
         part = self.keys.partition(c.partition)
         flat: list[Any] = []
         for name, value in fields.items():
-            if name in ("access_token", "refresh_token"):
+            if name in SECRET_FIELDS:
                 value = self.codec.encode(str(value))
             flat += [name, value]
         res, durable = await self._run_durably(
             self.scripts.commit,
             keys=[part.cred(c.id), part.lock(c.id), part.due, part.stats],
-            args=[c.token, c.version, outcome, next_due, self.keys.events, event, c.id, *flat],
+            args=[
+                c.token,
+                c.version,
+                outcome,
+                next_due,
+                self.keys.events,
+                event,
+                c.id,
+                reason,
+                *flat,
+            ],
         )
         if res[0] != "ok":
             return CommitResult(False, res[0])

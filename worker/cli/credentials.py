@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = csub.add_parser("list", help="list credentials (tokens never shown)")
     p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--status", choices=[s.value for s in Status], help="only this status")
     p.add_argument("--table", action="store_true")
     p.set_defaults(handler=_list)
 
@@ -51,6 +52,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("id")
     p.add_argument("--force", action="store_true", help="even while a refresh is in flight")
     p.set_defaults(handler=_delete)
+
+    p = csub.add_parser(
+        "resume",
+        help="put a needs_reauth or quarantined credential back in service (due now); "
+        "for quarantined ones only once you know its refresh token was not used",
+    )
+    p.add_argument("id")
+    p.set_defaults(handler=_resume)
 
     p = csub.add_parser(
         "refresh", help="refresh now, through the same lock (waits if one is in flight)"
@@ -87,6 +96,7 @@ async def import_lines(
             profile = known[cred.profile]
             if profile is None:
                 raise ConfigError(f"unknown profile {cred.profile!r}")
+            cred.check_against(profile)
             due = schedule.next_due_ms(
                 now_ms=int(time.time() * 1000),
                 expires_at_ms=cred.expires_at_ms,
@@ -167,6 +177,8 @@ async def _list(args: argparse.Namespace) -> int:
     settings = load_settings()
     async with open_store(settings) as store:
         rows = [(await store.get(i)).public() for i in await store.list_ids(limit=args.limit)]
+    if args.status:
+        rows = [row for row in rows if row["status"] == args.status]
     if args.table:
         table(rows, ["id", "profile", "status", "version", "expires_at_ms", "failures"])
     else:
@@ -179,6 +191,14 @@ async def _delete(args: argparse.Namespace) -> int:
     async with open_store(settings) as store:
         await store.delete(args.id, force=args.force)
     emit({"deleted": args.id})
+    return 0
+
+
+async def _resume(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    async with open_store(settings) as store:
+        previous = await store.resume(args.id)
+    emit({"resumed": args.id, "previous_status": previous})
     return 0
 
 

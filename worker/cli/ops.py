@@ -77,11 +77,13 @@ async def _status(args: argparse.Namespace) -> int:
         earliest = await store.earliest_due()
     by_status = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("status:")}
     by_profile = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("profile:")}
+    failing = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("failing:")}
     emit(
         {
             "credentials": sum(by_status.values()),
             "by_status": {k: v for k, v in sorted(by_status.items()) if v},
             "by_profile": {k: v for k, v in sorted(by_profile.items()) if v},
+            "failing_by_reason": {k: v for k, v in sorted(failing.items()) if v},
             "scheduled": scheduled,
             "backlog": backlog,
             "next_due_ms": earliest,

@@ -4,26 +4,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from worker.app import open_store
 from worker.cli.common import add_secret_options, emit, load_settings, read_secret, table
 from worker.errors import ConfigError
+from worker.presets import PRESETS
 from worker.profiles import ProfileStore
 
 __all__ = ["register"]
 
 # flag -> profile field, with the type argparse converts to
 _KNOBS: list[tuple[str, str, Any, str]] = [
-    ("--token-url", "token_url", str, "token endpoint (https://)"),
+    ("--preset", "preset", str, "start from a built-in preset (see `refreshd profile presets`)"),
+    ("--strategy", "strategy", str,
+     "oauth2_refresh_token (default), api_token_exchange, secret_rotation, client_credentials"),
+    ("--token-url", "token_url", str,
+     "token endpoint (https://); {name} placeholders are filled from credential params"),
+    ("--method", "method", str, "POST (default), PUT or GET"),
     ("--client-id", "client_id", str, "OAuth client id"),
     ("--auth-method", "auth_method", str,
-     "client_secret_basic (default), client_secret_post or none"),
+     "client_secret_basic (default), client_secret_post, none, bearer"),
     ("--basic-form-encode", "basic_form_encode", str,
      "true (default): form-encode id and secret before base64 (RFC 6749 2.3.1)"),
-    ("--body-format", "body_format", str, "form (default) or json"),
+    ("--client-id-in-body", "client_id_in_body", str,
+     "true: also send client_id in the body (SmartThings)"),
+    ("--body-format", "body_format", str, "form (default), json or query"),
+    ("--token-param", "token_param", str,
+     "name of the parameter carrying the spent token (refresh_token, api_token)"),
+    ("--redirect-uri", "redirect_uri", str, "send redirect_uri on refresh (most need none)"),
     ("--scope", "scope", str, "scope to request on refresh (must be within the grant)"),
+    ("--accept", "accept", str, "Accept header (default application/json)"),
+    ("--access-token-field", "access_token_field", str,
+     "answer field (dotted path) of the access token / new secret"),
+    ("--refresh-token-field", "refresh_token_field", str, "answer field of the refresh token"),
+    ("--expires-in-field", "expires_in_field", str, "answer field of the lifetime in seconds"),
+    ("--expires-at-field", "expires_at_field", str,
+     "answer field of an absolute expiry (epoch s or ms), used when expires_in is absent"),
+    ("--refresh-expires-in-field", "refresh_expires_in_field", str,
+     "answer field of the refresh token's lifetime (e.g. refresh_token_expires_in)"),
     ("--rotation", "rotation", str,
      "never, always or maybe (default): does the provider rotate refresh tokens?"),
     ("--reuse-grace", "reuse_grace_s", float,
@@ -31,8 +52,12 @@ _KNOBS: list[tuple[str, str, Any, str]] = [
     ("--refresh-lead", "refresh_lead_s", float,
      "seconds before expiry to refresh (default: 20%% of lifetime, 60 s to 30 min)"),
     ("--default-lifetime", "default_lifetime_s", float,
-     "lifetime when the answer has no expires_in and no JWT exp (default 3600)"),
+     "lifetime when the answer has no expiry and no JWT exp (default 3600)"),
     ("--timeout", "timeout_s", float, "HTTP timeout in seconds (default 10)"),
+    ("--rate-limit", "rate_limit_per_s", float,
+     "most requests per second per worker process (0: no limit)"),
+    ("--max-concurrency", "max_concurrency", int,
+     "most refreshes in flight per worker process (0: no limit)"),
     ("--allow-http", "allow_http", str, "true to allow a plain http:// token URL (tests only)"),
     ("--name", "name", str, "display name"),
 ]  # fmt: skip
@@ -49,6 +74,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument(
             "--extra", action="append", default=[], metavar="NAME=VALUE",
             help="extra body parameter sent on every refresh (repeatable)",
+        )  # fmt: skip
+        p.add_argument(
+            "--secret-param-env", action="append", default=[], metavar="NAME=VAR",
+            help="secret body parameter (e.g. passcode) read from env variable VAR",
+        )  # fmt: skip
+        p.add_argument(
+            "--secret-param-file", action="append", default=[], metavar="NAME=PATH",
+            help="secret body parameter read from a file",
+        )  # fmt: skip
+        p.add_argument(
+            "--keep-field", action="append", default=[], metavar="FIELD",
+            help="answer field to keep with the credential (e.g. instance_url; repeatable)",
+        )  # fmt: skip
+        p.add_argument(
+            "--error-rule", action="append", default=[], metavar="JSON",
+            help='map an error answer to a class, e.g. \'{"status": 400, "contains": '
+            '"AADSTS50196", "class": "throttled"}\' (repeatable)',
         )  # fmt: skip
         add_secret_options(p, "client_secret")
 
@@ -67,6 +109,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--per-page", type=int, default=100)
     p.add_argument("--table", action="store_true")
     p.set_defaults(handler=_list)
+
+    p = psub.add_parser("presets", help="list the built-in presets and their knobs")
+    p.set_defaults(handler=_presets)
 
     p = psub.add_parser("get", help="show one profile (secret never shown)")
     p.add_argument("id")
@@ -95,15 +140,49 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
     if args.extra:
         extra = dict(data.get("extra_params") or {})
         for item in args.extra:
-            name, sep, value = item.partition("=")
-            if not sep or not name:
-                raise ConfigError(f"--extra takes NAME=VALUE, got {item!r}")
+            name, value = _pair("--extra", item)
             extra[name] = value
         data["extra_params"] = extra
+    if args.keep_field:
+        data["keep_fields"] = list(data.get("keep_fields") or []) + args.keep_field
+    if args.error_rule:
+        rules = list(data.get("error_rules") or [])
+        for raw in args.error_rule:
+            try:
+                rules.append(json.loads(raw))
+            except ValueError:
+                raise ConfigError(f"--error-rule takes a JSON object, got {raw!r}") from None
+        data["error_rules"] = rules
+    secret_params = dict(data.get("secret_params") or {})
+    for item in args.secret_param_env:
+        name, var = _pair("--secret-param-env", item)
+        if var not in os.environ:
+            raise ConfigError(f"environment variable {var} (for {name}) is not set")
+        secret_params[name] = os.environ[var]
+    for item in args.secret_param_file:
+        name, path = _pair("--secret-param-file", item)
+        try:
+            secret_params[name] = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {name} from {path}: {exc.strerror}") from None
+    if secret_params:
+        data["secret_params"] = secret_params
     secret = read_secret(args, "client_secret")
     if secret is not None:
         data["client_secret"] = secret
     return data
+
+
+def _pair(flag: str, item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise ConfigError(f"{flag} takes NAME=VALUE, got {item!r}")
+    return name, value
+
+
+async def _presets(args: argparse.Namespace) -> int:
+    emit(PRESETS)
+    return 0
 
 
 async def _create(args: argparse.Namespace) -> int:
@@ -126,7 +205,7 @@ async def _list(args: argparse.Namespace) -> int:
     async with open_store(settings) as store:
         rows = await ProfileStore(store).list(page=args.page, per_page=args.per_page)
     if args.table:
-        table(rows, ["id", "token_url", "auth_method", "rotation", "credentials_count"])
+        table(rows, ["id", "strategy", "token_url", "auth_method", "rotation", "credentials_count"])
     else:
         emit({"result": rows, "page": args.page, "per_page": args.per_page})
     return 0

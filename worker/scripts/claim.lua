@@ -11,7 +11,7 @@ ARGV[5]  ids    "" to take what is due now, else ids separated by "\n" to claim
 
 Returns { now_ms, contended, item... } where each item is the array
   { id, due_ms, profile, access_token, refresh_token, token_type, scope,
-    expires_at, version, failures, ambiguous_at, recovered }
+    expires_at, version, failures, ambiguous_at, recovered, params }
 `recovered` is "1" when the credential carried a spend intent past its
 deadline: a request was sent and never answered. The intent becomes
 `ambiguous_token` / `ambiguous_at` and the worker applies the rotation rule.
@@ -42,7 +42,7 @@ for _, c in ipairs(candidates) do
   local ck, lk = base .. 'cred:' .. id, base .. 'lock:' .. id
   local f = redis.call('HMGET', ck, 'status', 'intent', 'intent_deadline', 'intent_at',
     'profile', 'access_token', 'refresh_token', 'token_type', 'scope', 'expires_at',
-    'version', 'failures', 'ambiguous_at')
+    'version', 'failures', 'ambiguous_at', 'params')
   local status = f[1]
   if not status or status ~= 'active' then
     -- deleted or stopped credentials never stay scheduled
@@ -69,7 +69,7 @@ for _, c in ipairs(candidates) do
       redis.call('SET', lk, token, 'PX', lease)
       redis.call('ZADD', due_key, now + lease, id)
       out[#out + 1] = { id, score, f[5], f[6] or '', f[7] or '', f[8] or '', f[9] or '',
-        f[10] or '0', f[11] or '0', f[12] or '0', ambiguous_at, recovered }
+        f[10] or '0', f[11] or '0', f[12] or '0', ambiguous_at, recovered, f[14] or '' }
     end
   end
 end

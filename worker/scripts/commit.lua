@@ -11,7 +11,10 @@ ARGV[4]  next_due ms of the next refresh; "now" for the server's now; "" to unsc
 ARGV[5]  channel  pub/sub channel of events
 ARGV[6]  event    JSON message to publish ("" for none)
 ARGV[7]  id       credential id (member of due)
-ARGV[8..] field, value pairs to write into the credential hash
+ARGV[8]  reason   failure reason ("" on success); kept in `reason`, and the
+                  partition counters `failing:<reason>` count credentials by
+                  their current failure, so `status` needs no scan
+ARGV[9..] field, value pairs to write into the credential hash
 
 Ownership: `refreshed` needs the version read at claim and our spend intent
 (or our intent recovered as ambiguous by another claim), not the lock: the
@@ -23,7 +26,7 @@ Returns { "ok", lease_lost (0|1), now_ms } or { reason }: "gone", "stale".
 ]]
 local ck, lk, due_key, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token, version, outcome, next_due = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local f = redis.call('HMGET', ck, 'status', 'version', 'intent', 'ambiguous_token')
+local f = redis.call('HMGET', ck, 'status', 'version', 'intent', 'ambiguous_token', 'reason')
 if not f[1] then return { 'gone' } end
 local status, intent, amb = f[1], f[3] or '', f[4] or ''
 local lock_owner = redis.call('GET', lk)
@@ -35,7 +38,13 @@ end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if #ARGV >= 8 then redis.call('HSET', ck, unpack(ARGV, 8)) end
+if #ARGV >= 9 then redis.call('HSET', ck, unpack(ARGV, 9)) end
+local old_reason, new_reason = f[5] or '', ARGV[8]
+if outcome ~= 'release' and old_reason ~= new_reason then
+  if old_reason ~= '' then redis.call('HINCRBY', stats, 'failing:' .. old_reason, -1) end
+  if new_reason ~= '' then redis.call('HINCRBY', stats, 'failing:' .. new_reason, 1) end
+  redis.call('HSET', ck, 'reason', new_reason)
+end
 redis.call('HSET', ck, 'updated_at', now)
 if intent == token then
   redis.call('HDEL', ck, 'intent', 'intent_rt', 'intent_deadline', 'intent_at')

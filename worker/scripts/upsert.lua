@@ -14,7 +14,7 @@ is in flight: replacing its tokens now could lose the rotated ones).
 ]]
 local ck, due_key, stats = KEYS[1], KEYS[2], KEYS[3]
 local id, mode, due_ms, profile = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local f = redis.call('HMGET', ck, 'status', 'profile', 'intent')
+local f = redis.call('HMGET', ck, 'status', 'profile', 'intent', 'reason')
 local exists = f[1] ~= false
 if exists and mode == 'create' then return { 'exists' } end
 if f[3] and f[3] ~= '' then return { 'busy' } end
@@ -23,7 +23,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if exists then
   redis.call('HINCRBY', stats, 'status:' .. f[1], -1)
   redis.call('HINCRBY', stats, 'profile:' .. f[2], -1)
-  redis.call('HDEL', ck, 'ambiguous_token', 'ambiguous_at', 'last_error', 'last_error_at')
+  if f[4] and f[4] ~= '' then redis.call('HINCRBY', stats, 'failing:' .. f[4], -1) end
+  redis.call('HDEL', ck, 'ambiguous_token', 'ambiguous_at', 'reason', 'extra',
+    'refresh_expires_at')
   redis.call('HINCRBY', ck, 'version', 1)
 else
   redis.call('HSET', ck, 'created_at', now, 'version', 0)

@@ -1,0 +1,364 @@
+"""A provider profile: everything needed to refresh one client's credentials.
+
+Every knob is validated when the profile is written, so a typo in a URL or
+an unknown auth method is refused by ``profile create``, not discovered by
+the worker at 3 a.m. Secrets (``client_secret``, ``secret_params``) are the
+only fields ``public()`` leaves out; the store keeps them through the codec.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from worker.errors import ConfigError
+
+__all__ = [
+    "AuthMethod",
+    "BodyFormat",
+    "ErrorClass",
+    "ErrorRule",
+    "Profile",
+    "Rotation",
+    "Strategy",
+    "parse_number",
+    "url_placeholders",
+    "validate_id",
+]
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}$")
+_FIELD_PATH = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+_PARAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+def validate_id(kind: str, value: object) -> str:
+    """Ids become parts of Redis keys; keep them printable and bounded."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ConfigError(
+            f"{kind} id must be 1-200 characters of letters, digits and ._:@- "
+            f"(starting with a letter or digit), got {value!r}"
+        )
+    return value
+
+
+class Strategy(StrEnum):
+    """One small strategy per kind of token endpoint."""
+
+    OAUTH2_REFRESH_TOKEN = "oauth2_refresh_token"  # noqa: S105 - a strategy name
+    API_TOKEN_EXCHANGE = "api_token_exchange"  # noqa: S105 - a strategy name
+    SECRET_ROTATION = "secret_rotation"  # noqa: S105 - a strategy name
+    CLIENT_CREDENTIALS = "client_credentials"
+
+
+class AuthMethod(StrEnum):
+    CLIENT_SECRET_BASIC = "client_secret_basic"  # noqa: S105 - a method name
+    CLIENT_SECRET_POST = "client_secret_post"  # noqa: S105 - a method name
+    NONE = "none"
+    BEARER = "bearer"  # Authorization: Bearer <the credential's current secret>
+
+
+class BodyFormat(StrEnum):
+    FORM = "form"
+    JSON = "json"
+    QUERY = "query"  # parameters in the URL query string, empty body
+
+
+class Rotation(StrEnum):
+    """Whether the provider replaces the refresh token on use. It decides
+    what an unanswered request means: with ``never`` the same token may be
+    sent again; otherwise only inside ``reuse_grace_s``."""
+
+    NEVER = "never"
+    ALWAYS = "always"
+    MAYBE = "maybe"
+
+
+class ErrorClass(StrEnum):
+    TRANSIENT = "transient"  # retry with backoff
+    THROTTLED = "throttled"  # retry with backoff, honouring Retry-After
+    REAUTH = "reauth"  # stop: a person must re-authorize
+    CONFIG = "config"  # stop: the profile is wrong (URL, client, secret)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRule:
+    """Maps an error answer to a class, ahead of the built-in table. All
+    given conditions must hold: ``status`` (HTTP), ``error`` (the error code
+    field), ``contains`` (a substring of the body)."""
+
+    error_class: ErrorClass
+    status: int | None = None
+    error: str | None = None
+    contains: str | None = None
+
+    @classmethod
+    def parse(cls, raw: object) -> ErrorRule:
+        if isinstance(raw, ErrorRule):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise ConfigError("each error rule must be an object")
+        unknown = set(raw) - {"class", "status", "error", "contains"}
+        if unknown:
+            raise ConfigError(f"unknown error rule field(s): {', '.join(sorted(unknown))}")
+        status = raw.get("status")
+        if status is not None and (
+            isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599
+        ):
+            raise ConfigError(f"error rule status must be an HTTP status, got {status!r}")
+        for name in ("error", "contains"):
+            if raw.get(name) is not None and not isinstance(raw[name], str):
+                raise ConfigError(f"error rule {name} must be a string")
+        if status is None and raw.get("error") is None and raw.get("contains") is None:
+            raise ConfigError("an error rule needs at least one of status, error, contains")
+        return cls(
+            error_class=_enum(ErrorClass, "error rule class", raw.get("class")),
+            status=status,
+            error=raw.get("error"),
+            contains=raw.get("contains"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"class": self.error_class.value}
+        for name in ("status", "error", "contains"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+
+def _enum(kind: type[StrEnum], name: str, value: object) -> Any:
+    try:
+        return kind(str(value))
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}") from None
+
+
+def parse_number(name: str, value: object, *, low: float, high: float) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {number:g}")
+    return number
+
+
+def _flag(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in {"1", "true", "yes"}:
+        return True
+    if str(value).lower() in {"0", "false", "no", ""}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _json_value(name: str, value: object, default: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value) if value else default
+        except ValueError:
+            raise ConfigError(f"{name} must be JSON") from None
+    return value
+
+
+def _string_map(name: str, value: object) -> dict[str, str]:
+    value = _json_value(name, value, {})
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and _PARAM_NAME.match(k) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigError(f"{name} must be an object of parameter names to string values")
+    return dict(value)
+
+
+def _string_list(name: str, value: object) -> tuple[str, ...]:
+    value = _json_value(name, value, [])
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ConfigError(f"{name} must be a list of field names")
+    if not all(isinstance(v, str) and _FIELD_PATH.match(v) for v in value):
+        raise ConfigError(f"{name} must be a list of field names")
+    return tuple(value)
+
+
+def url_placeholders(url: str) -> set[str]:
+    """``{name}`` placeholders of a token URL, filled per credential from its
+    ``params`` (e.g. Workato's access-profile id in the path)."""
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(url) if name}
+    except ValueError:
+        raise ConfigError(f"token_url has unbalanced braces: {url!r}") from None
+
+
+_DEFAULT_TOKEN_PARAM = {
+    "oauth2_refresh_token": "refresh_token",
+    "api_token_exchange": "api_token",
+    "secret_rotation": "",
+    "client_credentials": "",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """How to refresh the credentials of one provider client (see the
+    README's "Providers" section for every knob and the presets)."""
+
+    id: str
+    token_url: str
+    strategy: Strategy = Strategy.OAUTH2_REFRESH_TOKEN
+    method: str = "POST"
+    client_id: str = ""
+    client_secret: str = field(default="", repr=False)
+    auth_method: AuthMethod = AuthMethod.CLIENT_SECRET_BASIC
+    basic_form_encode: bool = True
+    client_id_in_body: bool = False
+    body_format: BodyFormat = BodyFormat.FORM
+    token_param: str = ""  # "" = the strategy's default (refresh_token, api_token)
+    redirect_uri: str = ""
+    scope: str = ""
+    extra_params: Mapping[str, str] = field(default_factory=dict)
+    secret_params: Mapping[str, str] = field(default_factory=dict, repr=False)
+    accept: str = "application/json"
+    access_token_field: str = "access_token"  # noqa: S105 - a field name
+    refresh_token_field: str = "refresh_token"  # noqa: S105 - a field name
+    expires_in_field: str = "expires_in"
+    expires_at_field: str = ""
+    refresh_expires_in_field: str = ""
+    keep_fields: tuple[str, ...] = ()
+    rotation: Rotation = Rotation.MAYBE
+    reuse_grace_s: float = 0.0
+    refresh_lead_s: float = 0.0
+    default_lifetime_s: float = 3600.0
+    timeout_s: float = 10.0
+    rate_limit_per_s: float = 0.0
+    max_concurrency: int = 0
+    error_rules: tuple[ErrorRule, ...] = ()
+    allow_http: bool = False
+    preset: str = ""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        validate_id("profile", self.id)
+        set_ = object.__setattr__
+        set_(self, "strategy", _enum(Strategy, "strategy", self.strategy))
+        set_(self, "auth_method", _enum(AuthMethod, "auth_method", self.auth_method))
+        set_(self, "body_format", _enum(BodyFormat, "body_format", self.body_format))
+        set_(self, "rotation", _enum(Rotation, "rotation", self.rotation))
+        for name in ("basic_form_encode", "client_id_in_body", "allow_http"):
+            set_(self, name, _flag(name, getattr(self, name)))
+        for name, low, high in (
+            ("reuse_grace_s", 0, 365 * 86400),
+            ("refresh_lead_s", 0, 30 * 86400),
+            ("default_lifetime_s", 10, 400 * 86400),
+            ("timeout_s", 0.5, 120),
+            ("rate_limit_per_s", 0, 100_000),
+            ("max_concurrency", 0, 100_000),
+        ):
+            set_(self, name, parse_number(name, getattr(self, name), low=low, high=high))
+        set_(self, "max_concurrency", int(self.max_concurrency))
+        method = str(self.method).upper()
+        if method not in {"POST", "PUT", "GET"}:
+            raise ConfigError(f"method must be POST, PUT or GET, got {self.method!r}")
+        set_(self, "method", method)
+        self._check_url()
+        self._check_auth()
+        set_(self, "extra_params", _string_map("extra_params", self.extra_params))
+        set_(self, "secret_params", _string_map("secret_params", self.secret_params))
+        reserved = {"grant_type", "client_secret", self.effective_token_param} - {""}
+        clash = reserved & (set(self.extra_params) | set(self.secret_params))
+        if clash:
+            raise ConfigError(f"extra_params/secret_params may not set {', '.join(sorted(clash))}")
+        for name in ("access_token_field", "refresh_token_field", "expires_in_field"):
+            if not _FIELD_PATH.match(getattr(self, name)):
+                raise ConfigError(f"{name} must be a field name or dotted path")
+        for name in ("expires_at_field", "refresh_expires_in_field"):
+            if getattr(self, name) and not _FIELD_PATH.match(getattr(self, name)):
+                raise ConfigError(f"{name} must be a field name or dotted path")
+        if self.token_param and not _PARAM_NAME.match(self.token_param):
+            raise ConfigError("token_param must be a parameter name")
+        set_(self, "keep_fields", _string_list("keep_fields", self.keep_fields))
+        rules = _json_value("error_rules", self.error_rules, [])
+        if isinstance(rules, str | Mapping) or not isinstance(rules, Sequence):
+            raise ConfigError("error_rules must be a list of rules")
+        set_(self, "error_rules", tuple(ErrorRule.parse(r) for r in rules))
+
+    def _check_url(self) -> None:
+        url = self.token_url
+        parts = urlsplit(url.replace("{", "").replace("}", ""))
+        if parts.scheme not in {"https", "http"} or not parts.hostname:
+            raise ConfigError(f"token_url must be an absolute https:// URL, got {url!r}")
+        if parts.scheme == "http" and not self.allow_http:
+            raise ConfigError(
+                "token_url must use https:// (set allow_http only for local test endpoints)"
+            )
+        if parts.username or parts.password:
+            raise ConfigError("token_url must not carry credentials; use client_id/client_secret")
+        for name in url_placeholders(url):
+            if not _PARAM_NAME.match(name):
+                raise ConfigError(f"token_url placeholder {{{name}}} is not a plain name")
+
+    def _check_auth(self) -> None:
+        method = self.auth_method
+        needs_secret = method in (AuthMethod.CLIENT_SECRET_BASIC, AuthMethod.CLIENT_SECRET_POST)
+        if needs_secret and not (self.client_id and self.client_secret):
+            raise ConfigError(f"auth_method {method.value} needs client_id and client_secret")
+        if self.strategy is Strategy.CLIENT_CREDENTIALS and not needs_secret:
+            raise ConfigError("strategy client_credentials needs client_secret_basic or _post")
+        if self.strategy is Strategy.SECRET_ROTATION and method is not AuthMethod.BEARER:
+            raise ConfigError("strategy secret_rotation authenticates with auth_method bearer")
+        public = self.strategy is Strategy.OAUTH2_REFRESH_TOKEN and method is AuthMethod.NONE
+        if public and not self.client_id:
+            raise ConfigError("auth_method none still needs client_id (public client)")
+        if self.client_id_in_body and not self.client_id:
+            raise ConfigError("client_id_in_body needs client_id")
+
+    @property
+    def effective_token_param(self) -> str:
+        return self.token_param or _DEFAULT_TOKEN_PARAM[self.strategy.value]
+
+    @property
+    def uses_refresh_token(self) -> bool:
+        """client_credentials re-issues from the client's own credentials."""
+        return self.strategy is not Strategy.CLIENT_CREDENTIALS
+
+    @property
+    def url_params(self) -> set[str]:
+        return url_placeholders(self.token_url)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Profile:
+        """Build from user input or a stored hash; unknown fields are refused
+        so that a misspelt knob is not silently ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"created_at", "updated_at"})
+        if unknown:
+            raise ConfigError(f"unknown profile field(s): {', '.join(unknown)}")
+        if "id" not in data or "token_url" not in data:
+            raise ConfigError("a profile needs at least id and token_url")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_fields(self) -> dict[str, Any]:
+        """Every field as plain JSON-able values (secrets included)."""
+        out = asdict(self)
+        for name in ("strategy", "auth_method", "body_format", "rotation"):
+            out[name] = getattr(self, name).value
+        out["extra_params"] = dict(self.extra_params)
+        out["secret_params"] = dict(self.secret_params)
+        out["keep_fields"] = list(self.keep_fields)
+        out["error_rules"] = [r.to_json() for r in self.error_rules]
+        return out
+
+    def public(self) -> dict[str, Any]:
+        """Everything but the secrets: what list and get return."""
+        out = self.to_fields()
+        out.pop("client_secret")
+        out["has_client_secret"] = bool(self.client_secret)
+        out["secret_params"] = sorted(self.secret_params)  # names only
+        return out

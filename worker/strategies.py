@@ -1,0 +1,116 @@
+"""The request each strategy sends, shaped by the profile.
+
+- ``oauth2_refresh_token``: RFC 6749 §6, ``grant_type=refresh_token``; a
+  configured scope wider than the grant is refused before anything is sent.
+- ``api_token_exchange``: a long-lived API token traded for an access token
+  (VMware CSP: form field ``api_token``, optional MFA ``passcode``; no
+  ``grant_type``, no client authentication).
+- ``secret_rotation``: a call to a rotation endpoint (Workato: ``PUT``) with
+  ``Authorization: Bearer <current secret>``; the answer replaces the secret.
+- ``client_credentials``: ``grant_type=client_credentials``, re-issued
+  before expiry; nothing single-use is spent.
+
+The answer is read by ``worker.answers.read_answer`` for every strategy.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from urllib.parse import quote, quote_plus, urlencode
+
+import httpx
+
+from worker.errors import ConfigError, Permanent
+from worker.profile import AuthMethod, BodyFormat, Profile, Strategy
+
+__all__ = ["basic_credentials", "build_request", "token_url"]
+
+
+def basic_credentials(client_id: str, client_secret: str, *, form_encode: bool) -> str:
+    """RFC 6749 §2.3.1: id and secret are form-encoded (Appendix B) before
+    base64, so ``+``, ``:`` and ``%`` survive. Some servers skip the decode
+    step, hence the per-profile switch."""
+    if form_encode:
+        client_id, client_secret = quote_plus(client_id), quote_plus(client_secret)
+    raw = f"{client_id}:{client_secret}".encode()
+    return "Basic " + base64.b64encode(raw).decode("ascii")
+
+
+def token_url(profile: Profile, params: Mapping[str, str]) -> str:
+    """The profile's URL with ``{name}`` placeholders filled from the
+    credential's params, each percent-encoded as one path segment."""
+    if not profile.url_params:
+        return profile.token_url
+    missing = profile.url_params - set(params)
+    if missing:
+        raise ConfigError(f"credential params lack {', '.join(sorted(missing))}")
+    return profile.token_url.format_map({k: quote(params[k], safe="") for k in params})
+
+
+def _scope_tokens(scope: str) -> set[str]:
+    return set(scope.split())
+
+
+def _grant_params(profile: Profile, secret: str, granted_scope: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    strategy = profile.strategy
+    if strategy is Strategy.OAUTH2_REFRESH_TOKEN:
+        params["grant_type"] = "refresh_token"
+    elif strategy is Strategy.CLIENT_CREDENTIALS:
+        params["grant_type"] = "client_credentials"
+    if profile.effective_token_param:
+        params[profile.effective_token_param] = secret
+    if profile.scope and strategy in (Strategy.OAUTH2_REFRESH_TOKEN, Strategy.CLIENT_CREDENTIALS):
+        wider = _scope_tokens(profile.scope) - _scope_tokens(granted_scope)
+        if strategy is Strategy.OAUTH2_REFRESH_TOKEN and granted_scope and wider:
+            # RFC 6749 §6: never more than originally granted
+            raise Permanent("scope_wider_than_grant", " ".join(sorted(wider)))
+        params["scope"] = profile.scope
+    if profile.redirect_uri:
+        params["redirect_uri"] = profile.redirect_uri
+    params.update(profile.extra_params)
+    params.update(profile.secret_params)
+    return params
+
+
+def build_request(
+    profile: Profile,
+    *,
+    secret: str,
+    granted_scope: str = "",
+    params: Mapping[str, str] | None = None,
+) -> httpx.Request:
+    """The request for one refresh. ``secret`` is what the strategy spends:
+    the refresh token, the API token, or the current secret."""
+    body = _grant_params(profile, secret, granted_scope)
+    headers = {"Accept": profile.accept}
+    auth = profile.auth_method
+    if auth is AuthMethod.CLIENT_SECRET_BASIC:
+        headers["Authorization"] = basic_credentials(
+            profile.client_id, profile.client_secret, form_encode=profile.basic_form_encode
+        )
+    elif auth is AuthMethod.CLIENT_SECRET_POST:
+        body["client_id"] = profile.client_id
+        body["client_secret"] = profile.client_secret
+    elif auth is AuthMethod.BEARER:
+        headers["Authorization"] = f"Bearer {secret}"
+    elif profile.client_id:
+        body["client_id"] = profile.client_id  # public client (none)
+    if profile.client_id_in_body:
+        body["client_id"] = profile.client_id  # SmartThings: Basic and client_id in the body
+    url = token_url(profile, params or {})
+    query: dict[str, str] = {}
+    content = b""
+    if profile.body_format is BodyFormat.QUERY:
+        query = body
+    elif body and profile.body_format is BodyFormat.JSON:
+        headers["Content-Type"] = "application/json"
+        content = json.dumps(body).encode()
+    elif body:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        content = urlencode(body).encode()
+    if query:
+        url = f"{url}{'&' if '?' in url else '?'}{urlencode(query)}"
+    return httpx.Request(profile.method, url, headers=headers, content=content)
