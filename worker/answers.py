@@ -133,6 +133,13 @@ def _classify(
     if 200 <= status < 300 and code is None:
         return None
     text = answer.body[:8192].decode("utf-8", "replace")
+    if (
+        profile.strategy is Strategy.SECRET_ROTATION
+        and 400 <= status < 500
+        and "jwt" in text.lower()
+    ):
+        # Workato: refresh_secret fails for JWT access profiles, which have no secret
+        return Permanent("jwt_profile_unsupported", status=status)
     for rule in (*profile.error_rules, *_DEFAULT_RULES):
         failure = _apply_rule(rule, status, code, text, retry_after)
         if failure is not None:

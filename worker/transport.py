@@ -19,11 +19,13 @@ import anyio
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from worker import __version__
 from worker.errors import Ambiguous, NotSent
 
 __all__ = ["MAX_BODY_BYTES", "HttpAnswer", "make_http_client", "send"]
 
 MAX_BODY_BYTES = 64 * 1024
+USER_AGENT = f"refreshd/{__version__}"
 
 _NOT_SENT_CAUSES: tuple[type[BaseException], ...] = (
     aiohttp.ClientConnectorError,  # DNS, refused, TLS handshake: no request bytes sent
@@ -38,15 +40,19 @@ def make_http_client(*, max_connections: int = 256) -> httpx.AsyncClient:
     keep-alive expiry stays short of common server idle timeouts, so a
     request is rarely written to a socket the server is closing (which
     would make its outcome ambiguous)."""
-    limits = httpx.Limits(
-        max_connections=max_connections,
-        max_keepalive_connections=max_connections,
-        keepalive_expiry=10.0,
-    )
+
+    def session() -> aiohttp.ClientSession:
+        # aiohttp would add its own User-Agent, and a Content-Type to a
+        # body-less PUT (Workato); refreshd sets both itself.
+        connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=10.0)
+        return aiohttp.ClientSession(
+            connector=connector, skip_auto_headers=("Content-Type", "User-Agent")
+        )
+
     return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits),
+        transport=AiohttpTransport(client=session),
         follow_redirects=False,
-        headers={"User-Agent": "refreshd"},
+        headers={"User-Agent": USER_AGENT},
         trust_env=False,
     )
 
@@ -78,6 +84,9 @@ async def send(
     all within ``timeout_s`` (the caller has already fitted it inside the
     lease). Raises ``NotSent`` or ``Ambiguous``; never a foreign error."""
     request.extensions["timeout"] = httpx.Timeout(timeout_s).as_dict()
+    for name, value in client.headers.items():
+        # client.send does not merge the client's defaults into a built request
+        request.headers.setdefault(name, value)
     try:
         with anyio.fail_after(timeout_s):
             response = await client.send(request, stream=True)
