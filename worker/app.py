@@ -35,11 +35,11 @@ __all__ = ["build_refresher", "build_worker", "open_store", "run_worker", "sched
 log = get_logger("refreshd")
 
 
-async def resolve_redis_url(settings: Settings) -> str:
+async def resolve_redis_url(settings: Settings, *, announce: bool = True) -> str:
     if settings.redis_url:
         return settings.redis_url
     server = await anyio.to_thread.run_sync(ensure_embedded, settings.data_dir)
-    log.info(
+    (log.info if announce or server.started else log.debug)(
         "redis.embedded",
         data_dir=str(settings.data_dir),
         started=server.started,
@@ -49,7 +49,9 @@ async def resolve_redis_url(settings: Settings) -> str:
     return server.url
 
 
-async def probe_durability(client: aioredis.Redis, settings: Settings) -> Durability:
+async def probe_durability(
+    client: aioredis.Redis, settings: Settings, *, announce: bool = True
+) -> Durability:
     """Decide what a commit waits for, and warn (or refuse) when the server
     could lose credentials: eviction or no persistence breaks integrations."""
     persistence = await guard(client.info("persistence"))
@@ -70,7 +72,8 @@ async def probe_durability(client: aioredis.Redis, settings: Settings) -> Durabi
     for problem in problems:
         if settings.strict_server:
             raise ConfigError(f"refusing to start (REFRESHD_STRICT_SERVER): {problem}")
-        log.warning("redis.unsafe_config", problem=problem)
+        # the worker says it loudly; operator commands would only add noise
+        (log.warning if announce else log.debug)("redis.unsafe_config", problem=problem)
     mode = settings.durability
     if mode == "fsync" and not aof:
         raise ConfigError("REFRESHD_DURABILITY=fsync needs appendonly yes on the server")
@@ -83,10 +86,12 @@ async def probe_durability(client: aioredis.Redis, settings: Settings) -> Durabi
 
 
 @asynccontextmanager
-async def open_store(settings: Settings, *, pool_size: int = 32) -> AsyncIterator[Store]:
-    url = await resolve_redis_url(settings)
+async def open_store(
+    settings: Settings, *, pool_size: int = 32, announce: bool = False
+) -> AsyncIterator[Store]:
+    url = await resolve_redis_url(settings, announce=announce)
     async with connect(url, max_connections=pool_size) as client:
-        durability = await probe_durability(client, settings)
+        durability = await probe_durability(client, settings, announce=announce)
         store = Store(client, Keyspace(settings.prefix, settings.partitions), PlainCodec(),
                       durability)  # fmt: skip
         await store.check_layout()

@@ -39,7 +39,7 @@ _PARAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 def validate_id(kind: str, value: object) -> str:
     """Ids become parts of Redis keys; keep them printable and bounded."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ConfigError(
             f"{kind} id must be 1-200 characters of letters, digits and ._:@- "
             f"(starting with a letter or digit), got {value!r}"
@@ -192,7 +192,7 @@ def url_placeholders(url: str) -> set[str]:
     """``{name}`` placeholders of a token URL, filled per credential from its
     ``params`` (e.g. Workato's access-profile id in the path)."""
     try:
-        return {name for _, name, _, _ in string.Formatter().parse(url) if name}
+        return {name for _, name, _, _ in string.Formatter().parse(url) if name is not None}
     except ValueError:
         raise ConfigError(f"token_url has unbalanced braces: {url!r}") from None
 
@@ -203,6 +203,13 @@ _DEFAULT_TOKEN_PARAM = {
     "secret_rotation": "",
     "client_credentials": "",
 }
+
+
+_STRING_FIELDS = (
+    "id", "token_url", "method", "client_id", "client_secret", "token_param", "redirect_uri",
+    "scope", "accept", "access_token_field", "refresh_token_field", "expires_in_field",
+    "expires_at_field", "refresh_expires_in_field", "preset", "name",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +252,9 @@ class Profile:
     name: str = ""
 
     def __post_init__(self) -> None:
+        for name in _STRING_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string")
         validate_id("profile", self.id)
         set_ = object.__setattr__
         set_(self, "strategy", _enum(Strategy, "strategy", self.strategy))

@@ -80,6 +80,12 @@ class ProfileStore:
         current = await self.load(profile_id)
         if changes.get("id", profile_id) != profile_id:
             raise ConfigError("a profile's id cannot change; create a new profile")
+        changes = dict(changes)
+        if "secret_params" in changes:
+            # secrets cannot be read back, so an update adds to them; a value
+            # of None removes one
+            merged_secrets = dict(current.secret_params) | dict(changes["secret_params"])
+            changes["secret_params"] = {k: v for k, v in merged_secrets.items() if v is not None}
         merged = {name: getattr(current, name) for name in _FIELDS} | changes
         profile = Profile.from_mapping(merged)
         mapping: dict[Any, Any] = _to_hash(profile, self.codec)
@@ -126,18 +132,28 @@ class ProfileStore:
                 f"profile {profile_id!r} is used by {in_use} credential(s); delete them "
                 "first or pass --force to delete them with it"
             )
-        removed = 0
-        if in_use:
-            for cred_id in await self.store.list_ids(limit=10**9):
-                cred = await self.store.get(cred_id)
-                if cred.profile == profile_id:
-                    await self.store.delete(cred_id, force=True)
-                    removed += 1
+        # The profile goes first: an import racing with this delete then
+        # fails its own re-check instead of leaving credentials behind.
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.profile(profile_id))
         pipe.zrem(self.keys.profiles, profile_id)
         await guard(pipe.execute())
+        return await self.delete_credentials_of(profile_id) if force else 0
+
+    async def delete_credentials_of(self, profile_id: str) -> int:
+        removed = 0
+        for cred_id in await self.store.list_ids(limit=10**9):
+            try:
+                cred = await self.store.get(cred_id)
+                if cred.profile == profile_id:
+                    await self.store.delete(cred_id, force=True)
+                    removed += 1
+            except NotFound:
+                continue  # deleted meanwhile
         return removed
+
+    async def exists(self, profile_id: str) -> bool:
+        return bool(await guard(self.client.exists(self.keys.profile(profile_id))))
 
 
 class ProfileCache:

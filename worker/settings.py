@@ -194,7 +194,10 @@ class Settings:
         known = {f.metadata["env"] for f in fields(cls)}
         unknown = sorted(k for k in env if k.startswith("REFRESHD_") and k not in known)
         if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+            raise ConfigError(
+                f"unknown setting(s): {', '.join(unknown)} (REFRESHD_* names are reserved "
+                "for settings; keep secrets in variables with another prefix)"
+            )
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f.metadata["env"])

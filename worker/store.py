@@ -200,9 +200,9 @@ class Store:
         for part in self.keys.all_partitions():
             skip = len(part.base) + len("cred:")
             async for key in self.client.scan_iter(match=part.cred_pattern, count=1000):
-                ids.append(key[skip:])
                 if len(ids) >= limit:
                     return sorted(ids)
+                ids.append(key[skip:])
         return sorted(ids)
 
     async def set_due(self, credential_id: str, due_ms: int) -> bool:

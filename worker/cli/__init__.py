@@ -37,7 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     ops.register(sub)
     profiles.register(sub)
     credentials.register(sub)
+    _no_abbreviations(parser)
     return parser
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """An abbreviated flag can be ambiguous (``--client-secret=…`` matched the
+    -file/-env/-stdin options), and argparse's error would echo the value."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _no_abbreviations(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,16 @@ from worker.errors import ConfigError
 from worker.logs import configure_logging
 from worker.settings import Settings
 
-__all__ = ["Command", "emit", "fail", "load_settings", "read_secret", "table"]
+__all__ = [
+    "Command",
+    "RefuseInlineSecret",
+    "emit",
+    "fail",
+    "load_settings",
+    "positive_int",
+    "read_secret",
+    "table",
+]
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -36,9 +45,32 @@ def table(rows: Sequence[dict[str, Any]], columns: Iterable[str]) -> None:
     cols = list(columns)
     cells = [[str(row.get(c, "")) for c in cols] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(cols)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)))
+    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
     for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def positive_int(raw: str) -> int:
+    """argparse type: 1 or more."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+class RefuseInlineSecret(argparse.Action):
+    """``--client-secret VALUE`` would land in shell history and ``ps``; the
+    error names the safe options and never repeats the value."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        flag = self.dest.replace("_", "-")
+        parser.error(
+            f"secrets are never taken from arguments; use --{flag}-file, --{flag}-env or "
+            f"--{flag}-stdin"
+        )
 
 
 def fail(message: str, *, code: int = 1) -> int:
@@ -48,6 +80,9 @@ def fail(message: str, *, code: int = 1) -> int:
 
 def add_secret_options(parser: argparse.ArgumentParser, name: str) -> None:
     flag = name.replace("_", "-")
+    parser.add_argument(
+        f"--{flag}", dest=name, nargs="?", action=RefuseInlineSecret, help=argparse.SUPPRESS
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument(f"--{flag}-file", metavar="PATH", help=f"read {name} from a file")
     group.add_argument(f"--{flag}-env", metavar="VAR", help=f"read {name} from an env variable")

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 import anyio
 
 from worker.app import build_refresher, open_store, schedule_from
-from worker.cli.common import emit, load_settings, table
-from worker.errors import ConfigError, NotFound, RefreshdError
+from worker.cli.common import emit, load_settings, positive_int, table
+from worker.errors import ConfigError, Conflict, NotFound, RefreshdError
 from worker.events import mask_event
 from worker.metrics import Metrics
 from worker.models import CredentialInput, Profile, Status
@@ -43,7 +45,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_get)
 
     p = csub.add_parser("list", help="list credentials (tokens never shown)")
-    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--limit", type=positive_int, default=1000)
     p.add_argument("--status", choices=[s.value for s in Status], help="only this status")
     p.add_argument("--table", action="store_true")
     p.set_defaults(handler=_list)
@@ -69,88 +71,160 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_refresh)
 
 
+_BATCH = 256
+
+
 async def import_lines(
-    store: Store, lines: Any, *, schedule: Schedule, replace: bool, progress: bool = False
+    store: Store,
+    lines: Iterable[str | bytes],
+    *,
+    schedule: Schedule,
+    replace: bool,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Import JSON lines; a bad line is reported by number (never by content,
     which holds tokens) and does not stop the others."""
-    profiles = ProfileStore(store)
-    known: dict[str, Profile | None] = {}
-    errors: list[dict[str, Any]] = []
-    created = replaced = 0
-
-    async def one(number: int, line: str) -> None:
-        nonlocal created, replaced
-        try:
-            data = json.loads(line)
-        except ValueError:
-            errors.append({"line": number, "error": "not valid JSON"})
-            return
-        try:
-            cred = CredentialInput.from_json(data, now_ms=int(time.time() * 1000))
-            if cred.profile not in known:
-                try:
-                    known[cred.profile] = await profiles.load(cred.profile)
-                except NotFound:
-                    known[cred.profile] = None
-            profile = known[cred.profile]
-            if profile is None:
-                raise ConfigError(f"unknown profile {cred.profile!r}")
-            cred.check_against(profile)
-            due = schedule.next_due_ms(
-                now_ms=int(time.time() * 1000),
-                expires_at_ms=cred.expires_at_ms,
-                profile_lead_s=profile.refresh_lead_s,
-            )
-            if await store.upsert(cred, due_ms=due, replace=replace):
-                created += 1
-            else:
-                replaced += 1
-        except RefreshdError as exc:
-            errors.append({"line": number, "error": str(exc)})
-
-    total = 0
-    chunk: list[tuple[int, str]] = []
-
-    async def flush() -> None:
-        # bounded batches keep memory flat on files of millions of lines
-        async with anyio.create_task_group() as tg:
-            for number, line in chunk:
-                tg.start_soon(one, number, line)
-        chunk.clear()
-        if progress:
-            print(f"\rimported {created + replaced} of {total} lines", end="", file=sys.stderr)
-
+    importer = _Importer(store, schedule, replace=replace)
+    batch: dict[str, tuple[int, CredentialInput]] = {}
     for number, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if line:
-            total += 1
-            chunk.append((number, line))
-            if len(chunk) >= 256:
-                await flush()
-    await flush()
+        cred = importer.parse(number, raw)
+        if cred is None:
+            continue
+        if cred.id in batch:
+            # a repeated id waits for the next batch, so the later line wins
+            await importer.apply(list(batch.values()))
+            batch.clear()
+        batch[cred.id] = (number, cred)
+        if len(batch) >= _BATCH:  # bounded batches keep memory flat
+            await importer.apply(list(batch.values()))
+            batch.clear()
+            if progress:
+                print(f"\rimported {importer.done} of {importer.lines} lines", end="",
+                      file=sys.stderr)  # fmt: skip
+    await importer.apply(list(batch.values()))
     if progress:
         print(file=sys.stderr)
     await guard(store.client.publish(store.keys.wake, "import"))
-    errors.sort(key=lambda e: e["line"])
-    return {
-        "lines": total,
-        "created": created,
-        "replaced": replaced,
-        "failed": len(errors),
-        "errors": errors[:1000],
-    }
+    return importer.summary()
+
+
+class _Importer:
+    def __init__(self, store: Store, schedule: Schedule, *, replace: bool) -> None:
+        self.store = store
+        self.profiles = ProfileStore(store)
+        self.schedule = schedule
+        self.replace = replace
+        self.errors: list[dict[str, Any]] = []
+        self.created = 0
+        self.replaced = 0
+        self.lines = 0
+
+    @property
+    def done(self) -> int:
+        return self.created + self.replaced
+
+    def fail(self, number: int, message: str) -> None:
+        self.errors.append({"line": number, "error": message})
+
+    def parse(self, number: int, raw: str | bytes) -> CredentialInput | None:
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                self.lines += 1
+                self.fail(number, "not valid UTF-8")
+                return None
+        line = raw.lstrip("\ufeff").strip()  # a byte-order mark is not content
+        if not line:
+            return None
+        self.lines += 1
+        try:
+            data = json.loads(line)
+        except ValueError:
+            self.fail(number, "not valid JSON")
+            return None
+        try:
+            return CredentialInput.from_json(data, now_ms=int(time.time() * 1000))
+        except RefreshdError as exc:
+            self.fail(number, str(exc))
+            return None
+
+    async def apply(self, batch: list[tuple[int, CredentialInput]]) -> None:
+        if not batch:
+            return
+        known: dict[str, Profile | None] = {}
+        for name in {cred.profile for _, cred in batch}:
+            try:
+                known[name] = await self.profiles.load(name)
+            except NotFound:
+                known[name] = None
+        written: list[tuple[int, CredentialInput, bool]] = []
+
+        async def one(number: int, cred: CredentialInput) -> None:
+            try:
+                profile = known[cred.profile]
+                if profile is None:
+                    raise ConfigError(f"unknown profile {cred.profile!r}")
+                cred.check_against(profile)
+                due = self.schedule.next_due_ms(
+                    now_ms=int(time.time() * 1000),
+                    expires_at_ms=cred.expires_at_ms,
+                    profile_lead_s=profile.refresh_lead_s,
+                )
+                new = await self.store.upsert(cred, due_ms=due, replace=self.replace)
+                if new:
+                    self.created += 1
+                else:
+                    self.replaced += 1
+                written.append((number, cred, new))
+            except RefreshdError as exc:
+                self.fail(number, str(exc))
+
+        async with anyio.create_task_group() as tg:
+            for number, cred in batch:
+                tg.start_soon(one, number, cred)
+        await self._undo_orphans(written)
+
+    async def _undo_orphans(self, written: list[tuple[int, CredentialInput, bool]]) -> None:
+        """A profile deleted while this batch was written would leave its
+        credentials behind: take them out again and report their lines."""
+        gone = {
+            name
+            for name in {cred.profile for _, cred, _ in written}
+            if not await self.profiles.exists(name)
+        }
+        for number, cred, new in written:
+            if cred.profile in gone:
+                with contextlib.suppress(NotFound):
+                    await self.store.delete(cred.id, force=True)
+                if new:
+                    self.created -= 1
+                else:
+                    self.replaced -= 1
+                self.fail(number, f"unknown profile {cred.profile!r} (deleted during the import)")
+
+    def summary(self) -> dict[str, Any]:
+        self.errors.sort(key=lambda e: e["line"])
+        return {
+            "lines": self.lines,
+            "created": self.created,
+            "replaced": self.replaced,
+            "failed": len(self.errors),
+            "errors": self.errors[:1000],
+        }
 
 
 async def _import(args: argparse.Namespace) -> int:
     settings = load_settings()
+    stream: BinaryIO | TextIO
     if args.file == "-":
-        stream = sys.stdin
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
     else:
         try:
             # a CLI reading a local file: buffered reads cost microseconds, the
-            # loop has nothing else to serve meanwhile
-            stream = Path(args.file).open(encoding="utf-8")  # noqa: SIM115, ASYNC230
+            # loop has nothing else to serve meanwhile; bytes, so that one line
+            # of bad UTF-8 is reported by number instead of ending the import
+            stream = Path(args.file).open("rb")  # noqa: SIM115, ASYNC230
         except OSError as exc:
             raise ConfigError(f"cannot open {args.file}: {exc.strerror}") from None
     try:
@@ -160,7 +234,7 @@ async def _import(args: argparse.Namespace) -> int:
                 progress=sys.stderr.isatty(),
             )  # fmt: skip
     finally:
-        if stream is not sys.stdin:
+        if args.file != "-":
             stream.close()
     emit(summary)
     return 1 if summary["failed"] else 0
@@ -176,7 +250,10 @@ async def _get(args: argparse.Namespace) -> int:
 async def _list(args: argparse.Namespace) -> int:
     settings = load_settings()
     async with open_store(settings) as store:
-        rows = [(await store.get(i)).public() for i in await store.list_ids(limit=args.limit)]
+        rows = []
+        for cred_id in await store.list_ids(limit=args.limit):
+            with contextlib.suppress(NotFound):  # deleted since the scan
+                rows.append((await store.get(cred_id)).public())
     if args.status:
         rows = [row for row in rows if row["status"] == args.status]
     if args.table:
@@ -209,7 +286,10 @@ async def _refresh(args: argparse.Namespace) -> int:
     async with open_store(settings) as store, make_http_client(max_connections=4) as http:
         cred = await store.get(args.id)
         if cred.status is not Status.ACTIVE:
-            raise ConfigError(f"credential {args.id} is {cred.status.value}; re-import it first")
+            raise Conflict(
+                f"credential {args.id} is {cred.status.value}; fix the cause, then "
+                f"`refreshd credential resume {args.id}` (or re-import it)"
+            )
         async with store.client.pubsub() as pubsub:
             await pubsub.subscribe(store.keys.events)
             part = store.keys.partition_of(args.id)

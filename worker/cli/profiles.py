@@ -84,6 +84,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             help="secret body parameter read from a file",
         )  # fmt: skip
         p.add_argument(
+            "--drop-secret-param", action="append", default=[], metavar="NAME",
+            help="remove a secret parameter (update)",
+        )  # fmt: skip
+        p.add_argument(
             "--keep-field", action="append", default=[], metavar="FIELD",
             help="answer field to keep with the credential (e.g. instance_url; repeatable)",
         )  # fmt: skip
@@ -165,6 +169,8 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
             secret_params[name] = Path(path).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"cannot read {name} from {path}: {exc.strerror}") from None
+    for name in args.drop_secret_param:
+        secret_params[name] = None  # the store removes it
     if secret_params:
         data["secret_params"] = secret_params
     secret = read_secret(args, "client_secret")
