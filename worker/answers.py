@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.errors import Ambiguous, Permanent, RefreshFailure, Transient
-from worker.profile import ErrorClass, ErrorRule, Profile, Strategy
+from worker.profile import ErrorClass, ErrorRule, Profile, Rotation, Strategy
 from worker.scheduling import parse_retry_after
 from worker.transport import HttpAnswer
 
@@ -81,12 +81,12 @@ def field_at(body: dict[str, Any], path: str) -> Any:
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 
 
-def error_code(body: dict[str, Any] | None) -> str | None:
+def error_code(body: dict[str, Any] | None, http_status: int) -> str | None:
     if body is None:
         return None
     if body.get("ok") is False:  # Slack's Web API convention
@@ -95,8 +95,8 @@ def error_code(body: dict[str, Any] | None) -> str | None:
     if isinstance(code, str) and code:
         return code
     status = body.get("status")  # HubSpot: {"status": "BAD_REFRESH_TOKEN", ...}
-    if isinstance(status, str) and status.isupper():
-        return status.lower()
+    if not 200 <= http_status < 300 and isinstance(status, str) and status.isupper():
+        return status.lower()  # (a 2xx "status": "OK" is not a refusal)
     return None
 
 
@@ -115,6 +115,8 @@ def _apply_rule(
     if rule.contains is not None and rule.contains not in text:
         return None
     kind = rule.error_class
+    if kind is ErrorClass.UNKNOWN:
+        return Ambiguous("unknown_outcome", status=status)
     if kind is ErrorClass.THROTTLED:
         return Transient("throttled", status=status, retry_after_s=retry_after)
     if kind is ErrorClass.TRANSIENT:
@@ -174,9 +176,12 @@ def jwt_expiry_ms(token: str) -> int | None:
     except (ValueError, binascii.Error, UnicodeDecodeError):
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
-    if isinstance(exp, int | float) and not isinstance(exp, bool) and math.isfinite(exp):
-        return int(exp * 1000)
-    return None
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        return None
+    try:
+        return int(exp * 1000) if math.isfinite(exp) and 0 < exp < 1e11 else None
+    except OverflowError:
+        return None
 
 
 def _seconds(value: Any, what: str, *, high: float = _MAX_LIFETIME_S) -> float:
@@ -189,23 +194,31 @@ def _seconds(value: Any, what: str, *, high: float = _MAX_LIFETIME_S) -> float:
             value = float(value.strip())
         except ValueError:
             raise Ambiguous("invalid_response", f"{what} is not a number") from None
-    if not isinstance(value, int | float) or not math.isfinite(value):
-        raise Ambiguous("invalid_response", f"{what} is not a number")
-    if not 0 < value <= high:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise Ambiguous("invalid_response", f"{what} is not a number") from None
+    if not math.isfinite(number) or not 0 < number <= high:
         raise Ambiguous("invalid_response", f"{what} out of range")
-    return float(value)
+    return number
 
 
 def _expiry_ms(body: dict[str, Any], profile: Profile, access_token: str, now_ms: int) -> int:
     lifetime = field_at(body, profile.expires_in_field)
     if lifetime is not None:
         return now_ms + int(_seconds(lifetime, profile.expires_in_field) * 1000)
+    absolute: int | None = None
     if profile.expires_at_field:
         at = field_at(body, profile.expires_at_field)
         if at is not None:
             value = _seconds(at, profile.expires_at_field, high=1e14)
-            return int(value * 1000) if value < 1e11 else int(value)
-    return jwt_expiry_ms(access_token) or now_ms + int(profile.default_lifetime_s * 1000)
+            absolute = int(value * 1000) if value < 1e11 else int(value)
+    absolute = absolute or jwt_expiry_ms(access_token)
+    if absolute is not None and absolute > now_ms:
+        return absolute
+    # no expiry, or one already past (a skewed clock must not cause a
+    # refresh loop): the profile's default lifetime
+    return now_ms + int(profile.default_lifetime_s * 1000)
 
 
 def _kept(body: dict[str, Any], profile: Profile) -> dict[str, str]:
@@ -227,7 +240,7 @@ def read_answer(
 ) -> TokenSet:
     """The token set in ``answer``, or raise the failure it means."""
     body = None if answer.truncated else _json_object(answer.body)
-    failure = _classify(answer, profile, body, error_code(body))
+    failure = _classify(answer, profile, body, error_code(body, answer.status))
     if failure is not None:
         raise failure
     if body is None:
@@ -237,12 +250,7 @@ def read_answer(
     access_token = field_at(body, profile.access_token_field)
     if not isinstance(access_token, str) or not access_token:
         raise Ambiguous("invalid_response", f"{profile.access_token_field} missing")
-    new_secret = field_at(body, profile.refresh_token_field)
-    if new_secret is not None and not isinstance(new_secret, str):
-        raise Ambiguous("invalid_response", "refresh token is not a string")
-    if profile.strategy is not Strategy.OAUTH2_REFRESH_TOKEN:
-        # an API token is spent, not rotated; client_credentials has none
-        new_secret = None
+    new_secret = _new_refresh_token(body, profile)
     token_type = body.get("token_type", "Bearer")
     scope = body.get("scope", old_scope)
     if not isinstance(token_type, str) or not isinstance(scope, str | list):
@@ -265,6 +273,23 @@ def read_answer(
         extra=_kept(body, profile),
         refresh_expires_at_ms=refresh_expires_at,
     )
+
+
+def _new_refresh_token(body: dict[str, Any], profile: Profile) -> str | None:
+    """The rotated refresh token, or None to keep the old one. Keeping it is
+    right only where the old token may still be used: an empty value, or
+    none from a provider that always rotates, means the old token is
+    probably spent and the new one unreadable."""
+    if profile.strategy is not Strategy.OAUTH2_REFRESH_TOKEN:
+        return None  # an API token is spent, not rotated; client_credentials has none
+    value = field_at(body, profile.refresh_token_field)
+    if value is not None and not isinstance(value, str):
+        raise Ambiguous("invalid_response", "refresh token is not a string")
+    if profile.rotation is Rotation.NEVER:
+        return value or None
+    if value == "" or (value is None and profile.rotation is Rotation.ALWAYS):
+        raise Ambiguous("invalid_response", "no new refresh token from a rotating provider")
+    return value
 
 
 def _rotated_secret(body: dict[str, Any], profile: Profile, now_ms: int) -> TokenSet:

@@ -84,6 +84,7 @@ class ErrorClass(StrEnum):
     THROTTLED = "throttled"  # retry with backoff, honouring Retry-After
     REAUTH = "reauth"  # stop: a person must re-authorize
     CONFIG = "config"  # stop: the profile is wrong (URL, client, secret)
+    UNKNOWN = "unknown"  # the grant may have been used: apply the rotation rule
 
 
 @dataclass(frozen=True, slots=True)

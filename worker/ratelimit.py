@@ -10,8 +10,7 @@ spend intent while it queues (the spend renews the lease if it is short).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import anyio
 
@@ -67,16 +66,22 @@ class ProfileLimits:
             self._limiters[profile.id] = known
         return known[1]
 
-    @asynccontextmanager
-    async def slot(self, profile: Profile) -> AsyncIterator[None]:
+    async def acquire(self, profile: Profile) -> Callable[[], None]:
+        """Wait for the profile's concurrency slot and rate token; returns
+        the release function. Cancellation while waiting leaves nothing held."""
         limiter = self._limiter(profile)
         bucket = self._bucket(profile)
-        if limiter is None:
+        if limiter is not None:
+            await limiter.acquire()
+        try:
             if bucket is not None:
                 await bucket.take()
-            yield
-            return
-        async with limiter:
-            if bucket is not None:
-                await bucket.take()
-            yield
+        except BaseException:
+            if limiter is not None:
+                limiter.release()
+            raise
+        return limiter.release if limiter is not None else _nothing
+
+
+def _nothing() -> None:
+    return None

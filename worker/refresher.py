@@ -91,6 +91,8 @@ class Refresher:
         self.timing = timing
         self.on_scheduled = on_scheduled
         self.limits = ProfileLimits()
+        self.draining = False
+        self._waiting: set[anyio.CancelScope] = set()
         #: called with each refresh's schedule lag in seconds (demo, benchmarks)
         self.on_lag: Callable[[float], None] | None = None
 
@@ -128,17 +130,44 @@ class Refresher:
         except ConfigError as exc:
             broken = Permanent("config_error", str(exc))
             return await self._finish_failure(c, profile, broken, "needs_reauth", spent=False)
-        async with self.limits.slot(profile):
+        release = await self._wait_for_slot(profile)
+        if release is None:  # draining: nothing was spent, hand the claim back
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await self.store.commit(c, "release", next_due="now", fields={}, event="")
+            return "released"
+        try:
             return await self._spend_and_send(c, profile, request)
+        finally:
+            release()
+
+    async def _wait_for_slot(self, profile: Profile) -> Callable[[], None] | None:
+        """The profile's pacing slot, or None if draining began meanwhile."""
+        if self.draining:
+            return None
+        with anyio.CancelScope() as scope:
+            self._waiting.add(scope)
+            try:
+                return await self.limits.acquire(profile)
+            finally:
+                self._waiting.discard(scope)
+        return None
+
+    def begin_drain(self) -> None:
+        """Refreshes still waiting for a rate-limit slot give their claims back."""
+        self.draining = True
+        for scope in list(self._waiting):
+            scope.cancel()
 
     async def _spend_and_send(self, c: Claimed, profile: Profile, request: httpx.Request) -> str:
         timeout_ms = int(profile.timeout_s * 1000)
+        grace_ms = -1 if profile.rotation is Rotation.NEVER else int(profile.reuse_grace_s * 1000)
         try:
             spend = await self.store.spend(
                 c,
                 timeout_ms=timeout_ms,
                 margin_ms=self.timing.margin_ms,
                 rt_hash=fingerprint(c.refresh_token),
+                grace_ms=grace_ms,
             )
         except StoreUnavailable:
             # The spend may have been recorded without our hearing it. Nothing
@@ -147,6 +176,9 @@ class Refresher:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await self.store.commit(c, "release", next_due="now", fields={}, event="")
             raise
+        if spend.reason == "grace_over":
+            unknown = Ambiguous("unknown_outcome", "an earlier request was never answered")
+            return await self._finish_failure(c, profile, unknown, "quarantined", spent=False)
         if not spend.ok:
             self.metrics.lease_lost.labels("spend").inc()
             self.metrics.refreshes.labels(c.profile, "skipped", spend.reason).inc()
@@ -155,11 +187,7 @@ class Refresher:
 
         started = time.monotonic()
         try:
-            answer = await send(self.http, request, timeout_s=profile.timeout_s)
-            self.metrics.provider_responses.labels(c.profile, f"{answer.status // 100}xx").inc()
-            tokens = read_answer(
-                answer, profile, now_ms=_now_ms(), old_secret=c.refresh_token, old_scope=c.scope
-            )
+            tokens = await self._exchange(c, profile, request)
         except RefreshFailure as failure:
             if failure.status is None:
                 self.metrics.provider_responses.labels(c.profile, "none").inc()
@@ -170,6 +198,23 @@ class Refresher:
             )
         self.metrics.refresh_duration.labels(c.profile).observe(time.monotonic() - started)
         return await self._finish_success(c, profile, tokens)
+
+    async def _exchange(self, c: Claimed, profile: Profile, request: httpx.Request) -> TokenSet:
+        try:
+            answer = await send(self.http, request, timeout_s=profile.timeout_s)
+            self.metrics.provider_responses.labels(c.profile, f"{answer.status // 100}xx").inc()
+            return read_answer(
+                answer, profile, now_ms=_now_ms(), old_secret=c.refresh_token, old_scope=c.scope
+            )
+        except RefreshFailure:
+            raise
+        except Exception as exc:
+            # The request may have been sent: an answer nobody foresaw (or a
+            # bug) must not leave the spend intent open. It is an unknown
+            # outcome, and the rotation rule decides what happens next.
+            # no traceback: its text can quote the answer, which may hold tokens
+            log.error("refresh.unexpected_error", credential_id=c.id, error=type(exc).__name__)  # noqa: TRY400
+            raise Ambiguous("internal_error", type(exc).__name__) from exc
 
     def _failure_outcome(
         self, profile: Profile, failure: RefreshFailure, c: Claimed, sent_ms: int
@@ -345,6 +390,6 @@ class Refresher:
         """A commit whose reply was lost may have run: if the stored state is
         exactly what it would have written, it did."""
         stored = await self.store.get(c.id)
-        if stored.version == int(c.version) + 1 and stored.refresh_token == tokens.refresh_token:
+        if stored.version > int(c.version) and stored.refresh_token == tokens.refresh_token:
             return CommitResult(True, durable=result.durable)
         return result

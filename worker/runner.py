@@ -79,6 +79,7 @@ class Worker:
         if not self.draining:
             log.info("worker.draining", in_flight=self._busy)
         self.draining = True
+        self.refresher.begin_drain()
         self.metrics.draining.set(1)
         self._wake.set()
 

@@ -256,7 +256,7 @@ class Store:
         return now_ms, contended, claimed
 
     async def spend(
-        self, c: Claimed, *, timeout_ms: int, margin_ms: int, rt_hash: str
+        self, c: Claimed, *, timeout_ms: int, margin_ms: int, rt_hash: str, grace_ms: int = -1
     ) -> SpendResult:
         """Record the spend intent. It must be durable before the request
         leaves: a server restart or failover that forgot it would let
@@ -265,7 +265,7 @@ class Store:
         res, durable = await self._run_durably(
             self.scripts.spend,
             keys=[part.cred(c.id), part.lock(c.id), part.due],
-            args=[c.token, c.version, timeout_ms, margin_ms, rt_hash, c.id],
+            args=[c.token, c.version, timeout_ms, margin_ms, rt_hash, c.id, grace_ms],
         )
         if res[0] != "ok":
             return SpendResult(False, res[0])

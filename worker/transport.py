@@ -72,9 +72,20 @@ def _classify(exc: httpx.TransportError) -> NotSent | Ambiguous:
     connect_failed = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
     if connect_failed and (cause is None or isinstance(cause, _NOT_SENT_CAUSES)):
         return NotSent("connect_error", type(cause or exc).__name__)
-    if isinstance(exc, httpx.TimeoutException):
-        return Ambiguous("timeout", type(cause or exc).__name__)
+    if cause is None and isinstance(exc, httpx.TimeoutException):
+        return Ambiguous("timeout", type(exc).__name__)
+    if isinstance(cause, aiohttp.ServerTimeoutError):
+        return Ambiguous("timeout", type(cause).__name__)
+    # resets and disconnects arrive as httpx.ConnectTimeout: name them by cause
     return Ambiguous("transport_error", type(cause or exc).__name__)
+
+
+def _timeouts(total_s: float) -> httpx.Timeout:
+    """The connect gets its own, shorter budget: a connect that never
+    completes is then a clean "not sent" instead of running into the overall
+    deadline, where the outcome would be unknown."""
+    connect = min(max(total_s / 2, 0.2), 5.0)
+    return httpx.Timeout(total_s, connect=connect, pool=connect)
 
 
 async def send(
@@ -83,7 +94,7 @@ async def send(
     """Send ``request`` and read at most ``MAX_BODY_BYTES`` of the answer,
     all within ``timeout_s`` (the caller has already fitted it inside the
     lease). Raises ``NotSent`` or ``Ambiguous``; never a foreign error."""
-    request.extensions["timeout"] = httpx.Timeout(timeout_s).as_dict()
+    request.extensions["timeout"] = _timeouts(timeout_s).as_dict()
     for name, value in client.headers.items():
         # client.send does not merge the client's defaults into a built request
         request.headers.setdefault(name, value)
@@ -106,4 +117,8 @@ async def send(
         raise Ambiguous("timeout", f"no answer within {timeout_s:g}s") from None
     except httpx.TransportError as exc:
         raise _classify(exc) from exc
+    except httpx.DecodingError as exc:  # e.g. a broken gzip body
+        raise Ambiguous("invalid_response", "undecodable body") from exc
+    except aiohttp.ClientError as exc:  # bad status line, oversized header, bad chunk
+        raise Ambiguous("transport_error", type(exc).__name__) from exc
     return HttpAnswer(response.status_code, response.headers, b"".join(chunks), truncated)

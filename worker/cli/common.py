@@ -32,7 +32,7 @@ def load_settings(*, log_to_stderr: bool = True) -> Settings:
     """Operator commands log to stderr so stdout stays machine-readable."""
     settings = Settings.from_env()
     configure_logging(
-        settings.log_level, settings.log_format, stream=sys.stderr if log_to_stderr else None
+        settings.log_level, settings.log_format, stream=sys.stderr if log_to_stderr else sys.stdout
     )
     return settings
 

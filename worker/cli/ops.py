@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    settings = load_settings(log_to_stderr=False)
+    settings = load_settings(log_to_stderr=False)  # the worker logs to stdout
     await run_worker(settings)
     return 0
 

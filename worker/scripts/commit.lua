@@ -16,11 +16,15 @@ ARGV[8]  reason   failure reason ("" on success); kept in `reason`, and the
                   their current failure, so `status` needs no scan
 ARGV[9..] field, value pairs to write into the credential hash
 
-Ownership: `refreshed` needs the version read at claim and our spend intent
-(or our intent recovered as ambiguous by another claim), not the lock: the
-provider already rotated, so these tokens are the only valid ones and must
-land even if the lease lapsed. Other outcomes need our open intent, or no
-intent and our lock.
+Ownership: `refreshed` needs our open spend intent, not the lock: the
+provider already answered, so these are the newest tokens and must land even
+if the lease lapsed. Our intent recovered as ambiguous by another claim
+(a late answer) still lands when the version is unchanged - even while a
+grace retry is out, whose own commit then lands on top of it (newest wins)
+and whose failure then leaves these tokens in place. Other outcomes need our open intent, or no intent and our
+lock, and the version read at claim: a failure decided on an older snapshot
+must not override newer tokens. A stale outcome still clears our own
+intent and lock, since our request is over.
 
 Returns { "ok", lease_lost (0|1), now_ms } or { reason }: "gone", "stale".
 ]]
@@ -30,10 +34,21 @@ local f = redis.call('HMGET', ck, 'status', 'version', 'intent', 'ambiguous_toke
 if not f[1] then return { 'gone' } end
 local status, intent, amb = f[1], f[3] or '', f[4] or ''
 local lock_owner = redis.call('GET', lk)
+local function release_own()
+  if intent == token then
+    redis.call('HDEL', ck, 'intent', 'intent_rt', 'intent_deadline', 'intent_at')
+  end
+  if lock_owner == token then redis.call('DEL', lk) end
+end
 if outcome == 'refreshed' then
-  if f[2] ~= version or (intent ~= token and amb ~= token) then return { 'stale' } end
-elseif not (intent == token or (intent == '' and lock_owner == token)) then
-  return { 'stale' }
+  local late = amb == token and f[2] == version
+  if intent ~= token and not late then return { 'stale' } end
+else
+  if not (intent == token or (intent == '' and lock_owner == token)) then return { 'stale' } end
+  if f[2] ~= version then
+    release_own()
+    return { 'stale' }
+  end
 end
 
 local t = redis.call('TIME')
@@ -51,8 +66,15 @@ if intent == token then
 end
 
 local new_status = status
+local event = ARGV[6]
 if outcome == 'refreshed' then
-  redis.call('HINCRBY', ck, 'version', 1)
+  local new_version = redis.call('HINCRBY', ck, 'version', 1)
+  if event ~= '' and new_version ~= tonumber(version) + 1 then
+    -- a late answer landed meanwhile: the event must carry the stored version
+    local body = cjson.decode(event)
+    body['version'] = new_version
+    event = cjson.encode(body)
+  end
   redis.call('HSET', ck, 'failures', 0, 'refreshed_at', now)
   redis.call('HDEL', ck, 'ambiguous_token', 'ambiguous_at')
   new_status = 'active'
@@ -83,5 +105,5 @@ if lock_owner == token then
   redis.call('DEL', lk)
   lease_lost = 0
 end
-if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+if event ~= '' then redis.call('PUBLISH', ARGV[5], event) end
 return { 'ok', lease_lost, now }
