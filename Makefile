@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OIDC := tests/interop/oidc
 
-.PHONY: install demo run test lint typecheck unit node-deps bench-quick clean
+.PHONY: install demo run test lint typecheck unit node-deps deploy-check dashboards bench bench-quick clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -38,5 +38,15 @@ unit: install
 
 test: install node-deps lint typecheck unit
 
+# Container, Kubernetes manifests, Prometheus rules and the Grafana dashboard,
+# each checked by its own tools, then a real Prometheus scrapes a real worker.
+deploy-check: install
+	bash deploy/ci/check.sh
+
+# Regenerate rules, PrometheusRule and dashboard after editing dashboards/generate.py.
+dashboards: install
+	$(BIN)/pip install --quiet -c constraints.txt -r deploy/ci/requirements.txt
+	$(BIN)/python dashboards/generate.py
+
 clean:
-	rm -rf $(VENV) $(OIDC)/node_modules .refreshd
+	rm -rf $(VENV) $(OIDC)/node_modules deploy/ci/node_modules .refreshd

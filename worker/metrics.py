@@ -8,7 +8,7 @@ tests and several in-process workers do not collide.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 __all__ = ["Metrics"]
 
@@ -48,6 +48,11 @@ class Metrics:
         self.backlog = Gauge(
             "refreshd_backlog",
             "Credentials due now and not yet claimed (ready backlog).",
+            registry=r,
+        )
+        self.backlog_oldest_age = Gauge(
+            "refreshd_backlog_oldest_age_seconds",
+            "How long the oldest credential in the ready backlog has been due (0 when empty).",
             registry=r,
         )
         self.scheduled = Gauge(
@@ -97,3 +102,5 @@ class Metrics:
         self.redis_up = Gauge(
             "refreshd_redis_up", "1 when the last Redis call succeeded.", registry=r
         )
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        ProcessCollector(registry=r)

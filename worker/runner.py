@@ -220,8 +220,11 @@ class Worker:
         while True:
             self.metrics.heartbeat.set(time.time())
             try:
-                due, scheduled = await self.store.schedule_counts(int(time.time() * 1000))
+                now_ms = int(time.time() * 1000)
+                due, scheduled, earliest = await self.store.schedule_stats(now_ms)
                 self.metrics.backlog.set(due)
+                oldest_s = max(now_ms - earliest, 0) / 1000 if earliest is not None else 0.0
+                self.metrics.backlog_oldest_age.set(oldest_s)
                 self.metrics.scheduled.set(scheduled)
                 self.metrics.redis_up.set(1)
             except StoreUnavailable:

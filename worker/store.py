@@ -358,14 +358,17 @@ class Store:
         scores = [int(r[0][1]) for r in results if r]
         return min(scores) if scores else None
 
-    async def schedule_counts(self, now_ms: int) -> tuple[int, int]:
-        """(due now, scheduled in all) over every partition."""
+    async def schedule_stats(self, now_ms: int) -> tuple[int, int, int | None]:
+        """(due now, scheduled in all, earliest due time in ms or None) over
+        every partition, in one round trip."""
         pipe = self.client.pipeline(transaction=False)
         for part in self.keys.all_partitions():
             pipe.zcount(part.due, "-inf", now_ms)
             pipe.zcard(part.due)
+            pipe.zrange(part.due, 0, 0, withscores=True)
         results = await guard(pipe.execute())
-        return sum(results[0::2]), sum(results[1::2])
+        earliest = [int(r[0][1]) for r in results[2::3] if r]
+        return sum(results[0::3]), sum(results[1::3]), min(earliest, default=None)
 
     async def counters(self) -> dict[str, int]:
         """Sum of the partition counters (``status:<s>``, ``profile:<id>``)."""

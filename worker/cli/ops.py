@@ -73,8 +73,7 @@ async def _status(args: argparse.Namespace) -> int:
     async with open_store(settings) as store:
         now_ms = int(time.time() * 1000)
         counters = await store.counters()
-        backlog, scheduled = await store.schedule_counts(now_ms)
-        earliest = await store.earliest_due()
+        backlog, scheduled, earliest = await store.schedule_stats(now_ms)
     by_status = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("status:")}
     by_profile = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("profile:")}
     failing = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("failing:")}
