@@ -146,19 +146,22 @@ def _classify(
         failure = _apply_rule(rule, status, code, text, retry_after)
         if failure is not None:
             return failure
-    if code is not None and code in _TRANSIENT_ERRORS:
-        return Transient(code, status=status, retry_after_s=retry_after)
-    if code is not None and (200 <= status < 300 or 400 <= status < 500):
-        return Permanent(_reason(code), status=status)
+    # The status decides first where it says "later" or "unknown", whatever
+    # error code the body carries (most APIs send JSON with their 429s).
     if status in (502, 504):
         return Ambiguous("gateway_error", status=status)
     if status == 429:
         return Transient("throttled", status=status, retry_after_s=retry_after)
+    if status >= 500 or status in (408, 409):
+        label = code if code in _TRANSIENT_ERRORS else "server_error"
+        return Transient(label or "server_error", status=status, retry_after_s=retry_after)
+    if code is not None and code in _TRANSIENT_ERRORS:
+        return Transient(code, status=status, retry_after_s=retry_after)
+    if code is not None:
+        return Permanent(_reason(code), status=status)
     if status == 403 and body is None:
         return Transient("throttled", "403 without a JSON body", status=status,
                          retry_after_s=retry_after)  # fmt: skip
-    if status >= 500 or status in (408, 409):
-        return Transient("server_error", status=status, retry_after_s=retry_after)
     if status == 404:
         return Permanent("config_error", "token endpoint answered 404", status=status)
     return Permanent("unauthorized" if status == 401 else "rejected", status=status)

@@ -87,10 +87,12 @@ class CredentialInput:
         if ("expires_in" in data) == ("expires_at" in data):
             raise ConfigError("give exactly one of expires_in (seconds) or expires_at")
         if "expires_in" in data:
-            secs = parse_number("expires_in", data["expires_in"], low=0, high=400 * 86400)
+            secs = parse_number(
+                "expires_in", data["expires_in"], low=0, high=400 * 86400, echo=False
+            )
             expires_at_ms = now_ms + int(secs * 1000)
         else:
-            at = parse_number("expires_at", data["expires_at"], low=0, high=1e14)
+            at = parse_number("expires_at", data["expires_at"], low=0, high=1e14, echo=False)
             # seconds and milliseconds since the epoch are both common
             expires_at_ms = int(at * 1000) if at < 1e11 else int(at)
         return cls(

@@ -9,6 +9,7 @@ only fields ``public()`` leaves out; the store keeps them through the codec.
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -140,15 +141,21 @@ def _enum(kind: type[StrEnum], name: str, value: object) -> Any:
         raise ConfigError(f"{name} must be one of {allowed}, got {value!r}") from None
 
 
-def parse_number(name: str, value: object, *, low: float, high: float) -> float:
+def parse_number(name: str, value: object, *, low: float, high: float, echo: bool = True) -> float:
+    """``echo=False`` where the value might be a misplaced token (an import
+    line's columns swapped): the message then never repeats it."""
+    shown = f", got {value!r}" if echo else ""
     if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+        raise ConfigError(f"{name} must be a number{shown}")
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{name} must be a number{shown}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number")
     if not low <= number <= high:
-        raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {number:g}")
+        got = f", got {number:g}" if echo else ""
+        raise ConfigError(f"{name} must be between {low:g} and {high:g}{got}")
     return number
 
 
@@ -282,7 +289,8 @@ class Profile:
         self._check_auth()
         set_(self, "extra_params", _string_map("extra_params", self.extra_params))
         set_(self, "secret_params", _string_map("secret_params", self.secret_params))
-        reserved = {"grant_type", "client_secret", self.effective_token_param} - {""}
+        # scope is checked against the grant before sending: no back door
+        reserved = {"grant_type", "client_secret", "scope", self.effective_token_param} - {""}
         clash = reserved & (set(self.extra_params) | set(self.secret_params))
         if clash:
             raise ConfigError(f"extra_params/secret_params may not set {', '.join(sorted(clash))}")

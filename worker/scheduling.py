@@ -63,7 +63,8 @@ class Schedule:
         because a retry before expiry can still keep the integration up;
         an explicit Retry-After still wins, since ignoring it only earns
         another refusal."""
-        bound = min(self.backoff_max_s, self.backoff_base_s * 2 ** max(failures - 1, 0))
+        exponent = min(max(failures - 1, 0), 30)  # days of failures must not overflow
+        bound = min(self.backoff_max_s, self.backoff_base_s * 2**exponent)
         delay = (rng or random).uniform(0, bound)
         latest = expires_at_ms - 1000
         if latest > now_ms:
@@ -78,7 +79,7 @@ def parse_retry_after(value: str | None, *, now_s: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return min(float(value), 86400.0)
     try:
         when = parsedate_to_datetime(value)

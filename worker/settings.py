@@ -9,6 +9,7 @@ explicitly; there is no module-level singleton. ``SETTINGS_DOC`` drives both
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -152,8 +153,17 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.metadata['env']} must be a finite number")
         checks: list[tuple[bool, str]] = [
             (self.partitions >= 1, "REFRESHD_PARTITIONS must be at least 1"),
+            (self.partitions <= 16384, "REFRESHD_PARTITIONS must be at most 16384"),
+            (
+                bool(self.prefix) and not any(c in self.prefix for c in "{} \n\t"),
+                "REFRESHD_PREFIX must be non-empty, without braces or spaces",
+            ),
             (self.concurrency >= 1, "REFRESHD_CONCURRENCY must be at least 1"),
             (self.claim_batch >= 1, "REFRESHD_CLAIM_BATCH must be at least 1"),
             (self.lease_s >= 5, "REFRESHD_LEASE_SECONDS must be at least 5"),
