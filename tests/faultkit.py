@@ -19,12 +19,10 @@ import anyio
 import structlog
 from aiohttp import web
 
-from tests.harness import Events, RunningWorker, worker_running
-from worker.cli.credentials import import_lines
+from tests.harness import Events, RunningWorker, add_grants, worker_running
 from worker.fakeprovider import FakeProvider, IssuedGrant
 from worker.logs import configure_logging
 from worker.profiles import ProfileStore
-from worker.scheduling import Schedule
 from worker.settings import Settings
 from worker.store import Store
 
@@ -84,40 +82,6 @@ async def seed_profile(
     return await add_grants(
         store, provider, count, profile_id=fields["id"], prefix=prefix, expires_in=expires_in
     )
-
-
-async def add_grants(
-    store: Store,
-    provider: FakeProvider,
-    count: int,
-    *,
-    profile_id: str,
-    prefix: str,
-    expires_in: float = 0.0,
-) -> dict[str, IssuedGrant]:
-    """``count`` new credentials with real grants in an existing profile
-    (workers are woken, as by ``credential import``)."""
-    grants: dict[str, IssuedGrant] = {}
-    lines = []
-    for n in range(count):
-        grant = provider.issue_grant()
-        cred_id = f"{prefix}-{n:05d}"
-        grants[cred_id] = grant
-        lines.append(
-            json.dumps(
-                {
-                    "id": cred_id,
-                    "profile": profile_id,
-                    "access_token": grant.access_token,
-                    "refresh_token": grant.refresh_token,
-                    "expires_in": expires_in,
-                    "scope": grant.scope,
-                }
-            )
-        )
-    summary = await import_lines(store, lines, schedule=Schedule(), replace=False)
-    assert summary["failed"] == 0, summary["errors"]
-    return grants
 
 
 @asynccontextmanager

@@ -30,6 +30,7 @@ from worker.transport import make_http_client
 __all__ = [
     "Events",
     "RunningWorker",
+    "add_grants",
     "make_settings",
     "seed",
     "wait_for",
@@ -74,6 +75,21 @@ async def seed(
         "timeout_s": 2,
     }
     await ProfileStore(store).create(fields | (profile or {}))
+    return await add_grants(store, provider, count, profile_id="p", expires_in=expires_in,
+                            prefix=prefix)  # fmt: skip
+
+
+async def add_grants(
+    store: Store,
+    provider: FakeProvider,
+    count: int,
+    *,
+    profile_id: str,
+    expires_in: float | Callable[[int], float] = 0.0,
+    prefix: str = "cred",
+) -> dict[str, IssuedGrant]:
+    """``count`` credentials with real grants in an existing profile, imported
+    the way `credential import` does it (workers are woken)."""
     grants: dict[str, IssuedGrant] = {}
     lines = []
     for n in range(count):
@@ -81,18 +97,15 @@ async def seed(
         cred_id = f"{prefix}-{n:05d}"
         grants[cred_id] = grant
         ttl = expires_in(n) if callable(expires_in) else expires_in
-        lines.append(
-            json.dumps(
-                {
-                    "id": cred_id,
-                    "profile": "p",
-                    "access_token": grant.access_token,
-                    "refresh_token": grant.refresh_token,
-                    "expires_in": ttl,
-                    "scope": grant.scope,
-                }
-            )
-        )
+        line = {
+            "id": cred_id,
+            "profile": profile_id,
+            "access_token": grant.access_token,
+            "refresh_token": grant.refresh_token,
+            "expires_in": ttl,
+            "scope": grant.scope,
+        }
+        lines.append(json.dumps(line))
     summary = await import_lines(store, lines, schedule=Schedule(), replace=False)
     assert summary["failed"] == 0, summary["errors"]
     return grants
