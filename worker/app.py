@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from worker.codec import PlainCodec
 from worker.embedded import ensure_embedded
-from worker.errors import ConfigError
+from worker.errors import ConfigError, StoreUnavailable
 from worker.health import HealthServer, Heartbeat
 from worker.keys import Keyspace
 from worker.logs import get_logger
@@ -164,6 +164,8 @@ async def run_worker(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(heartbeat.run)
+            if settings.durability == "auto":
+                tg.start_soon(_follow_durability, store, settings)
             if settings.http_port:
                 health = HealthServer(
                     settings.http_host,
@@ -179,6 +181,21 @@ async def run_worker(
             task_status.started(worker)
             await worker.run()
             tg.cancel_scope.cancel()
+
+
+async def _follow_durability(store: Store, settings: Settings, interval_s: float = 5.0) -> None:
+    """In ``auto`` mode, what a commit waits for follows the server: after a
+    failover the promoted primary may have no replica yet, and waiting for
+    one that does not exist would stop every refresh."""
+    while True:
+        await anyio.sleep(interval_s)
+        try:
+            current = await probe_durability(store.client, settings, announce=False)
+        except StoreUnavailable:
+            continue
+        if current != store.durability:
+            log.warning("redis.durability_changed", fsync=current.fsync, replicas=current.replicas)
+            store.durability = current
 
 
 async def _stop_on_signal(worker: Worker) -> None:

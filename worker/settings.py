@@ -32,7 +32,8 @@ class Settings:
         default=None,
         metadata=_doc(
             "REFRESHD_REDIS_URL",
-            "Redis/Valkey URL (redis://, rediss://, unix://). Unset: start or join the "
+            "Redis/Valkey URL (redis://, rediss://, unix://, or "
+            "redis+sentinel://host:port[,host:port]/service). Unset: start or join the "
             "embedded Valkey server under REFRESHD_DATA_DIR.",
         ),
     )

@@ -1,0 +1,169 @@
+"""Sentinel failover under load: a primary, a replica and a sentinel (all real
+Valkey processes on loopback), `refreshd run` connected through a
+``redis+sentinel://`` URL, and the primary killed mid-run.
+
+What must hold: the worker follows the failover, no refresh token is ever
+sent twice, and no rotated token is lost - because every spend intent and
+commit waited for the replica (WAIT) before it counted.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import redis
+
+from tests.harness import make_settings, seed, wait_for
+from tests.redis_server import RedisServer, free_port, server_binary
+from worker.app import open_store
+from worker.fakeprovider import FakeProvider, FakeProviderConfig
+from worker.models import Status
+from worker.redisio import parse_sentinel_url
+
+pytestmark = pytest.mark.anyio
+
+SERVICE = "refreshd-primary"
+
+
+class SentinelProcess:
+    def __init__(self, data_dir: Path, primary_port: int) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        conf = data_dir / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndaemonize no\ndir {data_dir}\n"
+            f"logfile {data_dir / 'sentinel.log'}\n"
+            f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 1\n"
+            f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+            f"sentinel failover-timeout {SERVICE} 10000\n"
+        )
+        self.proc = subprocess.Popen(
+            [server_binary(), str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.client = redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+
+    def primary_port(self) -> int | None:
+        try:
+            addr = self.client.execute_command(  # type: ignore[no-untyped-call]
+                "SENTINEL", "get-master-addr-by-name", SERVICE
+            )
+        except redis.RedisError:
+            return None
+        return int(addr[1]) if addr else None
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _poll(predicate: object, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, SentinelProcess]]:
+    primary = RedisServer(tmp_path / "primary")
+    replica = RedisServer(tmp_path / "replica")
+    primary.start()
+    replica.start()
+    sentinel: SentinelProcess | None = None
+    try:
+        replica.client().execute_command(  # type: ignore[no-untyped-call]
+            "REPLICAOF", "127.0.0.1", str(primary.port)
+        )
+        info = primary.client(decode_responses=True)
+        _poll(lambda: info.info("replication")["connected_slaves"] == 1, 10, "the replica")
+        sentinel = SentinelProcess(tmp_path / "sentinel", primary.port)
+        _poll(lambda: sentinel.primary_port() == primary.port, 10, "the sentinel")
+        yield primary, replica, sentinel
+    finally:
+        if sentinel is not None:
+            sentinel.stop()
+        replica.stop()
+        primary.stop()
+
+
+def test_parse_sentinel_url() -> None:
+    hosts, service, auth, sentinel_auth = parse_sentinel_url(
+        "redis+sentinel://app:p%40ss@10.0.0.1:26379,10.0.0.2:26380/main?sentinel_password=s"
+    )
+    assert hosts == [("10.0.0.1", 26379), ("10.0.0.2", 26380)]
+    assert service == "main"
+    assert auth == {"username": "app", "password": "p@ss"}
+    assert sentinel_auth == {"password": "s"}
+
+
+async def test_worker_follows_a_failover_without_reuse_or_loss(
+    cluster: tuple[RedisServer, RedisServer, SentinelProcess],
+) -> None:
+    primary, replica, sentinel = cluster
+    url = f"redis+sentinel://127.0.0.1:{sentinel.port}/{SERVICE}"
+    settings = make_settings(url)
+    config = FakeProviderConfig(lifetime_s=4, rotate=True, revoke_on_reuse=True)
+    async with FakeProvider(config) as provider:
+        async with open_store(settings) as store:
+            grants = await seed(store, provider, 40)
+            assert store.durability.replicas == 1  # spends and commits WAIT for the replica
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")},
+            "REFRESHD_REDIS_URL": url,
+            "REFRESHD_HTTP_PORT": "0",
+            "REFRESHD_LEASE_SECONDS": "5",
+            "REFRESHD_SPEND_MARGIN_SECONDS": "0.5",
+            "REFRESHD_BACKOFF_BASE_SECONDS": "0.2",
+            "REFRESHD_BACKOFF_MAX_SECONDS": "1",
+        }
+        worker = await anyio.open_process(
+            [sys.executable, "-m", "worker", "run"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+
+            def refreshed(times: int) -> bool:
+                return all(
+                    provider.grant_state(g.grant_id).refreshes >= times for g in grants.values()
+                )
+
+            await wait_for(lambda: refreshed(1), within=20, what="first refreshes")
+            primary.kill()  # no goodbye: the sentinel must notice and promote the replica
+            await wait_for(
+                lambda: sentinel.primary_port() == replica.port, within=30, what="failover"
+            )
+            before = {gid: provider.grant_state(g.grant_id).refreshes for gid, g in grants.items()}
+            await wait_for(
+                lambda: all(
+                    provider.grant_state(g.grant_id).refreshes >= before[gid] + 2
+                    for gid, g in grants.items()
+                ),
+                within=40,
+                what="refreshes after the failover",
+            )
+        finally:
+            worker.terminate()
+            with anyio.fail_after(30):
+                await worker.wait()
+        assert worker.returncode == 0
+        assert provider.stats.reuse_events == []
+        assert max(provider.send_counts.values()) == 1
+        async with open_store(settings) as store:
+            for cred_id, grant in grants.items():
+                cred = await store.get(cred_id)
+                state = provider.grant_state(grant.grant_id)
+                assert cred.status is Status.ACTIVE
+                assert cred.refresh_token == state.refresh_token  # nothing lost
