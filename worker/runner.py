@@ -23,6 +23,7 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from worker.batcher import ScriptBatcher
 from worker.errors import StoreUnavailable
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -89,6 +90,9 @@ class Worker:
         cfg = self.config
         send, receive = anyio.create_memory_object_stream[Claimed](cfg.claim_batch)
         async with anyio.create_task_group() as tg:
+            batcher = ScriptBatcher(self.store)
+            await tg.start(batcher.run)
+            self.store.batcher = batcher
             tg.start_soon(self._gauges)
             tg.start_soon(self._listen_for_wakeups)
             async with anyio.create_task_group() as consumers:
@@ -101,6 +105,7 @@ class Worker:
                 # The stream is closed: each consumer ends once it has finished
                 # (or handed back) what it holds. Past the grace period, cancel.
                 tg.start_soon(self._drain_deadline, consumers.cancel_scope)
+            self.store.batcher = None
             tg.cancel_scope.cancel()
         self.stopped = True
         log.info("worker.stopped")

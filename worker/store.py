@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
+from worker.batcher import ScriptBatcher, execute_scripts
 from worker.codec import SecretCodec
 from worker.errors import Conflict, NotFound, StoreUnavailable
 from worker.keys import Keyspace, Partition
@@ -84,6 +84,7 @@ class Store:
         self.codec = codec
         self.durability = durability or Durability()
         self.scripts: Scripts = load_scripts(client)
+        self.batcher: ScriptBatcher | None = None  # set by a running worker
 
     # ------------------------------------------------------------ layout
 
@@ -320,33 +321,17 @@ class Store:
     ) -> tuple[list[Any], bool]:
         """Run a script and, in the same round trip, wait for what the
         durability setting asks: WAITAOF (fsync on the primary) and/or WAIT
-        (replicas). Returns (result, durable)."""
+        (replicas). Returns (result, durable). Inside a running worker the
+        call joins a batch (``worker.batcher``): same result, shared cost."""
+        if self.batcher is not None and self.batcher.running:
+            return await self.batcher.call(script, keys, args)
         d = self.durability
         if not (d.fsync or d.replicas):
             return await guard(script(keys=keys, args=args)), True
-        for attempt in range(2):
-            # EVALSHA by hand: redis-py's script-in-pipeline support sends a
-            # SCRIPT EXISTS first, which would double the round trips.
-            pipe = self.client.pipeline(transaction=False)
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            if d.fsync:
-                pipe.execute_command("WAITAOF", 1, 0, d.timeout_ms)
-            if d.replicas:
-                pipe.execute_command("WAIT", d.replicas, d.timeout_ms)
-            res, *acks = await guard(pipe.execute(raise_on_error=False))
-            if isinstance(res, NoScriptError) and attempt == 0:
-                # a restarted or failed-over server: the script did not run
-                script.sha = await guard(self.client.script_load(script.script))
-                continue
-            if isinstance(res, Exception):
-                raise res
-            break
-        durable = not any(isinstance(ack, Exception) for ack in acks)
-        if durable and d.fsync:
-            durable = int(acks.pop(0)[0]) >= 1
-        if durable and d.replicas:
-            durable = int(acks.pop(0)) >= d.replicas
-        return res, durable
+        (outcome,) = await execute_scripts(self.client, d, [(script, keys, args)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     # ------------------------------------------------------------ counts
 
