@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 import anyio
-import httpx
 import pytest
+from multidict import CIMultiDict
 
 from tests.faultkit import (
     AnswerRewriter,
@@ -39,7 +39,7 @@ from worker.models import Claimed, Status
 from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
 from worker.profiles import ProfileStore
 from worker.store import Store
-from worker.transport import make_http_client, send
+from worker.transport import TokenRequest, make_http_client, send
 
 pytestmark = pytest.mark.anyio
 
@@ -215,11 +215,11 @@ async def test_connection_reset_is_not_labelled_a_timeout() -> None:
     async with FakeProvider() as provider, make_http_client() as http:
         grant = provider.issue_grant()
         provider.inject(Fault("process_then_drop"))
-        request = httpx.Request(
+        request = TokenRequest(
             "POST",
             provider.url,
-            content=f"grant_type=refresh_token&refresh_token={grant.refresh_token}".encode(),
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            CIMultiDict({"Content-Type": "application/x-www-form-urlencoded"}),
+            f"grant_type=refresh_token&refresh_token={grant.refresh_token}".encode(),
         )
         started = time.monotonic()
         with pytest.raises(Ambiguous) as caught:

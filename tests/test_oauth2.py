@@ -30,7 +30,7 @@ from anyio.abc import SocketAttribute, SocketStream
 from worker.errors import Ambiguous, ConfigError, NotSent, Permanent, RefreshFailure, Transient
 from worker.models import Profile
 from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
-from worker.transport import MAX_BODY_BYTES, HttpAnswer, make_http_client, send
+from worker.transport import MAX_BODY_BYTES, HttpAnswer, TokenRequest, make_http_client, send
 
 pytestmark = pytest.mark.anyio
 
@@ -49,14 +49,14 @@ def profile(**overrides: Any) -> Profile:
     return Profile(**(fields | overrides))
 
 
-def form(request: httpx.Request) -> dict[str, str]:
+def form(request: TokenRequest) -> dict[str, str]:
     assert request.headers["content-type"] == "application/x-www-form-urlencoded"
     pairs = parse_qsl(request.content.decode("ascii"), keep_blank_values=True, strict_parsing=True)
     assert len(pairs) == len(dict(pairs)), "a parameter is sent twice"
     return dict(pairs)
 
 
-def basic_pair(request: httpx.Request) -> str:
+def basic_pair(request: TokenRequest) -> str:
     scheme, _, value = request.headers["authorization"].partition(" ")
     assert scheme == "Basic"
     return base64.b64decode(value, validate=True).decode()
@@ -517,7 +517,7 @@ def http_response(status: int, body: bytes, content_type: str = "application/jso
     return head.encode() + body
 
 
-def token_request(url: str) -> httpx.Request:
+def token_request(url: str) -> TokenRequest:
     p = profile(token_url=url, allow_http=True)
     return build_refresh_request(p, refresh_token=OLD_RT, granted_scope="")
 

@@ -10,8 +10,8 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import aiohttp
 import anyio
-import httpx
 import redis.asyncio as aioredis
 
 from worker.codec import PlainCodec
@@ -109,7 +109,7 @@ def schedule_from(settings: Settings) -> Schedule:
 
 
 def build_refresher(
-    settings: Settings, store: Store, http: httpx.AsyncClient, metrics: Metrics
+    settings: Settings, store: Store, http: aiohttp.ClientSession, metrics: Metrics
 ) -> Refresher:
     return Refresher(
         store=store,

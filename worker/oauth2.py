@@ -7,12 +7,10 @@ standard grant, kept small for callers that only speak plain OAuth.
 
 from __future__ import annotations
 
-import httpx
-
 from worker.answers import TokenSet, jwt_expiry_ms, read_answer
 from worker.profile import Profile
 from worker.strategies import basic_credentials, build_request
-from worker.transport import HttpAnswer
+from worker.transport import HttpAnswer, TokenRequest
 
 __all__ = [
     "TokenSet",
@@ -25,7 +23,7 @@ __all__ = [
 
 def build_refresh_request(
     profile: Profile, *, refresh_token: str, granted_scope: str
-) -> httpx.Request:
+) -> TokenRequest:
     return build_request(profile, secret=refresh_token, granted_scope=granted_scope)
 
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import aiohttp
 import anyio
-import httpx
 
 from worker.answers import TokenSet, read_answer
 from worker.errors import (
@@ -43,7 +43,7 @@ from worker.ratelimit import ProfileLimits
 from worker.scheduling import Schedule
 from worker.store import CommitResult, Outcome, Store
 from worker.strategies import build_request
-from worker.transport import send
+from worker.transport import TokenRequest, send
 
 __all__ = ["RefreshTiming", "Refresher", "blind_retry_allowed"]
 
@@ -77,7 +77,7 @@ class Refresher:
         *,
         store: Store,
         profiles: ProfileCache,
-        http: httpx.AsyncClient,
+        http: aiohttp.ClientSession,
         schedule: Schedule,
         metrics: Metrics,
         timing: RefreshTiming,
@@ -158,7 +158,7 @@ class Refresher:
         for scope in list(self._waiting):
             scope.cancel()
 
-    async def _spend_and_send(self, c: Claimed, profile: Profile, request: httpx.Request) -> str:
+    async def _spend_and_send(self, c: Claimed, profile: Profile, request: TokenRequest) -> str:
         timeout_ms = int(profile.timeout_s * 1000)
         grace_ms = -1 if profile.rotation is Rotation.NEVER else int(profile.reuse_grace_s * 1000)
         try:
@@ -199,7 +199,7 @@ class Refresher:
         self.metrics.refresh_duration.labels(c.profile).observe(time.monotonic() - started)
         return await self._finish_success(c, profile, tokens)
 
-    async def _exchange(self, c: Claimed, profile: Profile, request: httpx.Request) -> TokenSet:
+    async def _exchange(self, c: Claimed, profile: Profile, request: TokenRequest) -> TokenSet:
         try:
             answer = await send(self.http, request, timeout_s=profile.timeout_s)
             self.metrics.provider_responses.labels(c.profile, f"{answer.status // 100}xx").inc()

@@ -20,10 +20,11 @@ import json
 from collections.abc import Mapping
 from urllib.parse import quote, quote_plus, urlencode
 
-import httpx
+from multidict import CIMultiDict
 
 from worker.errors import ConfigError, Permanent
 from worker.profile import AuthMethod, BodyFormat, Profile, Strategy
+from worker.transport import TokenRequest
 
 __all__ = ["basic_credentials", "build_request", "token_url"]
 
@@ -81,7 +82,7 @@ def build_request(
     secret: str,
     granted_scope: str = "",
     params: Mapping[str, str] | None = None,
-) -> httpx.Request:
+) -> TokenRequest:
     """The request for one refresh. ``secret`` is what the strategy spends:
     the refresh token, the API token, or the current secret."""
     body = _grant_params(profile, secret, granted_scope)
@@ -113,4 +114,4 @@ def build_request(
         content = urlencode(body).encode()
     if query:
         url = f"{url}{'&' if '?' in url else '?'}{urlencode(query)}"
-    return httpx.Request(profile.method, url, headers=headers, content=content)
+    return TokenRequest(profile.method, url, CIMultiDict(headers), content)
