@@ -1,0 +1,161 @@
+"""The arq alternative's scenarios: catch-up and steady state, on the same
+endpoint, the same Valkey configuration and the same offered load."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from typing import Any
+
+from bench.infra import ArqWorker, run_json, start_valkey
+from bench.measure import Snapshot, rate_bins, summary, used_memory
+from bench.refreshd_runs import Ctx, _wait
+from bench.seed import cred_ids
+from bench.shared import ARQ_CRED as CRED
+from bench.shared import ARQ_QUEUE as QUEUE
+from bench.shared import arq_job_id as job_id
+
+__all__ = ["catch_up_arq", "steady_arq"]
+
+
+def _arm(server: Any, ids: list[str], due_of: Any) -> int:
+    with server.client() as c:
+        pipe = c.pipeline(transaction=False)
+        for start in range(0, len(ids), 5000):
+            pipe.zadd(QUEUE, {job_id(i, 0): due_of(k) for k, i in
+                              enumerate(ids[start : start + 5000], start)}, xx=True)  # fmt: skip
+        pipe.time()
+        *_, (secs, micros) = pipe.execute()
+    return int(secs) * 1000 + int(micros) // 1000
+
+
+def _read(server: Any, ids: list[str]) -> list[tuple[int, int]]:
+    out = []
+    with server.client() as c:
+        for start in range(0, len(ids), 5000):
+            pipe = c.pipeline(transaction=False)
+            for i in ids[start : start + 5000]:
+                pipe.hmget(CRED + i, ["version", "refreshed_at"])
+            out += [(int(v or 0), int(t or 0)) for v, t in pipe.execute()]
+    return out
+
+
+def _seed(ctx: Ctx, server: Any, n: int, tag: str) -> float:
+    res = run_json([ctx.arq_python, "-m", "bench.alt_arq", "seed", "--redis", server.url,
+                    "--count", str(n), "--tag", tag])  # fmt: skip
+    return float(res["seconds"])
+
+
+def catch_up_arq(ctx: Ctx, n: int) -> dict[str, Any]:
+    work = ctx.work / "catchup-arq"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    server = start_valkey(work / "redis", fsync=ctx.fsync)
+    workers = ArqWorker(work)
+    try:
+        ctx.endpoint.reset(expires_in=3600)
+        ids = cred_ids(n)
+        mem0 = used_memory(server)
+        seed_s = _seed(ctx, server, n, "arq-catchup")
+        mem_seeded = used_memory(server)
+        ctx.log(f"  seeded {n} credentials and jobs in {seed_s:.1f}s")
+        workers.start(server.url, 1, python=ctx.arq_python, token_url=ctx.endpoint.url,
+                      max_jobs=ctx.concurrency, http=ctx.arq_http)  # fmt: skip
+        before = Snapshot.take(workers, server, ctx.endpoint.pid)
+        due = int(time.time() * 1000)
+        armed_ms = _arm(server, ids, lambda _k: due)
+
+        def endpoint_done() -> bool:
+            workers.check_alive()
+            return int(ctx.endpoint.stats()["refreshes"]) >= n
+
+        _wait(endpoint_done, within=max(120.0, n / 50), what="arq to refresh every credential")
+        _wait(lambda: sum(v for v, _ in _read(server, ids)) >= n, within=30, what="arq commits",
+              poll=0.2)  # fmt: skip
+        after = Snapshot.take(workers, server, ctx.endpoint.pid)
+        ep = ctx.endpoint.stats()
+        commits = _read(server, ids)
+        workers.stop()
+        mem_refreshed = used_memory(server)
+    finally:
+        workers.stop()
+        server.stop()
+    starts = sorted(t for d in after.dumps for t in d["starts"])
+    lags = [lag for d in after.dumps for lag in d["lags"]]
+    first_start = starts[0]
+    last_commit = max(t for _, t in commits) / 1000
+    seconds = last_commit - first_start
+    return {
+        "scenario": "catch_up",
+        "system": "arq",
+        "processes": 1,
+        "credentials": n,
+        "max_jobs": ctx.concurrency,
+        "refreshes": len(commits),
+        "all_committed_once": {v for v, _ in commits} == {1},
+        "endpoint_reuse": ep["reuse"],
+        "endpoint_unknown": ep["unknown"],
+        "seconds": seconds,
+        "refreshes_per_s": n / seconds,
+        "wake_ms": 1000 * first_start - armed_ms,
+        **after.delta(before, n),
+        "lag": summary(lags),
+        "commits_over_time": rate_bins([t / 1000 for _, t in commits], first_start, 1.0),
+        "seed_s": seed_s,
+        "redis_bytes_per_credential": {
+            "seeded": (mem_seeded - mem0) / n,
+            "after_one_refresh": (mem_refreshed - mem0) / n,
+        },
+    }
+
+
+def steady_arq(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -> dict[str, Any]:
+    work = ctx.work / "steady-arq"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    period = lifetime_s / 2 * 0.95
+    n = max(1, round(rate * period))
+    server = start_valkey(work / "redis", fsync=ctx.fsync)
+    workers = ArqWorker(work)
+    try:
+        ctx.endpoint.reset(expires_in=lifetime_s)
+        ids = cred_ids(n)
+        seed_s = _seed(ctx, server, n, "arq-steady")
+        ctx.log(f"  seeded {n} credentials and jobs in {seed_s:.1f}s")
+        workers.start(server.url, 1, python=ctx.arq_python, token_url=ctx.endpoint.url,
+                      max_jobs=ctx.concurrency, http=ctx.arq_http)  # fmt: skip
+        before = Snapshot.take(workers, server, ctx.endpoint.pid)
+        t0 = int(time.time() * 1000) + 1000
+        offsets = [period * 1000 * (i + 0.5) / n for i in range(n)]
+        random.Random(7).shuffle(offsets)
+        _arm(server, ids, lambda k: t0 + int(offsets[k]))
+        end = t0 / 1000 + seconds
+        while time.time() < end:
+            workers.check_alive()
+            time.sleep(0.25)
+        after = Snapshot.take(workers, server, ctx.endpoint.pid)
+        ep = ctx.endpoint.stats()
+    finally:
+        workers.stop()
+        server.stop()
+    starts = [t for d in after.dumps for t in d["starts"]]
+    lags = [lag for d in after.dumps for lag in d["lags"]]
+    window = [(t, lag) for t, lag in zip(starts, lags, strict=True) if t0 / 1000 <= t]
+    done = len(window)
+    return {
+        "scenario": "steady",
+        "system": "arq",
+        "credentials": n,
+        "lifetime_s": lifetime_s,
+        "offered_per_s": n / period,
+        "seconds": seconds,
+        "refreshes": done,
+        "refreshes_per_s": done / seconds,
+        "endpoint_reuse": ep["reuse"],
+        "lag": summary(lag for _, lag in window),
+        "lag_samples_ms": sorted(round(1000 * lag, 3) for _, lag in window),
+        "refreshes_over_time": rate_bins([t for t, _ in window], t0 / 1000, 1.0),
+        "seed_s": seed_s,
+        **after.delta(before, done),
+    }

@@ -1,0 +1,119 @@
+"""Counters around a timed window: CPU per process, Redis commands, probe
+round trips; and small statistics helpers."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bench.infra import ProcGroup, cpu_seconds
+from tests.redis_server import RedisServer
+
+__all__ = ["Snapshot", "pct", "rate_bins", "redis_commands", "summary", "used_memory"]
+
+
+def used_memory(server: RedisServer) -> int:
+    """Settled ``used_memory``: the AOF buffer flushed, our client the only one."""
+    time.sleep(0.3)
+    with server.client(decode_responses=True) as c:
+        return int(c.info("memory")["used_memory"])
+
+
+def redis_commands(server: RedisServer) -> dict[str, int]:
+    """Calls per command since the server started (INFO commandstats)."""
+    with server.client(decode_responses=True) as c:
+        stats = c.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(all CPU ticks, stolen ticks) of the machine: a VM whose host is busy
+    loses CPU to steal, which makes every figure here slower."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields[:8]), fields[7]
+
+
+@dataclass
+class Snapshot:
+    workers: float
+    redis: float
+    endpoint: float
+    commands: dict[str, int]
+    round_trips: int
+    dumps: list[dict[str, Any]]
+    ticks: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def take(cls, workers: ProcGroup, server: RedisServer, endpoint_pid: int) -> Snapshot:
+        dumps = workers.dump()
+        return cls(
+            workers=workers.cpu(),
+            redis=cpu_seconds(server.pid),
+            endpoint=cpu_seconds(endpoint_pid),
+            commands=redis_commands(server),
+            round_trips=sum(d["round_trips"] for d in dumps),
+            dumps=dumps,
+            ticks=machine_ticks(),
+        )
+
+    def delta(self, before: Snapshot, n: int) -> dict[str, Any]:
+        """Per-refresh costs between two snapshots, over ``n`` refreshes."""
+        cmds = {k: v - before.commands.get(k, 0) for k, v in self.commands.items()}
+        cmds = {k: v for k, v in sorted(cmds.items(), key=lambda kv: -kv[1]) if v > 0}
+        n = max(n, 1)
+        return {
+            "cpu_ms_per_refresh": {
+                "worker": 1000 * (self.workers - before.workers) / n,
+                "redis": 1000 * (self.redis - before.redis) / n,
+                "endpoint": 1000 * (self.endpoint - before.endpoint) / n,
+            },
+            "cpu_s": {
+                "worker": self.workers - before.workers,
+                "redis": self.redis - before.redis,
+                "endpoint": self.endpoint - before.endpoint,
+            },
+            "round_trips_per_refresh": (self.round_trips - before.round_trips) / n,
+            "cpu_steal_pct": 100
+            * (self.ticks[1] - before.ticks[1])
+            / max(self.ticks[0] - before.ticks[0], 1),
+            "commands_per_refresh": sum(cmds.values()) / n,
+            "script_calls_per_refresh": (cmds.get("evalsha", 0) + cmds.get("eval", 0)) / n,
+            "commands": {k: round(v / n, 3) for k, v in cmds.items()},
+        }
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of sorted ``values`` (q in 0..100)."""
+    if not values:
+        return math.nan
+    k = max(0, min(len(values) - 1, math.ceil(q / 100 * len(values)) - 1))
+    return values[k]
+
+
+def summary(lags_s: Iterable[float]) -> dict[str, float]:
+    v = sorted(lags_s)
+    if not v:
+        return {"n": 0}
+    return {
+        "n": len(v),
+        "mean_ms": 1000 * sum(v) / len(v),
+        "p50_ms": 1000 * pct(v, 50),
+        "p90_ms": 1000 * pct(v, 90),
+        "p99_ms": 1000 * pct(v, 99),
+        "max_ms": 1000 * v[-1],
+    }
+
+
+def rate_bins(times_s: Iterable[float], t0: float, width: float = 0.25) -> list[list[float]]:
+    """[[seconds since t0, events per second]] in bins of ``width`` seconds."""
+    counts: dict[int, int] = {}
+    for t in times_s:
+        b = int((t - t0) // width)
+        counts[b] = counts.get(b, 0) + 1
+    if not counts:
+        return []
+    return [[b * width, counts.get(b, 0) / width] for b in range(min(counts), max(counts) + 1)]

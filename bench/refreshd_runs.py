@@ -1,0 +1,196 @@
+"""refreshd's scenarios: catch-up (1..K processes), steady state, memory."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench.infra import Endpoint, RefreshdWorker, start_valkey
+from bench.measure import Snapshot, rate_bins, summary, used_memory
+from bench.seed import arm, cred_ids, read_commits, seed_refreshd
+
+__all__ = ["Ctx", "catch_up", "steady"]
+
+
+@dataclass
+class Ctx:
+    out: Path
+    work: Path
+    endpoint: Endpoint
+    fsync: str
+    concurrency: int
+    log: Any  # callable(str)
+    profile: bool = False
+    arq_python: str = ""
+    arq_http: str = "aiohttp"
+
+
+def _wait(predicate: Any, *, within: float, what: str, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"timed out after {within:.0f}s waiting for {what() if callable(what) else what}"
+            )
+        time.sleep(poll)
+
+
+def catch_up(ctx: Ctx, n: int, processes: int = 1, *, tag: str = "") -> dict[str, Any]:
+    """N credentials all due at once; ``processes`` workers; until every one
+    is refreshed and committed."""
+    name = f"catchup-{processes}p{tag}"
+    work = ctx.work / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    server = start_valkey(work / "redis", fsync=ctx.fsync)
+    workers = RefreshdWorker(work)
+    try:
+        ctx.endpoint.reset(expires_in=3600)
+        ids = cred_ids(n)
+        mem0 = used_memory(server)
+        seed_s = anyio.run(seed_refreshd, server.url, ids, ctx.endpoint.url, name,
+                           backend="asyncio")  # fmt: skip
+        mem_seeded = used_memory(server)
+        ctx.log(f"  seeded {n} credentials in {seed_s:.1f}s")
+        workers.start(server.url, processes, concurrency=ctx.concurrency)
+        time.sleep(0.5)
+        before = Snapshot.take(workers, server, ctx.endpoint.pid)
+        profiler = _start_profiler(ctx, workers, work) if ctx.profile else None
+        due = int(time.time() * 1000)
+        armed_ms = anyio.run(arm, server.url, ids, lambda _i: due, backend="asyncio")
+
+        def endpoint_done() -> bool:
+            workers.check_alive()
+            return int(ctx.endpoint.stats()["refreshes"]) >= n
+
+        _wait(endpoint_done, within=max(60.0, n / 100),
+              what=lambda: f"the endpoint to see every refresh ({ctx.endpoint.stats()['refreshes']}"
+              f" of {n})")  # fmt: skip
+        _wait(lambda: workers.refreshed_total() >= n, within=30, what="the last commits")
+        after = Snapshot.take(workers, server, ctx.endpoint.pid)
+        profile = _stop_profiler(profiler, work) if profiler else None
+        ep = ctx.endpoint.stats()
+        commits = anyio.run(read_commits, server.url, ids, backend="asyncio")
+        workers.stop()
+        mem_refreshed = used_memory(server)
+    finally:
+        workers.stop()
+        server.stop()
+    versions = {v for v, _ in commits}
+    starts = sorted(t for d in after.dumps for t in d["starts"])
+    lags = [lag for d in after.dumps for lag in d["lags"]]
+    first_start = starts[0]
+    last_commit = max(t for _, t in commits) / 1000
+    seconds = last_commit - first_start
+    result = {
+        "scenario": "catch_up",
+        "system": "refreshd",
+        "processes": processes,
+        "credentials": n,
+        "concurrency_per_process": ctx.concurrency,
+        "refreshes": len(commits),
+        "all_committed_once": versions == {1},
+        "endpoint_reuse": ep["reuse"],
+        "endpoint_unknown": ep["unknown"],
+        "seconds": seconds,
+        "refreshes_per_s": n / seconds,
+        "wake_ms": 1000 * first_start - armed_ms,
+        **after.delta(before, n),
+        "lag": summary(lags),
+        "commits_over_time": rate_bins([t / 1000 for _, t in commits], first_start, 1.0),
+        "seed_s": seed_s,
+        "redis_bytes_per_credential": {
+            "seeded": (mem_seeded - mem0) / n,
+            "after_one_refresh": (mem_refreshed - mem0) / n,
+        },
+    }
+    if profile is not None:
+        result["profile"] = profile
+    return result
+
+
+def steady(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -> dict[str, Any]:
+    """Offered load ``rate``/s for ``seconds``: credentials whose tokens live
+    ``lifetime_s``, so each is refreshed about every ``lifetime_s/2`` seconds
+    under the default lead rule; their first due times are spread evenly over
+    one period. Lag = refresh start - due, measured for every refresh."""
+    name = "steady"
+    work = ctx.work / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    # default lead for a 20 s token: 10 s (half the lifetime), minus up to 10 %
+    # jitter, so a credential comes due every ~9.5 s
+    period = lifetime_s / 2 * 0.95
+    n = max(1, round(rate * period))
+    server = start_valkey(work / "redis", fsync=ctx.fsync)
+    workers = RefreshdWorker(work)
+    try:
+        ctx.endpoint.reset(expires_in=lifetime_s)
+        ids = cred_ids(n)
+        seed_s = anyio.run(seed_refreshd, server.url, ids, ctx.endpoint.url, name,
+                           backend="asyncio")  # fmt: skip
+        ctx.log(f"  seeded {n} credentials in {seed_s:.1f}s")
+        workers.start(server.url, 1, concurrency=ctx.concurrency)
+        time.sleep(0.5)
+        before = Snapshot.take(workers, server, ctx.endpoint.pid)
+        t0 = int(time.time() * 1000) + 1000
+        offsets = [period * 1000 * (i + 0.5) / n for i in range(n)]
+        random.Random(7).shuffle(offsets)
+        anyio.run(arm, server.url, ids, lambda i: t0 + int(offsets[i]), backend="asyncio")
+        end = t0 / 1000 + seconds
+        while time.time() < end:
+            workers.check_alive()
+            time.sleep(0.25)
+        after = Snapshot.take(workers, server, ctx.endpoint.pid)
+        ep = ctx.endpoint.stats()
+    finally:
+        workers.stop()
+        server.stop()
+    starts = [t for d in after.dumps for t in d["starts"]]
+    lags = [lag for d in after.dumps for lag in d["lags"]]
+    window = [(t, lag) for t, lag in zip(starts, lags, strict=True) if t0 / 1000 <= t]
+    done = len(window)
+    return {
+        "scenario": "steady",
+        "system": "refreshd",
+        "credentials": n,
+        "lifetime_s": lifetime_s,
+        "offered_per_s": n / period,
+        "seconds": seconds,
+        "refreshes": done,
+        "refreshes_per_s": done / seconds,
+        "endpoint_reuse": ep["reuse"],
+        "lag": summary(lag for _, lag in window),
+        "lag_samples_ms": sorted(round(1000 * lag, 3) for _, lag in window),
+        "refreshes_over_time": rate_bins([t for t, _ in window], t0 / 1000, 1.0),
+        **after.delta(before, done),
+    }
+
+
+def _start_profiler(ctx: Ctx, workers: RefreshdWorker, work: Path) -> Any:
+    import subprocess
+    import sys
+
+    spy = Path(sys.executable).with_name("py-spy")
+    out = work / "profile.raw.txt"
+    argv = [str(spy), "record", "--pid", str(workers.pids[0]), "--rate", "250",
+            "--format", "raw", "--output", str(out), "--nonblocking"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, out
+
+
+def _stop_profiler(profiler: Any, work: Path) -> dict[str, Any]:
+    import signal
+
+    from bench.profile import top_functions
+
+    proc, out = profiler
+    proc.send_signal(signal.SIGINT)
+    proc.wait(30)
+    return top_functions(out)

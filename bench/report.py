@@ -1,0 +1,168 @@
+"""The table (Markdown, printed and saved) and the PNG plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot", "table"]
+
+
+def _f(value: Any, digits: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float | int):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _ratio(a: float | None, b: float | None, digits: int = 1) -> str:
+    if not a or not b:
+        return "-"
+    return f"{a / b:.{digits}f}x"
+
+
+def _mark(ok: bool | None) -> str:
+    return "" if ok is None else (" ✅" if ok else " ❌")
+
+
+def table(results: dict[str, Any]) -> str:
+    r = results.get("runs", {})
+    cu = r.get("catch_up_1p")
+    arq = r.get("catch_up_arq")
+    st = r.get("steady")
+    st_arq = r.get("steady_arq")
+    mem = r.get("memory")
+    lines = [
+        "| measure | refreshd | arq alternative | refreshd / arq | target |",
+        "|---|---:|---:|---:|---|",
+    ]
+
+    def row(name: str, a: str, b: str, ratio: str, target: str) -> None:
+        lines.append(f"| {name} | {a} | {b} | {ratio} | {target} |")
+
+    if cu or arq:
+        a_rate = cu and cu["refreshes_per_s"]
+        b_rate = arq and arq["refreshes_per_s"]
+        row("catch-up refreshes/s (1 process)", _f(a_rate) + _mark(a_rate and a_rate >= 2000),
+            _f(b_rate), _ratio(a_rate, b_rate) + _mark(bool(a_rate and b_rate and
+                                                            a_rate >= 3.5 * b_rate))
+            if a_rate and b_rate else "-", "≥ 2,000/s; ≥ 3.5x arq")  # fmt: skip
+        for who in ("worker", "redis", "endpoint"):
+            a = cu and cu["cpu_ms_per_refresh"][who]
+            b = arq and arq["cpu_ms_per_refresh"][who]
+            row(f"CPU ms per refresh: {who}", _f(a, 3), _f(b, 3), _ratio(b, a) + " less"
+                if a and b else "-", "")  # fmt: skip
+        a = cu and cu["round_trips_per_refresh"]
+        b = arq and arq["round_trips_per_refresh"]
+        # refreshd: every script call is its own round trip; spend + commit = 2
+        # per refresh, the rest of the script calls are claims
+        claims = cu and cu["script_calls_per_refresh"] - 2
+        ok = None if not cu else a <= 2 + claims + 0.05
+        row("Redis round trips per refresh", (_f(a, 2) + f" (claims {claims:.2f})" if cu else "-")
+            + _mark(ok), _f(b, 2), _ratio(b, a) + " fewer" if a and b else "-",
+            "≤ 2 + a shared claim")  # fmt: skip
+        a = cu and cu["commands_per_refresh"]
+        b = arq and arq["commands_per_refresh"]
+        row("Redis commands per refresh (incl. inside Lua)", _f(a, 1), _f(b, 1), "", "")
+        a = cu and cu["redis_bytes_per_credential"]["after_one_refresh"]
+        b = arq and arq["redis_bytes_per_credential"]["after_one_refresh"]
+        row(f"Redis bytes per credential ({(cu or arq)['credentials']:,}, after a refresh)",
+            _f(a), _f(b), _ratio(b, a, 2) + " less" if a and b else "-", "")  # fmt: skip
+    if st or st_arq:
+        a_off = st and st["offered_per_s"]
+        b_off = st_arq and st_arq["offered_per_s"]
+        row("steady state: offered load (50 % of own capacity)", _f(a_off) + "/s",
+            _f(b_off) + "/s", "", "")  # fmt: skip
+        for q in ("p50", "p99", "max"):
+            a = st and st["lag"].get(f"{q}_ms")
+            b = st_arq and st_arq["lag"].get(f"{q}_ms")
+            target = "≤ 50 ms" if q == "p99" else ""
+            ok = a <= 50 if (q == "p99" and a is not None) else None
+            row(f"schedule lag {q} (ms)", _f(a, 1) + _mark(ok), _f(b, 1),
+                _ratio(b, a) + " lower" if a and b else "-", target)  # fmt: skip
+    scale = [r.get(f"catch_up_{k}p") for k in (1, 2, 4)]
+    if any(scale[1:]):
+        base = scale[0] and scale[0]["refreshes_per_s"]
+        for k, res in zip((1, 2, 4), scale, strict=True):
+            if not res:
+                continue
+            speedup = res["refreshes_per_s"] / base if base else None
+            cpu = res["cpu_s"]
+            busy = sum(cpu.values()) / res["seconds"]
+            secs = res["seconds"]
+            note = (
+                f"{_f(speedup, 2)}x one process; CPU busy {busy:.2f} of "
+                f"{results['machine']['cpus']} cores (workers {cpu['worker'] / secs:.2f}, "
+                f"Redis {cpu['redis'] / secs:.2f}, endpoint {cpu['endpoint'] / secs:.2f})"
+            )
+            target = "≥ 1.7x (2 processes)" if k == 2 else ""
+            ok = (speedup is not None and speedup >= 1.7) if k == 2 else None
+            row(f"scale-out: {k} process{'es' if k > 1 else ''} refreshes/s",
+                _f(res["refreshes_per_s"]) + _mark(ok), "", note, target)  # fmt: skip
+    if mem:
+        a = mem["refreshd"]["bytes_per_credential"]
+        b = mem["plain_hash"]["bytes_per_credential"]
+        row(f"Redis bytes per scheduled credential ({mem['credentials']:,}, "
+            f"{mem['refreshd']['token_bytes']} B of tokens)",
+            _f(a) + _mark(a <= 1200), f"{_f(b)} (plain hash + ZSET)", _ratio(a, b, 2),
+            "≤ 1,200 B")  # fmt: skip
+    if arq or cu:
+        ok = [x for x in (cu, arq, st, st_arq) if x]
+        reuse = sum(x.get("endpoint_reuse", 0) for x in ok)
+        row("refresh tokens presented twice (all runs)", _f(reuse), "", "", "0")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    r = results.get("runs", {})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for key, label, color in (("steady", "refreshd", "tab:blue"),
+                              ("steady_arq", "arq + lock", "tab:orange")):  # fmt: skip
+        run = r.get(key)
+        if not run or not run.get("lag_samples_ms"):
+            continue
+        v = [max(x, 0.01) for x in run["lag_samples_ms"]]
+        n = len(v)
+        ax1.plot(v, [(i + 1) / n for i in range(n)], label=f"{label} (p99 "
+                 f"{run['lag']['p99_ms']:.0f} ms, {run['offered_per_s']:.0f}/s offered)",
+                 color=color)  # fmt: skip
+    ax1.set_xscale("log")
+    ax1.set_xlabel("schedule lag: refresh start - due (ms, log)")
+    ax1.set_ylabel("fraction of refreshes")
+    ax1.set_title("Steady state: lag distribution (CDF)")
+    ax1.axvline(50, color="grey", linestyle=":", linewidth=1)
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(loc="lower right", fontsize=8)
+    for key, label, style in (("catch_up_1p", "refreshd, 1 process", "-"),
+                              ("catch_up_2p", "refreshd, 2 processes", "--"),
+                              ("catch_up_4p", "refreshd, 4 processes", ":"),
+                              ("catch_up_arq", "arq + lock, 1 process", "-")):  # fmt: skip
+        run = r.get(key)
+        if not run or not run.get("commits_over_time"):
+            continue
+        xs = [p[0] for p in run["commits_over_time"]]
+        ys = [p[1] for p in run["commits_over_time"]]
+        color = "tab:orange" if "arq" in key else "tab:blue"
+        ax2.plot(xs, ys, linestyle=style, color=color,
+                 label=f"{label}: {run['refreshes_per_s']:,.0f}/s")  # fmt: skip
+    ax2.set_xlabel("seconds since the first claim")
+    ax2.set_ylabel("refreshes committed per second")
+    size = r.get("catch_up_1p", r.get("catch_up_arq", {})).get("credentials", 0)
+    ax2.set_title(f"Catch-up: {size:,} credentials due at once")
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=8)
+    m = results["machine"]
+    fig.suptitle(f"refreshd vs arq - {m['cpus']} x {m['cpu_model']}, {m['redis']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
