@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {results['machine']['python']}, {results['machine']['redis']}; "
         f"concurrency {args.concurrency}; {results['machine']['date']}"
         + (" (--quick)" if q else "")
-        + f"; CPU stolen by the hypervisor in timed windows: up to {_max_steal(runs):.0f}%",
+        + f"; CPU stolen by the hypervisor in timed windows: up to {_max_steal(runs):.0f}%"
+        + f"; other load on the machine: up to {_max_other(runs):.2f} cores",
         "",
         _report_table(results),
     ])  # fmt: skip
@@ -207,11 +208,17 @@ def _line(r: dict[str, Any]) -> str:
             f"{cpu.get('endpoint', 0):.3f}; {r.get('round_trips_per_refresh', 0):.2f} round "
             f"trips/refresh; lag p50 {lag.get('p50_ms', 0):,.1f} p99 {lag.get('p99_ms', 0):,.1f}"
             f" max {lag.get('max_ms', 0):,.1f} ms; reuse {r.get('endpoint_reuse')}; CPU steal "
-            f"{r.get('cpu_steal_pct', 0):.1f}%")  # fmt: skip
+            f"{r.get('cpu_steal_pct', 0):.1f}%; other load {r.get('other_load_cores', 0):.2f} "
+            "cores")  # fmt: skip
 
 
 def _max_steal(runs: dict[str, Any]) -> float:
     return max((v.get("cpu_steal_pct", 0.0) for v in runs.values() if isinstance(v, dict)),
+               default=0.0)  # fmt: skip
+
+
+def _max_other(runs: dict[str, Any]) -> float:
+    return max((v.get("other_load_cores", 0.0) for v in runs.values() if isinstance(v, dict)),
                default=0.0)  # fmt: skip
 
 

@@ -67,11 +67,11 @@ async def _http(url: str, n: int, concurrency: int = 64) -> dict[str, float]:
 
             out["httpx_default_pool"] = await drive(plain)
         try:
-            from httpx_aiohttp import AiohttpTransport
-        except ImportError:
-            AiohttpTransport = None
-        if AiohttpTransport is not None:
-            transport = AiohttpTransport(limits=httpx.Limits(**limits_kw))
+            import httpx_aiohttp
+        except ImportError:  # not a refreshd dependency any more; the bench extra has it
+            httpx_aiohttp = None  # type: ignore[assignment]
+        if httpx_aiohttp is not None:
+            transport = httpx_aiohttp.AiohttpTransport(limits=httpx.Limits(**limits_kw))
             async with httpx.AsyncClient(transport=transport) as client:
 
                 async def transported(content: bytes) -> None:
@@ -99,7 +99,8 @@ async def _claims(url: str, rounds: int) -> float:
             _, _, items = await store.claim(part, limit=100, lease_ms=60_000, token=f"cal{k}")
             assert len(items) == 100, len(items)
         after = (await store.client.info("commandstats"))["cmdstat_evalsha"]
-        return (after["usec"] - before["usec"]) / 1000 / (after["calls"] - before["calls"])
+        usec = int(after["usec"]) - int(before["usec"])
+        return usec / 1000 / (int(after["calls"]) - int(before["calls"]))
 
 
 def calibrate(ctx: Ctx, *, requests: int, rounds: int = 20) -> dict[str, Any]:

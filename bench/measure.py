@@ -4,6 +4,7 @@ round trips; and small statistics helpers."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,12 +30,16 @@ def redis_commands(server: RedisServer) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
 
 
-def machine_ticks() -> tuple[int, int]:
-    """(all CPU ticks, stolen ticks) of the machine: a VM whose host is busy
-    loses CPU to steal, which makes every figure here slower."""
+def machine_ticks() -> tuple[int, int, int]:
+    """(all CPU ticks, stolen ticks, busy ticks) of the machine. A VM whose
+    host is busy loses CPU to steal; busy ticks beyond the measured
+    processes' CPU are other load on this machine. Either makes every
+    figure here slower, so both are reported."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
-    return sum(fields[:8]), fields[7]
+    total = sum(fields[:8])
+    idle = fields[3] + fields[4]
+    return total, fields[7], total - idle - fields[7]
 
 
 @dataclass
@@ -45,7 +50,7 @@ class Snapshot:
     commands: dict[str, int]
     round_trips: int
     dumps: list[dict[str, Any]]
-    ticks: tuple[int, int] = (0, 0)
+    ticks: tuple[int, int, int] = (0, 0, 0)
 
     @classmethod
     def take(cls, workers: ProcGroup, server: RedisServer, endpoint_pid: int) -> Snapshot:
@@ -80,10 +85,24 @@ class Snapshot:
             "cpu_steal_pct": 100
             * (self.ticks[1] - before.ticks[1])
             / max(self.ticks[0] - before.ticks[0], 1),
+            # machine CPU not spent by the worker(s), Redis or the endpoint, in
+            # cores (the driver's polling is a few %): other load shows here
+            "other_load_cores": _other_load(before, self),
             "commands_per_refresh": sum(cmds.values()) / n,
             "script_calls_per_refresh": (cmds.get("evalsha", 0) + cmds.get("eval", 0)) / n,
             "commands": {k: round(v / n, 3) for k, v in cmds.items()},
         }
+
+
+def _other_load(before: Snapshot, after: Snapshot) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    wall = (after.ticks[0] - before.ticks[0]) / tick / (os.cpu_count() or 1)
+    if wall <= 0:
+        return 0.0
+    busy = (after.ticks[2] - before.ticks[2]) / tick
+    ours = (after.workers - before.workers) + (after.redis - before.redis)
+    ours += after.endpoint - before.endpoint
+    return max(busy - ours, 0.0) / wall
 
 
 def pct(values: Sequence[float], q: float) -> float:

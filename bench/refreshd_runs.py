@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ class Ctx:
     arq_http: str = "aiohttp"
 
 
-def _wait(predicate: Any, *, within: float, what: str, poll: float = 0.05) -> None:
+def _wait(
+    predicate: Any, *, within: float, what: str | Callable[[], str], poll: float = 0.05
+) -> None:
     deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:

@@ -28,7 +28,7 @@ def main() -> int:
         refresher.on_lag = probe.on_lag
         return refresher
 
-    worker.app.build_refresher = build_refresher  # type: ignore[assignment]
+    worker.app.build_refresher = build_refresher
     probe.install_signal()
     return refreshd_main(["run"])
 

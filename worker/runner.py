@@ -25,6 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from worker.batcher import ScriptBatcher
 from worker.errors import StoreUnavailable
+from worker.keys import Partition
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.models import Claimed
@@ -60,6 +61,11 @@ class Worker:
         self.stopped = False
         self._wake = anyio.Event()
         self._sleep_until_ms = 0
+        self._next_due_ms: int | None = None
+        self._waiting_for_capacity = False
+        self._due_but_held = False
+        # claim again once a quarter of a batch is free, not per finished refresh
+        self._refill_at = max(1, min(config.claim_batch, config.concurrency) // 4)
         self._busy = 0  # claimed and not finished (buffered + running)
         self._token_base = f"{config.worker_id}:{uuid.uuid4().hex[:8]}"
         self._seq = 0
@@ -130,7 +136,14 @@ class Worker:
             free = cfg.concurrency - self._busy
             claimed = 0
             try:
-                for part in order:
+                ready: list[Partition] = []
+                if free > 0:
+                    earliest = await self.store.partition_earliest()
+                    now_ms = int(time.time() * 1000)
+                    ready = [p for p in order if earliest.get(p.index, now_ms + 1) <= now_ms]
+                    later = [due for due in earliest.values() if due > now_ms]
+                    self._next_due_ms = min(later) if later else None
+                for part in ready:
                     if free <= 0 or self.draining:
                         break
                     _, contended, items = await self.store.claim(
@@ -143,7 +156,13 @@ class Worker:
                         self.metrics.lock_contention.inc(contended)
                     for item in items:
                         self._busy += 1
-                        await send.send(item)
+                        try:
+                            # consumers are idle (we claim at most `free`): no
+                            # event-loop turn per item, which capped dispatch
+                            # at one credential per loop iteration
+                            send.send_nowait(item)
+                        except anyio.WouldBlock:
+                            await send.send(item)
                     claimed += len(items)
                     free -= len(items)
                 order = order[1:] + order[:1]  # fairness across partitions
@@ -158,16 +177,26 @@ class Worker:
                 continue
             if claimed:
                 self.metrics.claimed.inc(claimed)
+            self._due_but_held = bool(ready) and not claimed
             if free <= 0:
-                await self._sleep(cfg.idle_wakeup_s)  # a finishing consumer wakes us
+                self._waiting_for_capacity = True
+                try:
+                    await self._sleep(cfg.idle_wakeup_s)  # a finishing consumer wakes us
+                finally:
+                    self._waiting_for_capacity = False
             elif not claimed:
                 await self._sleep_until_due()
 
     async def _sleep_until_due(self) -> None:
-        try:
-            earliest = await self.store.earliest_due()
-        except StoreUnavailable:
-            earliest = None
+        if self._due_but_held:
+            # due credentials were held by other workers: their leases moved
+            # them, so read again rather than sleep to the safety net
+            try:
+                earliest = await self.store.earliest_due()
+            except StoreUnavailable:
+                earliest = None
+        else:
+            earliest = self._next_due_ms  # read by the pass that found nothing due
         now_ms = int(time.time() * 1000)
         delay = self.config.idle_wakeup_s
         if earliest is not None:
@@ -197,7 +226,10 @@ class Worker:
                     log.exception("refresh.crashed", credential_id=item.id)
                 finally:
                     self._busy -= 1
-                    if self._busy < self.config.concurrency:
+                    if (
+                        self._waiting_for_capacity
+                        and self.config.concurrency - self._busy >= self._refill_at
+                    ):
                         self._wake.set()
 
     async def _hand_back(self, item: Claimed) -> None:

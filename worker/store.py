@@ -335,6 +335,15 @@ class Store:
 
     # ------------------------------------------------------------ counts
 
+    async def partition_earliest(self) -> dict[int, int]:
+        """Earliest due time (ms) of every non-empty partition, one round trip."""
+        parts = self.keys.all_partitions()
+        pipe = self.client.pipeline(transaction=False)
+        for part in parts:
+            pipe.zrange(part.due, 0, 0, withscores=True)
+        results = await guard(pipe.execute())
+        return {p.index: int(r[0][1]) for p, r in zip(parts, results, strict=True) if r}
+
     async def earliest_due(self) -> int | None:
         pipe = self.client.pipeline(transaction=False)
         for part in self.keys.all_partitions():
