@@ -3,13 +3,19 @@ endpoint, the same Valkey configuration and the same offered load."""
 
 from __future__ import annotations
 
-import random
 import shutil
 import time
 from typing import Any
 
 from bench.infra import ArqWorker, run_json, start_valkey
-from bench.measure import Snapshot, rate_bins, summary, used_memory
+from bench.measure import (
+    Snapshot,
+    rate_bins,
+    spread_offsets_ms,
+    steady_result,
+    summary,
+    used_memory,
+)
 from bench.refreshd_runs import Ctx, _wait
 from bench.seed import cred_ids
 from bench.shared import ARQ_CRED as CRED
@@ -127,8 +133,7 @@ def steady_arq(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -
                       max_jobs=ctx.concurrency, http=ctx.arq_http)  # fmt: skip
         before = Snapshot.take(workers, server, ctx.endpoint.pid)
         t0 = int(time.time() * 1000) + 1000
-        offsets = [period * 1000 * (i + 0.5) / n for i in range(n)]
-        random.Random(7).shuffle(offsets)
+        offsets = spread_offsets_ms(n, period)
         _arm(server, ids, lambda k: t0 + int(offsets[k]))
         end = t0 / 1000 + seconds
         while time.time() < end:
@@ -139,23 +144,16 @@ def steady_arq(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -
     finally:
         workers.stop()
         server.stop()
-    starts = [t for d in after.dumps for t in d["starts"]]
-    lags = [lag for d in after.dumps for lag in d["lags"]]
-    window = [(t, lag) for t, lag in zip(starts, lags, strict=True) if t0 / 1000 <= t]
-    done = len(window)
-    return {
-        "scenario": "steady",
-        "system": "arq",
-        "credentials": n,
-        "lifetime_s": lifetime_s,
-        "offered_per_s": n / period,
-        "seconds": seconds,
-        "refreshes": done,
-        "refreshes_per_s": done / seconds,
-        "endpoint_reuse": ep["reuse"],
-        "lag": summary(lag for _, lag in window),
-        "lag_samples_ms": sorted(round(1000 * lag, 3) for _, lag in window),
-        "refreshes_over_time": rate_bins([t for t, _ in window], t0 / 1000, 1.0),
-        "seed_s": seed_s,
-        **after.delta(before, done),
-    }
+    result = steady_result(
+        "arq",
+        before=before,
+        after=after,
+        t0_ms=t0,
+        credentials=n,
+        lifetime_s=lifetime_s,
+        period_s=period,
+        seconds=seconds,
+        endpoint_reuse=ep["reuse"],
+    )
+    result["seed_s"] = seed_s
+    return result

@@ -13,7 +13,16 @@ from typing import Any
 from bench.infra import ProcGroup, cpu_seconds
 from tests.redis_server import RedisServer
 
-__all__ = ["Snapshot", "pct", "rate_bins", "redis_commands", "summary", "used_memory"]
+__all__ = [
+    "Snapshot",
+    "pct",
+    "rate_bins",
+    "redis_commands",
+    "spread_offsets_ms",
+    "steady_result",
+    "summary",
+    "used_memory",
+]
 
 
 def used_memory(server: RedisServer) -> int:
@@ -136,3 +145,47 @@ def rate_bins(times_s: Iterable[float], t0: float, width: float = 0.25) -> list[
     if not counts:
         return []
     return [[b * width, counts.get(b, 0) / width] for b in range(min(counts), max(counts) + 1)]
+
+
+def spread_offsets_ms(n: int, period_s: float) -> list[float]:
+    """Due-time offsets that spread ``n`` credentials evenly over one period,
+    shuffled with a fixed seed so both systems get the same schedule."""
+    import random
+
+    offsets = [period_s * 1000 * (i + 0.5) / n for i in range(n)]
+    random.Random(7).shuffle(offsets)
+    return offsets
+
+
+def steady_result(
+    system: str,
+    *,
+    before: Snapshot,
+    after: Snapshot,
+    t0_ms: int,
+    credentials: int,
+    lifetime_s: float,
+    period_s: float,
+    seconds: float,
+    endpoint_reuse: int,
+) -> dict[str, Any]:
+    """The steady-state row, computed the same way for refreshd and arq."""
+    starts = [t for d in after.dumps for t in d["starts"]]
+    lags = [lag for d in after.dumps for lag in d["lags"]]
+    window = [(t, lag) for t, lag in zip(starts, lags, strict=True) if t0_ms / 1000 <= t]
+    done = len(window)
+    return {
+        "scenario": "steady",
+        "system": system,
+        "credentials": credentials,
+        "lifetime_s": lifetime_s,
+        "offered_per_s": credentials / period_s,
+        "seconds": seconds,
+        "refreshes": done,
+        "refreshes_per_s": done / seconds,
+        "endpoint_reuse": endpoint_reuse,
+        "lag": summary(lag for _, lag in window),
+        "lag_samples_ms": sorted(round(1000 * lag, 3) for _, lag in window),
+        "refreshes_over_time": rate_bins([t for t, _ in window], t0_ms / 1000, 1.0),
+        **after.delta(before, done),
+    }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -13,7 +12,14 @@ from typing import Any
 import anyio
 
 from bench.infra import Endpoint, RefreshdWorker, start_valkey
-from bench.measure import Snapshot, rate_bins, summary, used_memory
+from bench.measure import (
+    Snapshot,
+    rate_bins,
+    spread_offsets_ms,
+    steady_result,
+    summary,
+    used_memory,
+)
 from bench.seed import arm, cred_ids, read_commits, seed_refreshd
 
 __all__ = ["Ctx", "catch_up", "steady"]
@@ -143,8 +149,7 @@ def steady(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -> di
         time.sleep(0.5)
         before = Snapshot.take(workers, server, ctx.endpoint.pid)
         t0 = int(time.time() * 1000) + 1000
-        offsets = [period * 1000 * (i + 0.5) / n for i in range(n)]
-        random.Random(7).shuffle(offsets)
+        offsets = spread_offsets_ms(n, period)
         anyio.run(arm, server.url, ids, lambda i: t0 + int(offsets[i]), backend="asyncio")
         end = t0 / 1000 + seconds
         while time.time() < end:
@@ -155,25 +160,17 @@ def steady(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -> di
     finally:
         workers.stop()
         server.stop()
-    starts = [t for d in after.dumps for t in d["starts"]]
-    lags = [lag for d in after.dumps for lag in d["lags"]]
-    window = [(t, lag) for t, lag in zip(starts, lags, strict=True) if t0 / 1000 <= t]
-    done = len(window)
-    return {
-        "scenario": "steady",
-        "system": "refreshd",
-        "credentials": n,
-        "lifetime_s": lifetime_s,
-        "offered_per_s": n / period,
-        "seconds": seconds,
-        "refreshes": done,
-        "refreshes_per_s": done / seconds,
-        "endpoint_reuse": ep["reuse"],
-        "lag": summary(lag for _, lag in window),
-        "lag_samples_ms": sorted(round(1000 * lag, 3) for _, lag in window),
-        "refreshes_over_time": rate_bins([t for t, _ in window], t0 / 1000, 1.0),
-        **after.delta(before, done),
-    }
+    return steady_result(
+        "refreshd",
+        before=before,
+        after=after,
+        t0_ms=t0,
+        credentials=n,
+        lifetime_s=lifetime_s,
+        period_s=period,
+        seconds=seconds,
+        endpoint_reuse=ep["reuse"],
+    )
 
 
 def _start_profiler(ctx: Ctx, workers: RefreshdWorker, work: Path) -> Any:

@@ -15,6 +15,7 @@ or inside its reuse grace window counted from the first unanswered send.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -259,12 +260,13 @@ class Refresher:
         result = await self._commit(c, "refreshed", next_due, fields, event, tokens, reason="")
         if result is not None and result.ok:
             self.metrics.refreshes.labels(c.profile, "refreshed", "ok").inc()
-            log.debug(
-                "token.refresh.succeeded",
-                credential_id=c.id,
-                rotated=tokens.rotated,
-                refresh_token_fp=fingerprint(tokens.refresh_token),
-            )
+            if log.is_enabled_for(logging.DEBUG):  # a sha256 per refresh otherwise
+                log.debug(
+                    "token.refresh.succeeded",
+                    credential_id=c.id,
+                    rotated=tokens.rotated,
+                    refresh_token_fp=fingerprint(tokens.refresh_token),
+                )
             if self.on_scheduled is not None:
                 self.on_scheduled(next_due)
             return "refreshed"

@@ -345,12 +345,7 @@ class Store:
         return {p.index: int(r[0][1]) for p, r in zip(parts, results, strict=True) if r}
 
     async def earliest_due(self) -> int | None:
-        pipe = self.client.pipeline(transaction=False)
-        for part in self.keys.all_partitions():
-            pipe.zrange(part.due, 0, 0, withscores=True)
-        results = await guard(pipe.execute())
-        scores = [int(r[0][1]) for r in results if r]
-        return min(scores) if scores else None
+        return min((await self.partition_earliest()).values(), default=None)
 
     async def schedule_stats(self, now_ms: int) -> tuple[int, int, int | None]:
         """(due now, scheduled in all, earliest due time in ms or None) over
