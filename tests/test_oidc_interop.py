@@ -143,10 +143,12 @@ async def race_to_rounds(
     count: int,
     auth_method: AuthMethod,
     workers: int,
+    concurrency: int = 32,
 ) -> None:
     """Mint ``count`` grants, let ``workers`` racing workers refresh each at
-    least ``ROUNDS`` times, then check everything the peer and refreshd say."""
-    settings = make_settings(redis_url)
+    least ``ROUNDS`` times, then check everything the peer and refreshd say.
+    A concurrency below ``count`` keeps one worker from taking all."""
+    settings = make_settings(redis_url, concurrency=concurrency)
     minted = await anyio.to_thread.run_sync(peer.mint, count)
     grants = {f"oidc-{n:04d}": grant for n, grant in enumerate(minted)}
     ids = sorted(grants)
@@ -270,7 +272,12 @@ async def test_awkward_client_credentials_interoperate_over_basic(redis_url: str
         client_secret="s3cr3t+/:%=&~ x",
     ) as peer:
         await race_to_rounds(
-            peer, redis_url, count=10, auth_method=AuthMethod.CLIENT_SECRET_BASIC, workers=2
+            peer,
+            redis_url,
+            count=10,
+            auth_method=AuthMethod.CLIENT_SECRET_BASIC,
+            workers=2,
+            concurrency=4,
         )
 
 

@@ -66,6 +66,11 @@ class ProfileLimits:
             self._limiters[profile.id] = known
         return known[1]
 
+    @staticmethod
+    def unlimited(profile: Profile) -> bool:
+        """Nothing to wait for (most profiles): callers skip the machinery."""
+        return profile.rate_limit_per_s <= 0 and profile.max_concurrency <= 0
+
     async def acquire(self, profile: Profile) -> Callable[[], None]:
         """Wait for the profile's concurrency slot and rate token; returns
         the release function. Cancellation while waiting leaves nothing held."""

@@ -131,6 +131,8 @@ class Refresher:
         except ConfigError as exc:
             broken = Permanent("config_error", str(exc))
             return await self._finish_failure(c, profile, broken, "needs_reauth", spent=False)
+        if self.limits.unlimited(profile) and not self.draining:
+            return await self._spend_and_send(c, profile, request)
         release = await self._wait_for_slot(profile)
         if release is None:  # draining: nothing was spent, hand the claim back
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):

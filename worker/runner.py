@@ -96,7 +96,7 @@ class Worker:
         cfg = self.config
         send, receive = anyio.create_memory_object_stream[Claimed](cfg.claim_batch)
         async with anyio.create_task_group() as tg:
-            batcher = ScriptBatcher(self.store)
+            batcher = ScriptBatcher(self.store, on_not_durable=self._not_durable)
             await tg.start(batcher.run)
             self.store.batcher = batcher
             tg.start_soon(self._gauges)
@@ -111,10 +111,15 @@ class Worker:
                 # The stream is closed: each consumer ends once it has finished
                 # (or handed back) what it holds. Past the grace period, cancel.
                 tg.start_soon(self._drain_deadline, consumers.cancel_scope)
+            # the last commits' acknowledgements (one fsync tick, usually)
+            await batcher.flush(self.config.drain_grace_s)
             self.store.batcher = None
             tg.cancel_scope.cancel()
         self.stopped = True
         log.info("worker.stopped")
+
+    def _not_durable(self, reason: str, commits: int) -> None:
+        self.metrics.commit_failures.labels("not_durable").inc(commits)
 
     async def _drain_deadline(self, scope: anyio.CancelScope) -> None:
         await anyio.sleep(self.config.drain_grace_s)

@@ -288,7 +288,8 @@ class Store:
         """Apply an outcome atomically with its event. When durability is
         configured, the same round trip waits for the fsync (WAITAOF) and/or
         a replica (WAIT); ``durable=False`` tells the caller to keep the new
-        tokens and re-apply them."""
+        tokens and re-apply them. Inside a running worker the batch owns
+        that wait and the re-apply, and the call returns with the result."""
         part = self.keys.partition(c.partition)
         flat: list[Any] = []
         for name, value in fields.items():
@@ -297,6 +298,7 @@ class Store:
             flat += [name, value]
         res, durable = await self._run_durably(
             self.scripts.commit,
+            wait_durable=False,
             keys=[part.cred(c.id), part.lock(c.id), part.due, part.stats],
             args=[
                 c.token,
@@ -317,14 +319,21 @@ class Store:
         )
 
     async def _run_durably(
-        self, script: AsyncScript, *, keys: list[str], args: list[Any]
+        self,
+        script: AsyncScript,
+        *,
+        keys: list[str],
+        args: list[Any],
+        wait_durable: bool = True,
     ) -> tuple[list[Any], bool]:
         """Run a script and, in the same round trip, wait for what the
         durability setting asks: WAITAOF (fsync on the primary) and/or WAIT
         (replicas). Returns (result, durable). Inside a running worker the
-        call joins a batch (``worker.batcher``): same result, shared cost."""
+        call joins a batch (``worker.batcher``): same result, shared cost,
+        and with ``wait_durable=False`` the batch takes over the durability
+        wait (and the re-apply, should the server go away before it)."""
         if self.batcher is not None and self.batcher.running:
-            return await self.batcher.call(script, keys, args)
+            return await self.batcher.call(script, keys, args, wait_durable=wait_durable)
         d = self.durability
         if not (d.fsync or d.replicas):
             return await guard(script(keys=keys, args=args)), True

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import aiohttp
-import anyio
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from worker import __version__
 from worker.errors import Ambiguous, NotSent
@@ -62,23 +62,29 @@ def make_http_client(*, max_connections: int = 256) -> aiohttp.ClientSession:
     short of common server idle timeouts, so a request is rarely written to
     a socket the server is closing (which would make its outcome unknown).
     aiohttp would add its own User-Agent, and a Content-Type to a body-less
-    PUT (Workato); refreshd sets both itself."""
+    PUT (Workato); refreshd sets both itself. No cookie jar: one session
+    serves every tenant, and a cookie set in one credential's answer must
+    never ride along with another's request."""
     connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=10.0)
     return aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": USER_AGENT},
         skip_auto_headers=("Content-Type",),
+        cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
     )
 
 
+@lru_cache(maxsize=64)
 def _timeout(total_s: float) -> aiohttp.ClientTimeout:
-    """The connect gets its own, shorter budget: a connect that never
-    completes is then a clean "not sent" instead of running into the overall
-    deadline, where the outcome would be unknown."""
+    """The whole exchange (connect, send, read the body) fits in ``total_s``.
+    The connect gets its own, shorter budget: a connect that never completes
+    is then a clean "not sent" instead of running into the overall deadline,
+    where the outcome would be unknown. No read timeout: the total bounds it,
+    and each timer costs a loop timer per chunk. (Cached: one per timeout.)"""
     connect = min(max(total_s / 2, 0.2), 5.0)
-    return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
-                                 sock_read=total_s)  # fmt: skip
+    return aiohttp.ClientTimeout(total=total_s, connect=connect, sock_connect=connect,
+                                 sock_read=None)  # fmt: skip
 
 
 def _classify(exc: aiohttp.ClientError) -> NotSent | Ambiguous:
@@ -100,26 +106,25 @@ async def send(
     lease). Raises ``NotSent`` or ``Ambiguous``; never a foreign error."""
     req = request
     try:
-        with anyio.fail_after(timeout_s):
-            async with session.request(
-                req.method,
-                req.url,
-                headers=req.headers,
-                data=req.content or None,
-                allow_redirects=False,
-                timeout=_timeout(timeout_s),
-            ) as response:
-                chunks: list[bytes] = []
-                size = 0
-                truncated = False
-                while chunk := await response.content.readany():
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size > MAX_BODY_BYTES:
-                        truncated = True
-                        break
-                headers = CIMultiDictProxy(CIMultiDict(response.headers))
-                status = response.status
+        async with session.request(
+            req.method,
+            req.url,
+            headers=req.headers,
+            data=req.content or None,
+            allow_redirects=False,
+            timeout=_timeout(timeout_s),
+        ) as response:
+            chunks: list[bytes] = []
+            size = 0
+            truncated = False
+            while chunk := await response.content.readany():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    truncated = True
+                    break
+            headers = response.headers  # immutable, outlives the response
+            status = response.status
     except aiohttp.ClientError as exc:
         # first: aiohttp's timeouts are also TimeoutErrors, and a connect
         # timeout means nothing was sent
