@@ -228,6 +228,40 @@ async def test_connection_reset_is_not_labelled_a_timeout() -> None:
         assert caught.value.reason == "transport_error"
 
 
+async def test_a_cookie_set_in_one_answer_is_never_sent_with_another_request() -> None:
+    """One HTTP session serves every tenant: a provider's Set-Cookie on one
+    credential's answer must not ride along with the next credential's request."""
+    from aiohttp import web
+
+    seen: list[str | None] = []
+
+    async def token(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"access_token": "a", "token_type": "Bearer"})
+        response.set_cookie("session", "tenant-a-secret")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        # a host name: aiohttp's default jar ignores cookies from IP addresses
+        url = f"http://localhost:{port}/token"
+        request = TokenRequest("POST", url, CIMultiDict(), b"x=1")
+        async with make_http_client() as http:
+            for _ in range(2):
+                answer = await send(http, request, timeout_s=5)
+                assert answer.status == 200
+                assert "session=" in answer.headers.get("Set-Cookie", "")
+    finally:
+        await runner.cleanup()
+    assert seen == [None, None]
+
+
 # ------------------------------------------------------------ 3. transient
 
 
