@@ -52,20 +52,23 @@ def memory(ctx: Ctx, n: int) -> dict[str, Any]:
                 _plain_hashes(server, ids)
                 seconds = time.perf_counter() - started
             after = used_memory(server)
-            with server.client(decode_responses=True) as c:
+            with server.client() as c:
                 sample = c.keys("*cred:c0000001")[0]
-                encoding = c.object("encoding", sample)
-                fields = c.hlen(sample)
+                kind = c.type(sample).decode()
+                encoding = c.object("encoding", sample).decode()
+                # a hash's field count, or a packed record's size
+                shape = f"{c.hlen(sample)} fields" if kind == "hash" else f"{c.strlen(sample)} B"
         finally:
             server.stop()
         access, refresh = seed_tokens(1)
         results[layout] = {
             "bytes_per_credential": (after - before) / n,
             "token_bytes": len(access) + len(refresh),
-            "hash_encoding": encoding,
-            "hash_fields": fields,
+            "type": kind,
+            "encoding": encoding,
+            "shape": shape,
             "seed_s": seconds,
         }
-        ctx.log(f"  {layout}: {(after - before) / n:.0f} B per credential ({encoding}, "
-                f"{fields} fields), seeded in {seconds:.1f}s")  # fmt: skip
+        ctx.log(f"  {layout}: {(after - before) / n:.0f} B per credential ({kind}, {encoding}, "
+                f"{shape}), seeded in {seconds:.1f}s")  # fmt: skip
     return results

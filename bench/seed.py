@@ -93,10 +93,6 @@ async def read_commits(redis_url: str, ids: Sequence[str]) -> list[tuple[int, in
     out: list[tuple[int, int]] = []
     async with open_store(_settings(redis_url), pool_size=4) as store:
         for start in range(0, len(ids), 5000):
-            pipe = store.client.pipeline(transaction=False)
-            for cred_id in ids[start : start + 5000]:
-                part = store.keys.partition_of(cred_id)
-                pipe.hmget(part.cred(cred_id), ["version", "refreshed_at"])
-            for version, refreshed_at in await guard(pipe.execute()):
-                out.append((int(version or 0), int(refreshed_at or 0)))
+            for record in await store.many_raw_fields(ids[start : start + 5000]):
+                out.append((int(record.get("version") or 0), int(record.get("refreshed_at") or 0)))
     return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anyio
 import pytest
 import redis
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -35,6 +36,7 @@ __all__ = [
     "provider_thread",
     "raw_redis",
     "run_refreshd",
+    "stored_records",
     "wait_until",
     "write_jsonl",
 ]
@@ -145,6 +147,19 @@ def raw_redis(url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+def stored_records(url: str, ids: list[str]) -> list[dict[str, str]]:
+    """The credential records as stored (secrets encoded), read behind the
+    CLI's back through the store's own script (records are packed values)."""
+    from tests.harness import make_settings
+    from worker.app import open_store
+
+    async def read() -> list[dict[str, str]]:
+        async with open_store(make_settings(url)) as store:
+            return await store.many_raw_fields(ids)
+
+    return anyio.run(read)
 
 
 def cred_line(cred_id: str, profile: str, n: int | str, **extra: Any) -> dict[str, Any]:

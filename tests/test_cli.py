@@ -30,6 +30,7 @@ from tests.cli_helpers import (
     provider_thread,
     raw_redis,
     run_refreshd,
+    stored_records,
     wait_until,
     write_jsonl,
 )
@@ -756,11 +757,8 @@ def test_replace_with_duplicate_ids_in_one_file_keeps_the_last_line(
     path = write_jsonl(tmp_path / "dups.jsonl", lines)
     summary = cli.ok("credential", "import", str(path), "--replace")
     assert (summary["created"], summary["replaced"], summary["failed"]) == (64, 192, 0)
-    with raw_redis(redis_url) as client:
-        stored = {
-            n: client.hget(KEYS.partition_of(f"c{n:02d}").cred(f"c{n:02d}"), "access_token")
-            for n in range(64)
-        }
+    records = stored_records(redis_url, [f"c{n:02d}" for n in range(64)])
+    stored = {n: record["access_token"] for n, record in enumerate(records)}
     assert {n: token for n, token in stored.items() if token != "AT-v3-9f3c1e"} == {}
 
 

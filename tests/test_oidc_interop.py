@@ -108,10 +108,7 @@ async def versions(store: Store, ids: list[str]) -> list[int]:
     """Every credential's version in one round trip: polling with one
     ``store.get`` per credential would lag seconds behind racing workers
     that share this event loop."""
-    pipe = store.client.pipeline(transaction=False)
-    for cred_id in ids:
-        pipe.hget(store.keys.partition_of(cred_id).cred(cred_id), "version")
-    return [int(v or 0) for v in await pipe.execute()]
+    return [int(f.get("version") or 0) for f in await store.many_raw_fields(ids)]
 
 
 async def peer_stats(peer: OidcPeer) -> PeerStats:

@@ -131,12 +131,8 @@ async def current(store: Store, provider: FakeProvider, grants: dict[str, Issued
 
 async def open_intents(store: Store, ids: list[str]) -> set[str]:
     """Credentials with a recorded spend: their request may be out."""
-    found = set()
-    for cred_id in ids:
-        key = store.keys.partition_of(cred_id).cred(cred_id)
-        if await store.client.hget(key, "intent"):
-            found.add(cred_id)
-    return found
+    records = await store.many_raw_fields(ids)
+    return {cred_id for cred_id, f in zip(ids, records, strict=True) if f.get("intent")}
 
 
 async def lock_keys(store: Store) -> list[str]:

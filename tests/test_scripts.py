@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 from redis.asyncio.client import PubSub
+from redis.client import NEVER_DECODE
 
 from tests.harness import make_settings
 from tests.redis_server import RedisServer
@@ -213,9 +214,12 @@ async def test_claim_decodes_what_the_codec_encoded(store: Store) -> None:
         expires_at_ms=expires,
         scope="read",
     )
-    raw = await store.client.hgetall(part(store, "c1").cred("c1"))
-    assert "at-secret" not in raw.values()
+    raw = await store.raw_fields("c1")
+    assert raw["access_token"] == "enc:terces-ta"
     assert "rt-secret" not in raw.values()
+    key = part(store, "c1").cred("c1")
+    record = await store.client.execute_command("GET", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]
+    assert b"secret" not in record  # not even inside the packed value
 
     _, _, items = await claim_due(coded, "c1", "A")
     assert len(items) == 1
@@ -768,6 +772,20 @@ async def test_a_different_partition_count_is_refused(redis_url: str) -> None:
     # another installation (prefix) on the same server keeps its own layout
     async with open_store(make_settings(redis_url, partitions=8, prefix="other:")) as other:
         assert await other.list_ids() == []
+
+
+async def test_data_in_an_older_record_format_is_refused_not_misread(
+    fresh_redis: RedisServer,
+) -> None:
+    """A Redis written by a refreshd that kept one hash per credential has a
+    layout without a record format: this one must not read it as packed."""
+    settings = make_settings(fresh_redis.url)
+    async with open_store(settings) as store:
+        await create(store, "c1")
+        await store.client.hdel(store.keys.layout, "record")
+    with pytest.raises(Conflict, match="record format .*hash.* import the credentials again"):
+        async with open_store(settings):
+            pass
 
 
 # ------------------------------------------------------------ durability

@@ -2,7 +2,9 @@
 
 Scripts live as ``.lua`` files next to this module and are registered once
 per client; redis-py's ``AsyncScript`` sends EVALSHA and reloads the source
-on NOSCRIPT (after a restart or failover), so callers never see it.
+on NOSCRIPT (after a restart or failover), so callers never see it. Each
+credential script is sent with ``record.lua`` in front of it: the packed
+credential record's layout lives in that one file.
 """
 
 from __future__ import annotations
@@ -62,13 +64,15 @@ class Scripts:
     upsert: AsyncScript
     delete: AsyncScript
     resume: AsyncScript
+    get: AsyncScript
 
 
 def load_scripts(client: aioredis.Redis) -> Scripts:
     folder = resources.files("worker") / "scripts"
+    record = (folder / "record.lua").read_text()
 
     def load(name: str) -> AsyncScript:
-        return client.register_script((folder / f"{name}.lua").read_text())
+        return client.register_script(record + (folder / f"{name}.lua").read_text())
 
     return Scripts(
         claim=load("claim"),
@@ -77,6 +81,7 @@ def load_scripts(client: aioredis.Redis) -> Scripts:
         upsert=load("upsert"),
         delete=load("delete"),
         resume=load("resume"),
+        get=load("get"),
     )
 
 

@@ -1,15 +1,18 @@
 """Credentials in Redis: registration, the claim/spend/commit cycle, counts.
 
-Layout of a credential hash (``{prefix N}:cred:<id>``)::
+Fields of a credential record (``{prefix N}:cred:<id>``)::
 
     profile, access_token*, refresh_token*, token_type, scope, expires_at (ms),
+    params, extra*, refresh_expires_at,
     version (+1 per commit of new tokens), status, failures, last_error,
-    last_error_at, created_at, updated_at, refreshed_at,
+    last_error_at, reason, created_at, updated_at, refreshed_at,
     intent, intent_rt, intent_deadline, intent_at   (open spend intent)
     ambiguous_token, ambiguous_at                   (unanswered request)
 
-Fields marked * pass through the secret codec. All writes that must agree
-with each other happen inside one Lua script (``worker/scripts``).
+The record is one packed value, not a hash (``worker/scripts/record.lua``
+says why and how); only the Lua scripts read or write it, so this list is
+the whole contract. Fields marked * pass through the secret codec. All
+writes that must agree with each other happen inside one Lua script.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ from worker.keys import Keyspace, Partition
 from worker.models import Claimed, Credential, CredentialInput, Status
 from worker.redisio import Scripts, guard, load_scripts
 
-__all__ = ["SECRET_FIELDS", "CommitResult", "Durability", "SpendResult", "Store"]
+__all__ = ["RECORD_FORMAT", "SECRET_FIELDS", "CommitResult", "Durability", "SpendResult", "Store"]
 
-#: credential hash fields that pass through the secret codec
+#: the credential record format (``worker/scripts/record.lua``), kept in the layout hash
+RECORD_FORMAT = "packed-1"
+
+#: credential record fields that pass through the secret codec
 SECRET_FIELDS = frozenset({"access_token", "refresh_token", "extra"})
 
 
@@ -89,15 +95,23 @@ class Store:
     # ------------------------------------------------------------ layout
 
     async def check_layout(self) -> None:
-        """Record the partition count on first use; refuse a different one
-        later, since credentials would be looked up in the wrong partition."""
+        """Record the partition count and the record format on first use;
+        refuse different ones later, since credentials would be looked up in
+        the wrong partition or read in the wrong format."""
         key = self.keys.layout
-        await guard(self.client.hsetnx(key, "partitions", self.keys.partitions))
-        stored: str | None = await guard(self.client.hget(key, "partitions"))
+        if await guard(self.client.hsetnx(key, "partitions", self.keys.partitions)):
+            await guard(self.client.hset(key, "record", RECORD_FORMAT))
+        stored, record = await guard(self.client.hmget(key, ["partitions", "record"]))
         if stored is not None and int(stored) != self.keys.partitions:
             raise Conflict(
                 f"this Redis holds data written with {stored} partitions; "
                 f"set REFRESHD_PARTITIONS={stored}"
+            )
+        if record != RECORD_FORMAT:
+            raise Conflict(
+                f"this Redis holds credentials in another record format ({record or 'hash'}, "
+                f"written by an earlier refreshd) than this one reads ({RECORD_FORMAT}); "
+                "start on an empty REFRESHD_PREFIX and import the credentials again"
             )
 
     # ------------------------------------------------------- credentials
@@ -126,15 +140,43 @@ class Store:
         return bool(res[1])
 
     async def get(self, credential_id: str) -> Credential:
-        part = self.keys.partition_of(credential_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(part.cred(credential_id))
-        pipe.zscore(part.due, credential_id)
-        pipe.exists(part.lock(credential_id))
-        raw, due, locked = await guard(pipe.execute())
+        raw, due, locked = await self._read(credential_id)
         if not raw:
             raise NotFound(f"no credential {credential_id!r}")
-        return self._credential(credential_id, raw, due, bool(locked))
+        return self._credential(credential_id, raw, due, locked)
+
+    async def raw_fields(self, credential_id: str) -> dict[str, str]:
+        """The stored record, field by field, as written (secrets encoded):
+        for tools and tests that check what is at rest. {} when missing."""
+        return (await self._read(credential_id))[0]
+
+    async def many_raw_fields(self, ids: Sequence[str]) -> list[dict[str, str]]:
+        """``raw_fields`` of several credentials in one round trip (tools,
+        tests and the benchmark read thousands while workers race)."""
+        pipe = self.client.pipeline(transaction=False)
+        for credential_id in ids:
+            part = self.keys.partition_of(credential_id)
+            keys = [part.cred(credential_id), part.due, part.lock(credential_id)]
+            await self.scripts.get(keys=keys, args=[credential_id], client=pipe)
+        out: list[dict[str, str]] = []
+        for res in await guard(pipe.execute()):
+            flat = res[0] if res else []
+            out.append(dict(zip(flat[0::2], flat[1::2], strict=True)))
+        return out
+
+    async def _read(self, credential_id: str) -> tuple[dict[str, str], float | None, bool]:
+        part = self.keys.partition_of(credential_id)
+        res = await guard(
+            self.scripts.get(
+                keys=[part.cred(credential_id), part.due, part.lock(credential_id)],
+                args=[credential_id],
+            )
+        )
+        if not res:
+            return {}, None, False
+        flat, due, locked = res
+        fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+        return fields, None if due is None else float(due), bool(locked)
 
     def _credential(
         self, credential_id: str, raw: Mapping[str, str], due: float | None, locked: bool

@@ -21,8 +21,7 @@ credentials due again when the lease ends, without a reaper.
 ]]
 local due_key = KEYS[1]
 local base, limit, lease, token, ids_arg = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 
 local candidates = {}
 if ids_arg == '' then
@@ -40,36 +39,40 @@ local contended = 0
 for _, c in ipairs(candidates) do
   local id, score = c[1], c[2]
   local ck, lk = base .. 'cred:' .. id, base .. 'lock:' .. id
-  local f = redis.call('HMGET', ck, 'status', 'intent', 'intent_deadline', 'intent_at',
-    'profile', 'access_token', 'refresh_token', 'token_type', 'scope', 'expires_at',
-    'version', 'failures', 'ambiguous_at', 'params')
-  local status = f[1]
+  local rec = rec_load(ck)
+  local status = rec and rec_get(rec, 'status')
   if not status or status ~= 'active' then
     -- deleted or stopped credentials never stay scheduled
     redis.call('ZREM', due_key, id)
   else
     local ttl = redis.call('PTTL', lk)
-    local intent = f[2]
+    local intent = rec_get(rec, 'intent')
+    local intent_deadline = tonumber(rec_get(rec, 'intent_deadline') or '0')
     if ttl > 0 then
       contended = contended + 1
       redis.call('ZADD', due_key, now + ttl, id)
-    elseif intent and intent ~= '' and tonumber(f[3] or '0') > now then
+    elseif intent and intent_deadline > now then
       -- a request is out and may still be answered: never race it
       contended = contended + 1
-      redis.call('ZADD', due_key, tonumber(f[3]), id)
+      redis.call('ZADD', due_key, intent_deadline, id)
     else
       local recovered = '0'
-      local ambiguous_at = f[13] or ''
-      if intent and intent ~= '' then
+      local ambiguous_at = rec_get(rec, 'ambiguous_at') or ''
+      if intent then
         recovered = '1'
-        if ambiguous_at == '' then ambiguous_at = f[4] end
-        redis.call('HSET', ck, 'ambiguous_token', intent, 'ambiguous_at', ambiguous_at)
-        redis.call('HDEL', ck, 'intent', 'intent_rt', 'intent_deadline', 'intent_at')
+        if ambiguous_at == '' then ambiguous_at = rec_get(rec, 'intent_at') or '' end
+        rec_set(rec, 'ambiguous_token', intent)
+        rec_set(rec, 'ambiguous_at', ambiguous_at)
+        rec_del(rec, 'intent', 'intent_rt', 'intent_deadline', 'intent_at')
+        rec_save(ck, rec)
       end
       redis.call('SET', lk, token, 'PX', lease)
       redis.call('ZADD', due_key, now + lease, id)
-      out[#out + 1] = { id, score, f[5], f[6] or '', f[7] or '', f[8] or '', f[9] or '',
-        f[10] or '0', f[11] or '0', f[12] or '0', ambiguous_at, recovered, f[14] or '' }
+      out[#out + 1] = { id, score, rec_get(rec, 'profile') or '',
+        rec_get(rec, 'access_token') or '', rec_get(rec, 'refresh_token') or '',
+        rec_get(rec, 'token_type') or '', rec_get(rec, 'scope') or '',
+        rec_get(rec, 'expires_at') or '0', rec_get(rec, 'version') or '0',
+        rec_get(rec, 'failures') or '0', ambiguous_at, recovered, rec_get(rec, 'params') or '' }
     end
   end
 end

@@ -1,6 +1,6 @@
 --[[ commit: record the outcome of a refresh, atomically with its event.
 
-KEYS[1]  cred   credential hash
+KEYS[1]  cred   credential record
 KEYS[2]  lock   credential lock
 KEYS[3]  due    partition due set
 KEYS[4]  stats  partition counters
@@ -14,7 +14,7 @@ ARGV[7]  id       credential id (member of due)
 ARGV[8]  reason   failure reason ("" on success); kept in `reason`, and the
                   partition counters `failing:<reason>` count credentials by
                   their current failure, so `status` needs no scan
-ARGV[9..] field, value pairs to write into the credential hash
+ARGV[9..] field, value pairs to write into the credential record
 
 Ownership: `refreshed` needs our open spend intent, not the lock: the
 provider already answered, so these are the newest tokens and must land even
@@ -30,67 +30,70 @@ Returns { "ok", lease_lost (0|1), now_ms } or { reason }: "gone", "stale".
 ]]
 local ck, lk, due_key, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local token, version, outcome, next_due = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local f = redis.call('HMGET', ck, 'status', 'version', 'intent', 'ambiguous_token', 'reason')
-if not f[1] then return { 'gone' } end
-local status, intent, amb = f[1], f[3] or '', f[4] or ''
+local rec = rec_load(ck)
+if not rec then return { 'gone' } end
+local status, stored_version = rec_get(rec, 'status'), rec_get(rec, 'version')
+local intent, amb = rec_get(rec, 'intent') or '', rec_get(rec, 'ambiguous_token') or ''
 local lock_owner = redis.call('GET', lk)
 local function release_own()
   if intent == token then
-    redis.call('HDEL', ck, 'intent', 'intent_rt', 'intent_deadline', 'intent_at')
+    rec_del(rec, 'intent', 'intent_rt', 'intent_deadline', 'intent_at')
+    rec_save(ck, rec)
   end
   if lock_owner == token then redis.call('DEL', lk) end
 end
 if outcome == 'refreshed' then
-  local late = amb == token and f[2] == version
+  local late = amb == token and stored_version == version
   if intent ~= token and not late then return { 'stale' } end
 else
   if not (intent == token or (intent == '' and lock_owner == token)) then return { 'stale' } end
-  if f[2] ~= version then
+  if stored_version ~= version then
     release_own()
     return { 'stale' }
   end
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if #ARGV >= 9 then redis.call('HSET', ck, unpack(ARGV, 9)) end
-local old_reason, new_reason = f[5] or '', ARGV[8]
+local now = now_ms()
+local old_reason, new_reason = rec_get(rec, 'reason') or '', ARGV[8]
+rec_set_pairs(rec, ARGV, 9)
 if outcome ~= 'release' and old_reason ~= new_reason then
   if old_reason ~= '' then redis.call('HINCRBY', stats, 'failing:' .. old_reason, -1) end
   if new_reason ~= '' then redis.call('HINCRBY', stats, 'failing:' .. new_reason, 1) end
-  redis.call('HSET', ck, 'reason', new_reason)
+  rec_set(rec, 'reason', new_reason)
 end
-redis.call('HSET', ck, 'updated_at', now)
+rec_set(rec, 'updated_at', now)
 if intent == token then
-  redis.call('HDEL', ck, 'intent', 'intent_rt', 'intent_deadline', 'intent_at')
+  rec_del(rec, 'intent', 'intent_rt', 'intent_deadline', 'intent_at')
 end
 
 local new_status = status
 local event = ARGV[6]
 if outcome == 'refreshed' then
-  local new_version = redis.call('HINCRBY', ck, 'version', 1)
+  local new_version = rec_incr(rec, 'version', 1)
   if event ~= '' and new_version ~= tonumber(version) + 1 then
     -- a late answer landed meanwhile: the event must carry the stored version
     local body = cjson.decode(event)
     body['version'] = new_version
     event = cjson.encode(body)
   end
-  redis.call('HSET', ck, 'failures', 0, 'refreshed_at', now)
-  redis.call('HDEL', ck, 'ambiguous_token', 'ambiguous_at')
+  rec_set(rec, 'failures', 0)
+  rec_set(rec, 'refreshed_at', now)
+  rec_del(rec, 'ambiguous_token', 'ambiguous_at')
   new_status = 'active'
 elseif outcome == 'retry' then
-  redis.call('HINCRBY', ck, 'failures', 1)
-  redis.call('HSET', ck, 'last_error_at', now)
+  rec_incr(rec, 'failures', 1)
+  rec_set(rec, 'last_error_at', now)
 elseif outcome == 'needs_reauth' or outcome == 'quarantined' then
-  redis.call('HINCRBY', ck, 'failures', 1)
-  redis.call('HSET', ck, 'last_error_at', now)
+  rec_incr(rec, 'failures', 1)
+  rec_set(rec, 'last_error_at', now)
   new_status = outcome
 end
 if new_status ~= status then
-  redis.call('HSET', ck, 'status', new_status)
+  rec_set(rec, 'status', new_status)
   redis.call('HINCRBY', stats, 'status:' .. status, -1)
   redis.call('HINCRBY', stats, 'status:' .. new_status, 1)
 end
+rec_save(ck, rec)
 
 if new_status ~= 'active' or next_due == '' then
   redis.call('ZREM', due_key, ARGV[7])

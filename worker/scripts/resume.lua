@@ -1,6 +1,6 @@
 --[[ resume: put a stopped credential back in service (operator action).
 
-KEYS[1]  cred   credential hash
+KEYS[1]  cred   credential record
 KEYS[2]  due    partition due set
 KEYS[3]  stats  partition counters
 ARGV[1]  id     credential id
@@ -14,16 +14,19 @@ Returns { "ok", previous status } or { reason }: "missing", "active" (nothing
 to resume), "busy".
 ]]
 local ck, due_key, stats = KEYS[1], KEYS[2], KEYS[3]
-local f = redis.call('HMGET', ck, 'status', 'intent', 'reason')
-if not f[1] then return { 'missing' } end
-if f[1] == 'active' then return { 'active' } end
-if f[2] and f[2] ~= '' then return { 'busy' } end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if f[3] and f[3] ~= '' then redis.call('HINCRBY', stats, 'failing:' .. f[3], -1) end
-redis.call('HDEL', ck, 'ambiguous_token', 'ambiguous_at', 'reason')
-redis.call('HSET', ck, 'status', 'active', 'failures', 0, 'updated_at', now)
-redis.call('HINCRBY', stats, 'status:' .. f[1], -1)
+local rec = rec_load(ck)
+if not rec then return { 'missing' } end
+local status, reason = rec_get(rec, 'status'), rec_get(rec, 'reason')
+if status == 'active' then return { 'active' } end
+if rec_get(rec, 'intent') then return { 'busy' } end
+local now = now_ms()
+if reason then redis.call('HINCRBY', stats, 'failing:' .. reason, -1) end
+rec_del(rec, 'ambiguous_token', 'ambiguous_at', 'reason')
+rec_set(rec, 'status', 'active')
+rec_set(rec, 'failures', 0)
+rec_set(rec, 'updated_at', now)
+rec_save(ck, rec)
+redis.call('HINCRBY', stats, 'status:' .. status, -1)
 redis.call('HINCRBY', stats, 'status:active', 1)
 redis.call('ZADD', due_key, now, ARGV[1])
-return { 'ok', f[1] }
+return { 'ok', status }

@@ -1,6 +1,6 @@
 --[[ spend: record the intent to send a refresh token, just before sending.
 
-KEYS[1]  cred   credential hash
+KEYS[1]  cred   credential record
 KEYS[2]  lock   credential lock
 KEYS[3]  due    partition due set
 ARGV[1]  token    claim token (must still own the lock)
@@ -29,14 +29,14 @@ the unknown-outcome rule has been applied.
 local ck, lk, due_key = KEYS[1], KEYS[2], KEYS[3]
 local token, version, timeout, margin = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if redis.call('GET', lk) ~= token then return { 'lost' } end
-local f = redis.call('HMGET', ck, 'status', 'version', 'intent', 'ambiguous_at')
-if f[1] ~= 'active' then return { 'inactive' } end
-if f[2] ~= version then return { 'stale' } end
-if f[3] and f[3] ~= '' then return { 'busy' } end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rec = rec_load(ck)
+if not rec or rec_get(rec, 'status') ~= 'active' then return { 'inactive' } end
+if rec_get(rec, 'version') ~= version then return { 'stale' } end
+if rec_get(rec, 'intent') then return { 'busy' } end
+local now = now_ms()
 local grace = tonumber(ARGV[7])
-if f[4] and f[4] ~= '' and grace >= 0 and now + timeout + margin >= tonumber(f[4]) + grace then
+local ambiguous_at = rec_get(rec, 'ambiguous_at')
+if ambiguous_at and grace >= 0 and now + timeout + margin >= tonumber(ambiguous_at) + grace then
   return { 'grace_over' }
 end
 local deadline = now + timeout + margin
@@ -45,6 +45,9 @@ if redis.call('PTTL', lk) < need then
   redis.call('PEXPIRE', lk, need)
   redis.call('ZADD', due_key, now + need, ARGV[6])
 end
-redis.call('HSET', ck, 'intent', token, 'intent_rt', ARGV[5],
-  'intent_deadline', deadline, 'intent_at', now)
+rec_set(rec, 'intent', token)
+rec_set(rec, 'intent_rt', ARGV[5])
+rec_set(rec, 'intent_deadline', deadline)
+rec_set(rec, 'intent_at', now)
+rec_save(ck, rec)
 return { 'ok', now, deadline }

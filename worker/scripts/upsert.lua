@@ -1,6 +1,6 @@
 --[[ upsert: create or replace a credential and schedule it.
 
-KEYS[1]  cred   credential hash
+KEYS[1]  cred   credential record
 KEYS[2]  due    partition due set
 KEYS[3]  stats  partition counters
 ARGV[1]  id       credential id
@@ -14,24 +14,29 @@ is in flight: replacing its tokens now could lose the rotated ones).
 ]]
 local ck, due_key, stats = KEYS[1], KEYS[2], KEYS[3]
 local id, mode, due_ms, profile = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local f = redis.call('HMGET', ck, 'status', 'profile', 'intent', 'reason')
-local exists = f[1] ~= false
+local rec = rec_load(ck)
+local exists = rec ~= nil
 if exists and mode == 'create' then return { 'exists' } end
-if f[3] and f[3] ~= '' then return { 'busy' } end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if exists and rec_get(rec, 'intent') then return { 'busy' } end
+local now = now_ms()
 if exists then
-  redis.call('HINCRBY', stats, 'status:' .. f[1], -1)
-  redis.call('HINCRBY', stats, 'profile:' .. f[2], -1)
-  if f[4] and f[4] ~= '' then redis.call('HINCRBY', stats, 'failing:' .. f[4], -1) end
-  redis.call('HDEL', ck, 'ambiguous_token', 'ambiguous_at', 'reason', 'extra',
-    'refresh_expires_at')
-  redis.call('HINCRBY', ck, 'version', 1)
+  local reason = rec_get(rec, 'reason')
+  redis.call('HINCRBY', stats, 'status:' .. rec_get(rec, 'status'), -1)
+  redis.call('HINCRBY', stats, 'profile:' .. rec_get(rec, 'profile'), -1)
+  if reason then redis.call('HINCRBY', stats, 'failing:' .. reason, -1) end
+  rec_del(rec, 'ambiguous_token', 'ambiguous_at', 'reason', 'extra', 'refresh_expires_at')
+  rec_incr(rec, 'version', 1)
 else
-  redis.call('HSET', ck, 'created_at', now, 'version', 0)
+  rec = {}
+  rec_set(rec, 'created_at', now)
+  rec_set(rec, 'version', 0)
 end
-redis.call('HSET', ck, 'profile', profile, 'status', 'active', 'failures', 0, 'updated_at', now)
-if #ARGV >= 5 then redis.call('HSET', ck, unpack(ARGV, 5)) end
+rec_set(rec, 'profile', profile)
+rec_set(rec, 'status', 'active')
+rec_set(rec, 'failures', 0)
+rec_set(rec, 'updated_at', now)
+rec_set_pairs(rec, ARGV, 5)
+rec_save(ck, rec)
 redis.call('HINCRBY', stats, 'status:active', 1)
 redis.call('HINCRBY', stats, 'profile:' .. profile, 1)
 redis.call('ZADD', due_key, due_ms, id)
