@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--concurrency",
         type=int,
-        default=256,
-        help="REFRESHD_CONCURRENCY, and arq's max_jobs (default 256)",
+        default=512,
+        help="REFRESHD_CONCURRENCY, and arq's max_jobs (default 512, refreshd's default)",
     )
     p.add_argument(
         "--fsync",

@@ -148,15 +148,9 @@ class Worker:
                     ready = [p for p in order if earliest.get(p.index, now_ms + 1) <= now_ms]
                     later = [due for due in earliest.values() if due > now_ms]
                     self._next_due_ms = min(later) if later else None
-                for part in ready:
-                    if free <= 0 or self.draining:
-                        break
-                    _, contended, items = await self.store.claim(
-                        part,
-                        limit=min(cfg.claim_batch, free),
-                        lease_ms=cfg.lease_ms,
-                        token=self._next_token(),
-                    )
+                requests = self._split(ready, free)
+                results = await self.store.claim_many(requests, lease_ms=cfg.lease_ms)
+                for contended, items in results:
                     if contended:
                         self.metrics.lock_contention.inc(contended)
                     for item in items:
@@ -191,6 +185,21 @@ class Worker:
                     self._waiting_for_capacity = False
             elif not claimed:
                 await self._sleep_until_due()
+
+    def _split(self, ready: list[Partition], free: int) -> list[tuple[Partition, int, str]]:
+        """Share the free slots among the partitions with something due,
+        up to a claim batch each: all of them go in one round trip."""
+        if free <= 0 or not ready or self.draining:
+            return []
+        share = max(1, -(-free // len(ready)))  # ceil
+        requests = []
+        for part in ready:
+            if free <= 0:
+                break
+            limit = min(self.config.claim_batch, share, free)
+            requests.append((part, limit, self._next_token()))
+            free -= limit
+        return requests
 
     async def _sleep_until_due(self) -> None:
         if self._due_but_held:

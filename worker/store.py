@@ -29,10 +29,13 @@ from worker.batcher import ScriptBatcher, execute_scripts
 from worker.codec import SecretCodec
 from worker.errors import Conflict, NotFound, StoreUnavailable
 from worker.keys import Keyspace, Partition
+from worker.logs import get_logger
 from worker.models import Claimed, Credential, CredentialInput, Status
 from worker.redisio import Scripts, guard, load_scripts
 
 __all__ = ["RECORD_FORMAT", "SECRET_FIELDS", "CommitResult", "Durability", "SpendResult", "Store"]
+
+log = get_logger("refreshd.store")
 
 #: the credential record format (``worker/scripts/record.lua``), kept in the layout hash
 RECORD_FORMAT = "packed-1"
@@ -273,9 +276,12 @@ class Store:
                 args=[part.base, limit, lease_ms, token, "\n".join(ids)],
             )
         )
-        now_ms, contended = int(res[0]), int(res[1])
+        return int(res[0]), int(res[1]), self._claimed(part, token, res)
+
+    def _claimed(self, part: Partition, token: str, res: list[Any]) -> list[Claimed]:
+        now_ms = int(res[0])
         decode = self.codec.decode
-        claimed = [
+        return [
             Claimed(
                 id=item[0],
                 partition=part.index,
@@ -296,7 +302,32 @@ class Store:
             )
             for item in res[2:]
         ]
-        return now_ms, contended, claimed
+
+    async def claim_many(
+        self, requests: Sequence[tuple[Partition, int, str]], *, lease_ms: int
+    ) -> list[tuple[int, list[Claimed]]]:
+        """Several partitions' claims, (partition, limit, token) each, in one
+        round trip: a worker short of work asks every partition with
+        something due at once. Returns (contended, claimed) per request."""
+        if not requests:
+            return []
+        calls = [
+            (self.scripts.claim, [part.due, part.stats], [part.base, limit, lease_ms, token, ""])
+            for part, limit, token in requests
+        ]
+        out: list[tuple[int, list[Claimed]]] = []
+        # no durability wait: a lease forgotten by a failover only frees the work
+        for (part, _, token), reply in zip(
+            requests, await execute_scripts(self.client, Durability(), calls), strict=True
+        ):
+            if isinstance(reply, StoreUnavailable):
+                raise reply
+            if isinstance(reply, Exception):  # a script error: the others stand
+                log.error("claim.failed", partition=part.index, error=str(reply))
+                continue
+            res = reply[0]
+            out.append((int(res[1]), self._claimed(part, token, res)))
+        return out
 
     async def spend(
         self, c: Claimed, *, timeout_ms: int, margin_ms: int, rt_hash: str, grace_ms: int = -1
