@@ -23,6 +23,7 @@ from worker.batcher import ScriptBatcher
 from worker.codec import PlainCodec
 from worker.errors import StoreUnavailable
 from worker.keys import Keyspace
+from worker.models import Claimed
 from worker.redisio import connect
 from worker.store import Durability, Store
 
@@ -50,6 +51,14 @@ async def batched_store(
             finally:
                 store.batcher = None
                 tg.cancel_scope.cancel()
+
+
+async def spend_told_unknown(store: Store, c: Claimed, errors: list[StoreUnavailable]) -> None:
+    """A spend whose caller is expected to hear "outcome unknown"."""
+    try:
+        await store.spend(c, timeout_ms=1000, margin_ms=100, rt_hash="fp")
+    except StoreUnavailable as exc:
+        errors.append(exc)
 
 
 async def evalsha_calls(store: Store) -> int:
@@ -150,16 +159,10 @@ async def test_a_connection_lost_before_the_acknowledgement_reruns_its_commits(
         result = await store.commit(c1, "refreshed", next_due="", fields=NEW_TOKENS, event="")
         assert result.ok  # its batch now waits for an acknowledgement that cannot come
         calls_before = await evalsha_calls(store)
-        spend_error: list[BaseException] = []
-
-        async def spend() -> None:
-            try:
-                await store.spend(c2, timeout_ms=1000, margin_ms=100, rt_hash="fp")
-            except StoreUnavailable as exc:
-                spend_error.append(exc)
+        spend_error: list[StoreUnavailable] = []
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(spend)
+            tg.start_soon(spend_told_unknown, store, c2, spend_error)
             await anyio.sleep(0.3)  # the spend is out, waiting for its acknowledgement
             admin = fresh_redis.client()
             admin.client_kill_filter(_type="normal", skipme=True)
@@ -189,17 +192,11 @@ async def test_callers_are_told_when_the_batcher_stops(fresh_redis: RedisServer)
         batcher = ScriptBatcher(store)
         errors: list[StoreUnavailable] = []
 
-        async def spend() -> None:
-            try:
-                await store.spend(c, timeout_ms=1000, margin_ms=100, rt_hash="fp")
-            except StoreUnavailable as exc:
-                errors.append(exc)
-
         with anyio.fail_after(3):  # well before the 5 s acknowledgement timeout
             async with anyio.create_task_group() as outer, anyio.create_task_group() as service:
                 await service.start(batcher.run)
                 store.batcher = batcher
-                outer.start_soon(spend)
+                outer.start_soon(spend_told_unknown, store, c, errors)
                 await anyio.sleep(0.3)
                 service.cancel_scope.cancel()  # what the worker does on shutdown
         assert len(errors) == 1
