@@ -752,6 +752,28 @@ async def test_drain_hands_back_claims_waiting_for_a_rate_limit_slot(redis_url: 
             assert due <= now_ms  # handed back: due now, not leased
 
 
+async def test_a_request_out_at_the_drain_deadline_finishes_and_lands(redis_url: str) -> None:
+    """Cutting off a request that is out would leave an open intent that later
+    reads as an unknown outcome - a quarantine, under strict rotation, for a
+    request that was answered. Past the drain deadline it still runs to its
+    answer (bounded by the profile's timeout) and the new tokens land."""
+    settings = make_settings(redis_url, drain_grace_s=0.2)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        grants = await seed(store, provider, 1, profile={"timeout_s": 5})
+        rt = grants["cred-00000"].refresh_token
+        provider.inject(Fault("delay", match_refresh_token=rt, delay_s=1.5))
+        async with worker_running(settings) as [w]:
+            await wait_for(lambda: provider.send_counts.get(rt) == 1, within=5, what="sent")
+            w.worker.stop()  # the drain deadline passes while the answer is on its way
+            await wait_for(lambda: w.worker.stopped, within=10, what="stopped")
+        cred = await store.get("cred-00000")
+        assert cred.version == 1
+        assert cred.in_flight is False
+        assert cred.status is Status.ACTIVE
+        assert await all_current(store, provider, grants)
+        assert provider.stats.reuse_events == []
+
+
 # --------------------------------------------- late commits racing a recovery
 
 

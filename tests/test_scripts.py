@@ -783,7 +783,7 @@ async def test_data_in_an_older_record_format_is_refused_not_misread(
     async with open_store(settings) as store:
         await create(store, "c1")
         await store.client.hdel(store.keys.layout, "record")
-    with pytest.raises(Conflict, match="record format .*hash.* import the credentials again"):
+    with pytest.raises(Conflict, match=r"record format .*hash.* import the credentials again"):
         async with open_store(settings):
             pass
 

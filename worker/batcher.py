@@ -164,17 +164,16 @@ class ScriptBatcher:
         """Run ``script`` in the next batch; returns (result, durable). With
         ``wait_durable=False`` it returns once the script has run and the
         batcher owns its durability (``durable`` is then True: see the module
-        docstring). The wait is shielded: once queued, the call runs, and its
-        caller must learn the outcome (a spend recorded unseen would strand
-        an intent)."""
+        docstring). Once queued, the call runs, and its caller must learn the
+        outcome (a spend recorded unseen would strand an intent): callers
+        wait inside a cancel shield - the refresher holds one from the spend
+        to the commit - rather than each call paying for its own."""
         if not self._running:
             raise StoreUnavailable("worker stopping")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.append(_Call(script, keys, args, wait_durable, future))
         self._ready.set()
-        with anyio.CancelScope(shield=True):
-            result = await future
-        return result  # noqa: RET504 (not inside the shield: mypy sees the scope may exit)
+        return await future
 
     # ------------------------------------------------------------ batches
 

@@ -177,6 +177,17 @@ class Refresher:
             scope.cancel()
 
     async def _spend_and_send(self, c: Claimed, profile: Profile, request: TokenRequest) -> str:
+        """From the spend on, a refresh runs to its end even through a
+        shutdown's drain deadline: its request is bounded by the profile's
+        timeout, and cutting it off would leave an open intent that later
+        reads as an unknown outcome (quarantine, under strict rotation) for
+        a request that may well have been answered. This one shield also
+        covers the batched spend and commit calls (``ScriptBatcher.call``)."""
+        with anyio.CancelScope(shield=True):
+            outcome = await self._spend_send_commit(c, profile, request)
+        return outcome  # noqa: RET504 (returned inside the scope, mypy sees a path without)
+
+    async def _spend_send_commit(self, c: Claimed, profile: Profile, request: TokenRequest) -> str:
         timeout_ms = int(profile.timeout_s * 1000)
         grace_ms = -1 if profile.rotation is Rotation.NEVER else int(profile.reuse_grace_s * 1000)
         try:
