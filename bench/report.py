@@ -56,13 +56,11 @@ def table(results: dict[str, Any]) -> str:
                 if a and b else "-", "")  # fmt: skip
         a = cu and cu["round_trips_per_refresh"]
         b = arq and arq["round_trips_per_refresh"]
-        # refreshd: every script call is its own round trip; spend + commit = 2
-        # per refresh, the rest of the script calls are claims
-        claims = cu and cu["script_calls_per_refresh"] - 2
-        ok = None if not cu else a <= 2 + claims + 0.05
-        row("Redis round trips per refresh", (_f(a, 2) + f" (claims {claims:.2f})" if cu else "-")
-            + _mark(ok), _f(b, 2), _ratio(b, a) + " fewer" if a and b else "-",
-            "≤ 2 + a shared claim")  # fmt: skip
+        # every round trip the worker made counts, claims and gauges included,
+        # so this meets the bound only if the per-refresh calls alone do
+        ok = None if not cu else a <= 2
+        row("Redis round trips per refresh (all included)", _f(a, 2) + _mark(ok), _f(b, 2),
+            _ratio(b, a) + " fewer" if a and b else "-", "≤ 2 + a shared claim")  # fmt: skip
         a = cu and cu["commands_per_refresh"]
         b = arq and arq["commands_per_refresh"]
         row("Redis commands per refresh (incl. inside Lua)", _f(a, 1), _f(b, 1), "", "")
