@@ -83,7 +83,8 @@ class Settings:
         default=20.0,
         metadata=_doc(
             "REFRESHD_DRAIN_GRACE_SECONDS",
-            "On SIGTERM: how long in-flight refreshes may take before the process exits.",
+            "On SIGTERM: how long in-flight refreshes may take before the rest are cancelled; "
+            "a request already sent still runs to its answer (at most the profile's timeout_s).",
         ),
     )
     idle_wakeup_s: float = field(
