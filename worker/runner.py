@@ -96,7 +96,13 @@ class Worker:
         cfg = self.config
         send, receive = anyio.create_memory_object_stream[Claimed](cfg.claim_batch)
         async with anyio.create_task_group() as tg:
-            batcher = ScriptBatcher(self.store, on_not_durable=self._not_durable)
+            # at most half the pool: claims, gauges and pub/sub need the rest
+            pool_size = getattr(self.store.client.connection_pool, "max_connections", 32)
+            batcher = ScriptBatcher(
+                self.store,
+                connections=max(2, min(16, pool_size // 2)),
+                on_not_durable=self._not_durable,
+            )
             await tg.start(batcher.run)
             self.store.batcher = batcher
             tg.start_soon(self._gauges)
