@@ -10,10 +10,9 @@ from typing import Any
 from bench.infra import ArqWorker, run_json, start_valkey
 from bench.measure import (
     Snapshot,
-    rate_bins,
+    catch_up_result,
     spread_offsets_ms,
     steady_result,
-    summary,
     used_memory,
 )
 from bench.refreshd_runs import Ctx, _wait
@@ -87,33 +86,10 @@ def catch_up_arq(ctx: Ctx, n: int) -> dict[str, Any]:
     finally:
         workers.stop()
         server.stop()
-    starts = sorted(t for d in after.dumps for t in d["starts"])
-    lags = [lag for d in after.dumps for lag in d["lags"]]
-    first_start = starts[0]
-    last_commit = max(t for _, t in commits) / 1000
-    seconds = last_commit - first_start
-    return {
-        "scenario": "catch_up",
-        "system": "arq",
-        "processes": 1,
-        "credentials": n,
-        "max_jobs": ctx.concurrency,
-        "refreshes": len(commits),
-        "all_committed_once": {v for v, _ in commits} == {1},
-        "endpoint_reuse": ep["reuse"],
-        "endpoint_unknown": ep["unknown"],
-        "seconds": seconds,
-        "refreshes_per_s": n / seconds,
-        "wake_ms": 1000 * first_start - armed_ms,
-        **after.delta(before, n),
-        "lag": summary(lags),
-        "commits_over_time": rate_bins([t / 1000 for _, t in commits], first_start, 1.0),
-        "seed_s": seed_s,
-        "redis_bytes_per_credential": {
-            "seeded": (mem_seeded - mem0) / n,
-            "after_one_refresh": (mem_refreshed - mem0) / n,
-        },
-    }
+    result = catch_up_result("arq", n, commits=commits, before=before, after=after, endpoint=ep,
+                             armed_ms=armed_ms, seed_s=seed_s,
+                             memory=(mem0, mem_seeded, mem_refreshed))  # fmt: skip
+    return {**result, "processes": 1, "max_jobs": ctx.concurrency}
 
 
 def steady_arq(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -> dict[str, Any]:

@@ -189,3 +189,46 @@ def steady_result(
         "refreshes_over_time": rate_bins([t for t, _ in window], t0_ms / 1000, 1.0),
         **after.delta(before, done),
     }
+
+
+def catch_up_result(
+    system: str,
+    n: int,
+    *,
+    commits: Sequence[tuple[int, int]],
+    before: Snapshot,
+    after: Snapshot,
+    endpoint: dict[str, Any],
+    armed_ms: int,
+    seed_s: float,
+    memory: tuple[int, int, int],
+) -> dict[str, Any]:
+    """The catch-up figures both systems report, measured the same way:
+    from the first refresh start to the last commit. ``commits`` is
+    (version, committed at ms) per credential; ``memory`` is used_memory
+    empty, seeded and after the run."""
+    starts = sorted(t for d in after.dumps for t in d["starts"])
+    lags = [lag for d in after.dumps for lag in d["lags"]]
+    first_start = starts[0]
+    seconds = max(t for _, t in commits) / 1000 - first_start
+    mem0, mem_seeded, mem_refreshed = memory
+    return {
+        "scenario": "catch_up",
+        "system": system,
+        "credentials": n,
+        "refreshes": len(commits),
+        "all_committed_once": {v for v, _ in commits} == {1},
+        "endpoint_reuse": endpoint["reuse"],
+        "endpoint_unknown": endpoint["unknown"],
+        "seconds": seconds,
+        "refreshes_per_s": n / seconds,
+        "wake_ms": 1000 * first_start - armed_ms,
+        **after.delta(before, n),
+        "lag": summary(lags),
+        "commits_over_time": rate_bins([t / 1000 for _, t in commits], first_start, 1.0),
+        "seed_s": seed_s,
+        "redis_bytes_per_credential": {
+            "seeded": (mem_seeded - mem0) / n,
+            "after_one_refresh": (mem_refreshed - mem0) / n,
+        },
+    }

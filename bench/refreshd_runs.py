@@ -14,10 +14,9 @@ import anyio
 from bench.infra import Endpoint, RefreshdWorker, start_valkey
 from bench.measure import (
     Snapshot,
-    rate_bins,
+    catch_up_result,
     spread_offsets_ms,
     steady_result,
-    summary,
     used_memory,
 )
 from bench.seed import arm, cred_ids, read_commits, seed_refreshd
@@ -91,34 +90,10 @@ def catch_up(ctx: Ctx, n: int, processes: int = 1, *, tag: str = "") -> dict[str
     finally:
         workers.stop()
         server.stop()
-    versions = {v for v, _ in commits}
-    starts = sorted(t for d in after.dumps for t in d["starts"])
-    lags = [lag for d in after.dumps for lag in d["lags"]]
-    first_start = starts[0]
-    last_commit = max(t for _, t in commits) / 1000
-    seconds = last_commit - first_start
-    result = {
-        "scenario": "catch_up",
-        "system": "refreshd",
-        "processes": processes,
-        "credentials": n,
-        "concurrency_per_process": ctx.concurrency,
-        "refreshes": len(commits),
-        "all_committed_once": versions == {1},
-        "endpoint_reuse": ep["reuse"],
-        "endpoint_unknown": ep["unknown"],
-        "seconds": seconds,
-        "refreshes_per_s": n / seconds,
-        "wake_ms": 1000 * first_start - armed_ms,
-        **after.delta(before, n),
-        "lag": summary(lags),
-        "commits_over_time": rate_bins([t / 1000 for _, t in commits], first_start, 1.0),
-        "seed_s": seed_s,
-        "redis_bytes_per_credential": {
-            "seeded": (mem_seeded - mem0) / n,
-            "after_one_refresh": (mem_refreshed - mem0) / n,
-        },
-    }
+    result = catch_up_result("refreshd", n, commits=commits, before=before, after=after,
+                             endpoint=ep, armed_ms=armed_ms, seed_s=seed_s,
+                             memory=(mem0, mem_seeded, mem_refreshed))  # fmt: skip
+    result |= {"processes": processes, "concurrency_per_process": ctx.concurrency}
     if profile is not None:
         result["profile"] = profile
     return result
