@@ -18,8 +18,10 @@ from anyio.abc import TaskStatus
 
 from worker.app import build_refresher, build_worker, open_store
 from worker.cli.credentials import import_lines
+from worker.errors import StoreUnavailable
 from worker.fakeprovider import FakeProvider, IssuedGrant
 from worker.metrics import Metrics
+from worker.models import Status
 from worker.profiles import ProfileStore
 from worker.runner import Worker
 from worker.scheduling import Schedule
@@ -180,3 +182,29 @@ class Events:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None:
                     self.items.append(json.loads(message["data"]))
+
+
+async def is_current(
+    store: Store, provider: FakeProvider, cred_id: str, grant: IssuedGrant
+) -> bool:
+    """Nothing lost: the stored tokens are the ones the provider honours now."""
+    cred = await store.get(cred_id)
+    state = provider.grant_state(grant.grant_id)
+    return (
+        cred.status is Status.ACTIVE
+        and cred.version >= 1
+        and cred.refresh_token == state.refresh_token
+        and cred.access_token == state.access_token
+        and not state.revoked
+    )
+
+
+async def all_current(store: Store, provider: FakeProvider, grants: dict[str, IssuedGrant]) -> bool:
+    """(False while the test's own Redis connection is broken by a restart.)"""
+    try:
+        for cred_id, grant in grants.items():
+            if not await is_current(store, provider, cred_id, grant):
+                return False
+    except StoreUnavailable:
+        return False
+    return True

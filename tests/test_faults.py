@@ -28,11 +28,11 @@ from tests.faultkit import (
     running,
     seed_profile,
 )
-from tests.harness import make_settings, seed, wait_for, worker_running
+from tests.harness import all_current, is_current, make_settings, seed, wait_for, worker_running
 from tests.redis_server import RedisServer
 from worker.app import build_refresher, open_store
-from worker.errors import Ambiguous, StoreUnavailable
-from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault, FaultKind, IssuedGrant
+from worker.errors import Ambiguous
+from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault, FaultKind
 from worker.logs import fingerprint
 from worker.metrics import Metrics
 from worker.models import Claimed, Status
@@ -51,32 +51,6 @@ FAILED = "token.failed"
 
 def ids_of(events: list[dict[str, Any]]) -> list[str]:
     return sorted(e["credential_id"] for e in events)
-
-
-async def is_current(
-    store: Store, provider: FakeProvider, cred_id: str, grant: IssuedGrant
-) -> bool:
-    """Nothing lost: the stored refresh token is the one the provider honours now."""
-    cred = await store.get(cred_id)
-    state = provider.grant_state(grant.grant_id)
-    return (
-        cred.status is Status.ACTIVE
-        and cred.version >= 1
-        and cred.refresh_token == state.refresh_token
-        and cred.access_token == state.access_token
-        and not state.revoked
-    )
-
-
-async def all_current(store: Store, provider: FakeProvider, grants: dict[str, IssuedGrant]) -> bool:
-    """(False while the test's own Redis connection is broken by a restart.)"""
-    try:
-        for cred_id, grant in grants.items():
-            if not await is_current(store, provider, cred_id, grant):
-                return False
-    except StoreUnavailable:
-        return False
-    return True
 
 
 # --------------------------------------------------------------- 1. unanswered

@@ -28,10 +28,10 @@ import structlog
 from anyio.abc import ByteReceiveStream, Process
 
 from tests.faultkit import running
-from tests.harness import make_settings, seed, wait_for
+from tests.harness import all_current, is_current, make_settings, seed, wait_for
 from tests.redis_server import RedisServer, free_port
 from worker.app import open_store
-from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault, IssuedGrant
+from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault
 from worker.logs import get_logger
 from worker.models import Status
 from worker.store import Store
@@ -109,26 +109,6 @@ async def worker_process(redis_url: str, **env: str) -> AsyncIterator[WorkerProc
             await process.aclose()
 
 
-async def is_current(
-    store: Store, provider: FakeProvider, cred_id: str, grant: IssuedGrant
-) -> bool:
-    cred = await store.get(cred_id)
-    state = provider.grant_state(grant.grant_id)
-    return (
-        cred.status is Status.ACTIVE
-        and cred.version >= 1
-        and cred.refresh_token == state.refresh_token
-        and not state.revoked
-    )
-
-
-async def current(store: Store, provider: FakeProvider, grants: dict[str, IssuedGrant]) -> bool:
-    for cred_id, grant in grants.items():
-        if not await is_current(store, provider, cred_id, grant):
-            return False
-    return True
-
-
 async def open_intents(store: Store, ids: list[str]) -> set[str]:
     """Credentials with a recorded spend: their request may be out."""
     records = await store.many_raw_fields(ids)
@@ -166,7 +146,7 @@ async def test_sigkill_mid_refresh_never_reuses_a_token(redis_url: str, grace: b
         async with running(settings, store) as (events, _):
             if grace:
                 await wait_for(
-                    lambda: current(store, provider, grants), within=20, what="all refreshed"
+                    lambda: all_current(store, provider, grants), within=20, what="all refreshed"
                 )
             else:
                 others = {k: g for k, g in grants.items() if k not in unknown}
@@ -176,7 +156,7 @@ async def test_sigkill_mid_refresh_never_reuses_a_token(redis_url: str, grace: b
                     what="the unknown outcomes quarantined",
                 )
                 await wait_for(
-                    lambda: current(store, provider, others), within=10, what="the others"
+                    lambda: all_current(store, provider, others), within=10, what="the others"
                 )
 
         assert provider.stats.reuse_events == []
@@ -245,7 +225,7 @@ async def test_sigterm_drains_in_flight_refreshes(redis_url: str) -> None:
             assert not cred.in_flight
 
         async with running(settings, store):
-            await wait_for(lambda: current(store, provider, grants), within=15, what="the rest")
+            await wait_for(lambda: all_current(store, provider, grants), within=15, what="the rest")
         assert provider.stats.reuse_events == []
         assert max(provider.send_counts.values()) == 1
 
