@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import cache
 
 __all__ = ["Keyspace", "Partition"]
 
@@ -69,7 +70,7 @@ class Keyspace:
         return self.partition(zlib.crc32(credential_id.encode()) % self.partitions)
 
     def partition(self, index: int) -> Partition:
-        return Partition(index, f"{{{self.prefix}{index}}}:")
+        return _partition(self.prefix, index)
 
     def all_partitions(self) -> list[Partition]:
         return [self.partition(i) for i in range(self.partitions)]
@@ -96,3 +97,9 @@ class Keyspace:
     def wake(self) -> str:
         """Pub/sub channel: a credential became due earlier than workers think."""
         return f"{self.prefix}wake"
+
+
+@cache
+def _partition(prefix: str, index: int) -> Partition:
+    """Built once: every spend and commit looks its partition up."""
+    return Partition(index, f"{{{prefix}{index}}}:")

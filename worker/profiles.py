@@ -9,13 +9,14 @@ profile unless forced, and a forced delete removes those credentials too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import fields
 from typing import Any
 
 from worker.codec import SecretCodec
-from worker.errors import ConfigError, Conflict, NotFound
+from worker.errors import ConfigError, Conflict, NotFound, StoreUnavailable
 from worker.models import Profile, validate_id
 from worker.presets import apply_preset
 from worker.redisio import guard
@@ -165,12 +166,31 @@ class ProfileCache:
         self._profiles = profiles
         self._ttl_s = ttl_s
         self._cache: dict[str, tuple[float, Profile]] = {}
+        self._loading: dict[str, asyncio.Future[Profile]] = {}
 
     async def get(self, profile_id: str) -> Profile:
         hit = self._cache.get(profile_id)
         now = time.monotonic()
         if hit is not None and now - hit[0] < self._ttl_s:
             return hit[1]
-        profile = await self._profiles.load(profile_id)
-        self._cache[profile_id] = (now, profile)
-        return profile
+        # One load per profile at a time: when an entry expires, every
+        # refresh in flight misses at once, and each used to read the hash.
+        pending = self._loading.get(profile_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = self._loading[profile_id] = asyncio.get_running_loop().create_future()
+        try:
+            profile = await self._profiles.load(profile_id)
+        except BaseException as exc:
+            # a cancelled load says nothing about the profile: the others
+            # see Redis as away for now (their leases bring them back)
+            failure = exc if isinstance(exc, Exception) else StoreUnavailable("load cut off")
+            pending.set_exception(failure)
+            pending.exception()  # retrieved: nobody else may be waiting
+            raise
+        else:
+            self._cache[profile_id] = (now, profile)
+            pending.set_result(profile)
+            return profile
+        finally:
+            del self._loading[profile_id]

@@ -349,9 +349,10 @@ class Refresher:
             failures=failures,
             retry_at_ms=next_due or None,
         )
-        result = await self._commit(
-            c, outcome, next_due, fields, event, None, reason=failure.reason
-        )
+        with anyio.CancelScope(shield=not spent):  # spent: the caller's shield holds
+            result = await self._commit(
+                c, outcome, next_due, fields, event, None, reason=failure.reason
+            )
         if result is not None and result.ok:
             self.metrics.refreshes.labels(c.profile, outcome, failure.reason).inc()
             level = log.warning if outcome == "retry" else log.error
@@ -377,36 +378,63 @@ class Refresher:
         *,
         reason: str,
     ) -> CommitResult | None:
-        """Write the outcome, retrying while Redis is unreachable. Shielded:
-        once the provider has answered, its tokens must land even if the
-        process is being shut down (the open spend intent keeps every other
-        worker away meanwhile)."""
+        """Write the outcome, retrying while Redis is unreachable. Callers
+        hold a cancel shield: once the provider has answered, its tokens must
+        land even if the process is being shut down (the open spend intent
+        keeps every other worker away meanwhile). The first attempt runs
+        without a deadline: arming the patience timer (and a scope of its
+        own) on every commit was a few percent of the CPU per refresh, and
+        only a retry needs it."""
+        try:
+            result = await self.store.commit(
+                c, outcome, next_due=next_due, fields=fields, event=event, reason=reason
+            )
+        except StoreUnavailable:
+            self.metrics.commit_failures.labels("unavailable").inc()
+            retried = await self._commit_retrying(c, outcome, next_due, fields, event, tokens,
+                                                  reason=reason)  # fmt: skip
+            if retried is None:
+                return None
+            result = retried
+        if not result.ok:
+            self.metrics.commit_failures.labels(result.reason).inc()
+            log.error("commit.rejected", credential_id=c.id, reason=result.reason)
+        elif result.lease_lost:
+            self.metrics.lease_lost.labels("commit").inc()
+            log.warning("commit.after_lease", credential_id=c.id)
+        if result.ok and not result.durable:
+            self.metrics.commit_failures.labels("not_durable").inc()
+            log.warning("commit.not_durable", credential_id=c.id)
+        return result
+
+    async def _commit_retrying(
+        self,
+        c: Claimed,
+        outcome: Outcome,
+        next_due: int | Literal[""],
+        fields: dict[str, str | int],
+        event: str,
+        tokens: TokenSet | None,
+        *,
+        reason: str,
+    ) -> CommitResult | None:
+        """The first commit found Redis away: try again with backoff, for
+        ``commit_patience_s`` at most (the caller's shield holds)."""
         delay = 0.05
-        retried = False
-        patience = anyio.current_time() + self.timing.commit_patience_s
-        with anyio.CancelScope(shield=True, deadline=patience):
+        with anyio.move_on_after(self.timing.commit_patience_s):
             while True:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
                 try:
                     result = await self.store.commit(
                         c, outcome, next_due=next_due, fields=fields, event=event, reason=reason
                     )
-                    if retried and not result.ok and tokens is not None:
-                        result = await self._landed_earlier(c, tokens, result)
                 except StoreUnavailable:
                     self.metrics.commit_failures.labels("unavailable").inc()
-                    retried = True
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
                     continue
-                if not result.ok:
-                    self.metrics.commit_failures.labels(result.reason).inc()
-                    log.error("commit.rejected", credential_id=c.id, reason=result.reason)
-                elif result.lease_lost:
-                    self.metrics.lease_lost.labels("commit").inc()
-                    log.warning("commit.after_lease", credential_id=c.id)
-                if result.ok and not result.durable:
-                    self.metrics.commit_failures.labels("not_durable").inc()
-                    log.warning("commit.not_durable", credential_id=c.id)
+                if not result.ok and tokens is not None:
+                    # its reply may have been lost on an earlier attempt
+                    result = await self._landed_earlier(c, tokens, result)
                 return result
         log.critical(
             "commit.abandoned",

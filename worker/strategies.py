@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
+from functools import lru_cache
 from urllib.parse import quote, quote_plus, urlencode
 
 from multidict import CIMultiDict
@@ -29,6 +30,7 @@ from worker.transport import TokenRequest
 __all__ = ["basic_credentials", "build_request", "token_url"]
 
 
+@lru_cache(maxsize=256)  # a handful of profiles; the header is the same every refresh
 def basic_credentials(client_id: str, client_secret: str, *, form_encode: bool) -> str:
     """RFC 6749 §2.3.1: id and secret are form-encoded (Appendix B) before
     base64, so ``+``, ``:`` and ``%`` survive. Some servers skip the decode

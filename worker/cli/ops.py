@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from worker.app import open_store, run_worker
+from worker.app import open_store, run_worker, tune_gc
 from worker.cli.common import emit, load_settings
 from worker.embedded import stop_embedded
 from worker.events import mask_event
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     settings = load_settings(log_to_stderr=False)  # the worker logs to stdout
+    tune_gc()
     await run_worker(settings)
     return 0
 
