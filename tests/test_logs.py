@@ -17,7 +17,16 @@ from typing import Any, NoReturn
 import pytest
 import structlog
 
-from worker.logs import REDACTED, configure_logging, fingerprint, get_logger, redact, scrub
+import worker.logs
+from worker.logs import (
+    REDACTED,
+    configure_logging,
+    debug_enabled,
+    fingerprint,
+    get_logger,
+    redact,
+    scrub,
+)
 
 SECRET = "s3cr3tV4lue"  # every secret in this module contains this marker
 
@@ -28,7 +37,9 @@ def _restore_logging() -> Iterator[None]:
     config = structlog.get_config()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    our_level = worker.logs._level
     yield
+    worker.logs._level = our_level
     structlog.contextvars.clear_contextvars()
     structlog.configure(**config)
     root.handlers[:] = handlers
@@ -267,3 +278,10 @@ def test_fingerprint() -> None:
     assert fp == fingerprint(f"rt-{SECRET}")
     assert fp != fingerprint(f"rt-{SECRET}x")
     assert fingerprint("abc") == "ba7816bf8f01"  # sha256("abc"), a fixed vector
+
+
+def test_debug_enabled_follows_the_configured_level() -> None:
+    configure_logging("debug", stream=io.StringIO())
+    assert debug_enabled()
+    configure_logging("info", stream=io.StringIO())
+    assert not debug_enabled()

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import anyio
 import httpx
@@ -104,6 +104,28 @@ def test_public_client_sends_its_id_and_no_secret() -> None:
         "refresh_token": OLD_RT,
         "client_id": "cid",
     }
+
+
+def test_the_form_body_is_exactly_what_urlencode_writes() -> None:
+    """The body is encoded pair by pair with the static pairs reused; the
+    bytes must still be urlencode's, secret last-changed or not."""
+    p = profile(
+        auth_method="client_secret_post",
+        client_secret="s e+c:r%t",
+        scope="read write",
+        extra_params={"audience": "https://api.example/ü?a=1&b=2"},
+    )
+    for rt in (OLD_RT, "rt-2 ü/é+%", OLD_RT):
+        request = build_refresh_request(p, refresh_token=rt, granted_scope="read write")
+        expected = {
+            "grant_type": "refresh_token",
+            "refresh_token": rt,
+            "scope": "read write",
+            "audience": "https://api.example/ü?a=1&b=2",
+            "client_id": "cid",
+            "client_secret": "s e+c:r%t",
+        }
+        assert request.content == urlencode(expected).encode()
 
 
 def test_json_body() -> None:

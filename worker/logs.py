@@ -30,8 +30,8 @@ from structlog.processors import add_log_level
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 # fmt: off
-__all__ = ["REDACTED", "configure_logging", "fingerprint", "get_logger", "is_secret_key", "redact",
-           "scrub"]
+__all__ = ["REDACTED", "configure_logging", "debug_enabled", "fingerprint", "get_logger",
+           "is_secret_key", "redact", "scrub"]
 # fmt: on
 
 REDACTED = "[redacted]"
@@ -192,6 +192,15 @@ def fingerprint(secret: str) -> str:
 
 
 _configured = False
+_level = logging.INFO
+
+
+def debug_enabled() -> bool:
+    """Whether debug lines are written: for a hot path that would otherwise
+    compute a debug line's fields (a fingerprint is a sha256) for nothing.
+    ``log.is_enabled_for`` answers the same but, on a module-level logger,
+    builds a bound logger on every call."""
+    return _level <= logging.DEBUG
 
 
 class _StdlibHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -214,7 +223,8 @@ def _add_logger_name(logger: WrappedLogger, _method: str, event_dict: EventDict)
 
 def _configure_structlog(level: int, fmt: str, out: TextIO | None) -> list[Processor]:
     """Configure structlog; return the processors stdlib records must share."""
-    global _configured
+    global _configured, _level
+    _level = level
     renderer: Processor = structlog.processors.JSONRenderer()
     if fmt == "console":
         isatty = getattr(out, "isatty", None)

@@ -15,6 +15,7 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -196,11 +197,18 @@ def _string_list(name: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-def url_placeholders(url: str) -> set[str]:
+def url_placeholders(url: str) -> frozenset[str]:
     """``{name}`` placeholders of a token URL, filled per credential from its
     ``params`` (e.g. Workato's access-profile id in the path)."""
+    return _placeholders(url)
+
+
+@lru_cache(maxsize=256)  # asked on every refresh; a handful of URLs
+def _placeholders(url: str) -> frozenset[str]:
     try:
-        return {name for _, name, _, _ in string.Formatter().parse(url) if name is not None}
+        return frozenset(
+            name for _, name, _, _ in string.Formatter().parse(url) if name is not None
+        )
     except ValueError:
         raise ConfigError(f"token_url has unbalanced braces: {url!r}") from None
 
@@ -348,7 +356,7 @@ class Profile:
         return self.strategy is not Strategy.CLIENT_CREDENTIALS
 
     @property
-    def url_params(self) -> set[str]:
+    def url_params(self) -> frozenset[str]:
         return url_placeholders(self.token_url)
 
     @classmethod

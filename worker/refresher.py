@@ -15,7 +15,6 @@ or inside its reuse grace window counted from the first unanswered send.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from worker.errors import (
     Transient,
 )
 from worker.events import EventType, build_event
-from worker.logs import fingerprint, get_logger
+from worker.logs import debug_enabled, fingerprint, get_logger
 from worker.metrics import Metrics
 from worker.models import Claimed, Profile, Rotation
 from worker.profiles import ProfileCache
@@ -289,7 +288,7 @@ class Refresher:
         result = await self._commit(c, "refreshed", next_due, fields, event, tokens, reason="")
         if result is not None and result.ok:
             self._child(self.metrics.refreshes, c.profile, "refreshed", "ok").inc()
-            if log.is_enabled_for(logging.DEBUG):  # a sha256 per refresh otherwise
+            if debug_enabled():  # a sha256 per refresh otherwise
                 log.debug(
                     "token.refresh.succeeded",
                     credential_id=c.id,

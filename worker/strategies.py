@@ -52,6 +52,24 @@ def token_url(profile: Profile, params: Mapping[str, str]) -> str:
     return profile.token_url.format_map({k: quote(params[k], safe="") for k in params})
 
 
+def _form(body: Mapping[str, str], *, secret_name: str) -> str:
+    """``urlencode(body)``, with every pair but the secret's encoded once per
+    process: the rest of a profile's body is the same on every refresh, and
+    urlencode's per-character quoting was a tenth of building a request.
+    The secret is encoded afresh each time and never cached."""
+    return "&".join(
+        [
+            f"{quote_plus(k)}={quote_plus(v)}" if k == secret_name else _form_pair(k, v)
+            for k, v in body.items()
+        ]
+    )
+
+
+@lru_cache(maxsize=1024)
+def _form_pair(name: str, value: str) -> str:
+    return f"{quote_plus(name)}={quote_plus(value)}"
+
+
 def _scope_tokens(scope: str) -> set[str]:
     return set(scope.split())
 
@@ -113,7 +131,7 @@ def build_request(
         content = json.dumps(body).encode()
     elif body:
         headers["Content-Type"] = "application/x-www-form-urlencoded"
-        content = urlencode(body).encode()
+        content = _form(body, secret_name=profile.effective_token_param).encode()
     if query:
         url = f"{url}{'&' if '?' in url else '?'}{urlencode(query)}"
     return TokenRequest(profile.method, url, CIMultiDict(headers), content)
