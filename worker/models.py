@@ -169,8 +169,7 @@ class Claimed:
     token: str
     due_ms: int
     profile: str
-    access_token: str = field(repr=False)
-    refresh_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)  # the access token is not read: it is replaced
     token_type: str
     scope: str
     expires_at_ms: int

@@ -10,8 +10,10 @@ ARGV[5]  ids    "" to take what is due now, else ids separated by "\n" to claim
                 those ids whatever their due time ("refresh now")
 
 Returns { now_ms, contended, item... } where each item is the array
-  { id, due_ms, profile, access_token, refresh_token, token_type, scope,
+  { id, due_ms, profile, refresh_token, token_type, scope,
     expires_at, version, failures, ambiguous_at, recovered, params }
+(not the access token: the worker is about to replace it, and it is most
+of a record's bytes)
 `recovered` is "1" when the credential carried a spend intent past its
 deadline: a request was sent and never answered. The intent becomes
 `ambiguous_token` / `ambiguous_at` and the worker applies the rotation rule.
@@ -69,7 +71,7 @@ for _, c in ipairs(candidates) do
       redis.call('SET', lk, token, 'PX', lease)
       redis.call('ZADD', due_key, now + lease, id)
       out[#out + 1] = { id, score, rec_get(rec, 'profile') or '',
-        rec_get(rec, 'access_token') or '', rec_get(rec, 'refresh_token') or '',
+        rec_get(rec, 'refresh_token') or '',
         rec_get(rec, 'token_type') or '', rec_get(rec, 'scope') or '',
         rec_get(rec, 'expires_at') or '0', rec_get(rec, 'version') or '0',
         rec_get(rec, 'failures') or '0', ambiguous_at, recovered, rec_get(rec, 'params') or '' }
