@@ -330,6 +330,23 @@ def test_non_finite_expires_in_is_ambiguous(literal: bytes) -> None:
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        b'\xef\xbb\xbf{"access_token": "at-1", "refresh_token": "rt-1", "expires_in": 60}',
+        '{"access_token": "at-1", "refresh_token": "rt-1", "expires_in": 60}'.encode("utf-16"),
+        b'{"access_token": "at-1", "refresh_token": "rt-1", "expires_in": 60, "n": 1e999,'
+        b' "big": 123456789012345678901234567890}',
+    ],
+    ids=["utf-8 BOM", "utf-16", "past 64-bit and float range"],
+)
+def test_answers_outside_strict_json_are_still_read(raw: bytes) -> None:
+    """The fast parser reads strict RFC 8259 only; what it refuses is read
+    as before by the stdlib's, so no provider's answer changes meaning."""
+    tokens = parse(answer(200, raw))
+    assert (tokens.access_token, tokens.refresh_token) == ("at-1", "rt-1")
+
+
+@pytest.mark.parametrize(
     "body",
     [b"<html>ok</html>", b"", b"[1, 2]", b'"at"', b"\xff\xfe", b'{"access_token": "a"'],
     ids=["html", "empty", "array", "string", "not-utf8", "cut"],

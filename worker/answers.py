@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from worker.errors import Ambiguous, Permanent, RefreshFailure, Transient
 from worker.profile import ErrorClass, ErrorRule, Profile, Rotation, Strategy
 from worker.scheduling import parse_retry_after
@@ -80,9 +82,14 @@ def field_at(body: dict[str, Any], path: str) -> Any:
 
 def _json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # orjson reads strict RFC 8259 only; the stdlib also reads what some
+        # servers send (a BOM, UTF-16, NaN, integers past 64 bits)
+        try:
+            value = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
     return value if isinstance(value, dict) else None
 
 

@@ -11,6 +11,8 @@ import json
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 __all__ = ["SCHEMA", "EventType", "build_event", "mask_event"]
 
 SCHEMA = 1
@@ -62,7 +64,7 @@ def build_event(
             body["failures"] = failures
         if retry_at_ms is not None:
             body["retry_at"] = retry_at_ms
-    return json.dumps(body, separators=(",", ":"))
+    return orjson.dumps(body).decode()  # compact; non-ASCII as UTF-8, not \u escapes
 
 
 def mask_event(raw: str) -> dict[str, Any]:

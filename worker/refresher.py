@@ -111,14 +111,18 @@ class Refresher:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    async def refresh(self, c: Claimed) -> str:
+    async def refresh(self, c: Claimed, shield: anyio.CancelScope | None = None) -> str:
+        """Refresh one claimed credential; returns the outcome label.
+        ``shield``: a cancel scope around this call (the worker keeps one
+        per consumer) that the refresh raises from its spend to its commit,
+        instead of entering a new shielded scope every time (~8 us)."""
         self._in_flight += 1
         try:
-            return await self._refresh(c)
+            return await self._refresh(c, shield)
         finally:
             self._in_flight -= 1
 
-    async def _refresh(self, c: Claimed) -> str:
+    async def _refresh(self, c: Claimed, shield: anyio.CancelScope | None = None) -> str:
         now_ms = _now_ms()
         lag_s = max(now_ms - c.due_ms, 0) / 1000
         self.metrics.schedule_lag.observe(lag_s)
@@ -146,14 +150,14 @@ class Refresher:
             broken = Permanent("config_error", str(exc))
             return await self._finish_failure(c, profile, broken, "needs_reauth", spent=False)
         if self.limits.unlimited(profile) and not self.draining:
-            return await self._spend_and_send(c, profile, request)
+            return await self._spend_and_send(c, profile, request, shield)
         release = await self._wait_for_slot(profile)
         if release is None:  # draining: nothing was spent, hand the claim back
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await self.store.commit(c, "release", next_due="now", fields={}, event="")
             return "released"
         try:
-            return await self._spend_and_send(c, profile, request)
+            return await self._spend_and_send(c, profile, request, shield)
         finally:
             release()
 
@@ -175,16 +179,29 @@ class Refresher:
         for scope in list(self._waiting):
             scope.cancel()
 
-    async def _spend_and_send(self, c: Claimed, profile: Profile, request: TokenRequest) -> str:
+    async def _spend_and_send(
+        self,
+        c: Claimed,
+        profile: Profile,
+        request: TokenRequest,
+        shield: anyio.CancelScope | None,
+    ) -> str:
         """From the spend on, a refresh runs to its end even through a
         shutdown's drain deadline: its request is bounded by the profile's
         timeout, and cutting it off would leave an open intent that later
         reads as an unknown outcome (quarantine, under strict rotation) for
         a request that may well have been answered. This one shield also
-        covers the batched spend and commit calls (``ScriptBatcher.call``)."""
-        with anyio.CancelScope(shield=True):
-            outcome = await self._spend_send_commit(c, profile, request)
-        return outcome  # noqa: RET504 (returned inside the scope, mypy sees a path without)
+        covers the batched spend and commit calls (``ScriptBatcher.call``).
+        A cancellation that arrived meanwhile takes effect when it drops."""
+        if shield is None or shield.shield:
+            with anyio.CancelScope(shield=True):
+                outcome = await self._spend_send_commit(c, profile, request)
+            return outcome  # noqa: RET504 (returned inside the scope, mypy sees a path without)
+        shield.shield = True
+        try:
+            return await self._spend_send_commit(c, profile, request)
+        finally:
+            shield.shield = False
 
     async def _spend_send_commit(self, c: Claimed, profile: Profile, request: TokenRequest) -> str:
         timeout_ms = int(profile.timeout_s * 1000)

@@ -236,12 +236,19 @@ class Worker:
         self._sleep_until_ms = 0
 
     async def _consume(self, queue: asyncio.Queue[Claimed | None]) -> None:
+        # raised by the refresher around each spend-to-commit stretch
+        with anyio.CancelScope() as shield:
+            await self._consume_in(queue, shield)
+
+    async def _consume_in(
+        self, queue: asyncio.Queue[Claimed | None], shield: anyio.CancelScope
+    ) -> None:
         while (item := await queue.get()) is not None:
             try:
                 if self.draining:
                     await self._hand_back(item)
                 else:
-                    await self.refresher.refresh(item)
+                    await self.refresher.refresh(item, shield)
             except StoreUnavailable:
                 log.warning("refresh.redis_unavailable", credential_id=item.id)
             except Exception:
