@@ -25,6 +25,7 @@ from typing import Any
 
 from bench.infra import REPO, Endpoint
 from bench.refreshd_runs import Ctx
+from worker.settings import Settings
 
 ALL = ("calibrate", "catchup", "scaleout", "steady", "memory", "arq")
 ARQ_REQUIREMENTS = REPO / "bench" / "requirements-arq.txt"
@@ -82,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--concurrency",
         type=int,
-        default=512,
-        help="REFRESHD_CONCURRENCY, and arq's max_jobs (default 512, refreshd's default)",
+        default=Settings().concurrency,
+        help="REFRESHD_CONCURRENCY, and arq's max_jobs (default: refreshd's default, "
+        f"{Settings().concurrency})",
     )
     p.add_argument(
         "--fsync",

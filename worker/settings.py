@@ -53,7 +53,7 @@ class Settings:
         ),
     )
     concurrency: int = field(
-        default=512,
+        default=1024,
         metadata=_doc(
             "REFRESHD_CONCURRENCY",
             "Refreshes in flight at once in one process (most of each one's time is the "
