@@ -9,6 +9,14 @@ from typing import Any
 __all__ = ["plot", "table"]
 
 
+def machine_ceiling(res: dict[str, Any], cpus: int) -> float:
+    """Refreshes per second the machine's cores allow at most, whatever
+    the process count: every refresh costs worker, Redis and endpoint CPU,
+    and on a small machine all three share the same cores."""
+    per_refresh_ms = sum(res["cpu_ms_per_refresh"].values())
+    return cpus * 1000 / per_refresh_ms if per_refresh_ms else 0.0
+
+
 def _f(value: Any, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -95,6 +103,12 @@ def table(results: dict[str, Any]) -> str:
                 f"{results['machine']['cpus']} cores (workers {cpu['worker'] / secs:.2f}, "
                 f"Redis {cpu['redis'] / secs:.2f}, endpoint {cpu['endpoint'] / secs:.2f})"
             )
+            if k == 1 and base:
+                ceiling = machine_ceiling(res, results["machine"]["cpus"])
+                note += (
+                    f"; the cores allow at most {_f(ceiling)}/s = {_f(ceiling / base, 2)}x "
+                    "this (cores / all CPU per refresh)"
+                )
             target = "≥ 1.7x (2 processes)" if k == 2 else ""
             ok = (speedup is not None and speedup >= 1.7) if k == 2 else None
             row(f"scale-out: {k} process{'es' if k > 1 else ''} refreshes/s",
