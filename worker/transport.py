@@ -62,18 +62,23 @@ def make_http_client(*, max_connections: int = 256) -> aiohttp.ClientSession:
     """One session (connection pool) per process. The keep-alive expiry stays
     short of common server idle timeouts, so a request is rarely written to
     a socket the server is closing (which would make its outcome unknown).
-    aiohttp would add its own User-Agent, and a Content-Type to a body-less
-    PUT (Workato); refreshd sets both itself. No cookie jar: one session
-    serves every tenant, and a cookie set in one credential's answer must
-    never ride along with another's request."""
+    aiohttp would add its own User-Agent; refreshd sets its own (and keeps
+    aiohttp's Content-Type off a body-less request, ``send``). No cookie
+    jar: one session serves every tenant, and a cookie set in one
+    credential's answer must never ride along with another's request."""
     connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=10.0)
     return aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": USER_AGENT},
-        skip_auto_headers=("Content-Type",),
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
     )
+
+
+#: aiohttp would declare a Content-Type on a body-less PUT (Workato's
+#: rotation call). Asked per request, only where there is no body: a
+#: session-wide skip list sent every request down aiohttp's slow header path.
+_NO_BODY_HEADERS = ("Content-Type",)
 
 
 @lru_cache(maxsize=64)
@@ -115,6 +120,7 @@ async def send(
                 req.url,
                 headers=req.headers,
                 data=req.content or None,
+                skip_auto_headers=None if req.content else _NO_BODY_HEADERS,
                 allow_redirects=False,
                 timeout=_timeout(timeout_s),
             ) as response,
