@@ -52,8 +52,10 @@ def _seed(ctx: Ctx, server: Any, n: int, tag: str) -> float:
     return float(res["seconds"])
 
 
-def catch_up_arq(ctx: Ctx, n: int) -> dict[str, Any]:
-    work = ctx.work / "catchup-arq"
+def catch_up_arq(ctx: Ctx, n: int, *, tag: str = "") -> dict[str, Any]:
+    """``tag`` keeps repeated runs' seed tokens apart (the endpoint accepts
+    each refresh token once)."""
+    work = ctx.work / f"catchup-arq{tag}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     server = start_valkey(work / "redis", fsync=ctx.fsync)
@@ -62,7 +64,7 @@ def catch_up_arq(ctx: Ctx, n: int) -> dict[str, Any]:
         ctx.endpoint.reset(expires_in=3600)
         ids = cred_ids(n)
         mem0 = used_memory(server)
-        seed_s = _seed(ctx, server, n, "arq-catchup")
+        seed_s = _seed(ctx, server, n, f"arq-catchup{tag}")
         mem_seeded = used_memory(server)
         ctx.log(f"  seeded {n} credentials and jobs in {seed_s:.1f}s")
         workers.start(server.url, 1, python=ctx.arq_python, token_url=ctx.endpoint.url,

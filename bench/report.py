@@ -53,10 +53,20 @@ def table(results: dict[str, Any]) -> str:
     if cu or arq:
         a_rate = cu and cu["refreshes_per_s"]
         b_rate = arq and arq["refreshes_per_s"]
-        row("catch-up refreshes/s (1 process)", _f(a_rate) + _mark(a_rate and a_rate >= 2000),
+        reps = r.get("catch_up_repeats", {})
+        count = max(len(reps.get("refreshd", [])), len(reps.get("arq", [])), 1)
+        name = "catch-up refreshes/s (1 process" + (
+            f"; median of {count} interleaved runs)" if count > 1 else ")"
+        )
+        row(name, _f(a_rate) + _mark(a_rate and a_rate >= 2000),
             _f(b_rate), _ratio(a_rate, b_rate) + _mark(bool(a_rate and b_rate and
                                                             a_rate >= 3.5 * b_rate))
             if a_rate and b_rate else "-", "≥ 2,000/s; ≥ 3.5x arq")  # fmt: skip
+        if count > 1:
+            ours, theirs = reps.get("refreshd", []), reps.get("arq", [])
+            pairs = [f"{a / b:.1f}x" for a, b in zip(ours, theirs, strict=False) if b]
+            row("catch-up, each run in order (refreshes/s)", " / ".join(_f(x) for x in ours),
+                " / ".join(_f(x) for x in theirs), " / ".join(pairs), "")  # fmt: skip
         for who in ("worker", "redis", "endpoint"):
             a = cu and cu["cpu_ms_per_refresh"][who]
             b = arq and arq["cpu_ms_per_refresh"][who]
@@ -121,8 +131,10 @@ def table(results: dict[str, Any]) -> str:
             _f(a) + _mark(a <= 1200), f"{_f(b)} (plain hash + ZSET)", _ratio(a, b, 2),
             "≤ 1,200 B")  # fmt: skip
     if arq or cu:
-        ok = [x for x in (cu, arq, st, st_arq) if x]
-        reuse = sum(x.get("endpoint_reuse", 0) for x in ok)
+        # the repeats' total covers the median runs shown above as well
+        shown = ("catch_up_1p", "catch_up_arq")
+        counted = [v for k, v in r.items() if isinstance(v, dict) and k not in shown]
+        reuse = sum(v.get("endpoint_reuse", 0) for v in counted)
         row("refresh tokens presented twice (all runs)", _f(reuse), "", "", "0")
     return "\n".join(lines)
 

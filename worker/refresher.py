@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -401,14 +401,17 @@ class Refresher:
         without a deadline: arming the patience timer (and a scope of its
         own) on every commit was a few percent of the CPU per refresh, and
         only a retry needs it."""
-        try:
-            result = await self.store.commit(
+
+        def attempt() -> Awaitable[CommitResult]:
+            return self.store.commit(
                 c, outcome, next_due=next_due, fields=fields, event=event, reason=reason
             )
+
+        try:
+            result = await attempt()
         except StoreUnavailable:
             self.metrics.commit_failures.labels("unavailable").inc()
-            retried = await self._commit_retrying(c, outcome, next_due, fields, event, tokens,
-                                                  reason=reason)  # fmt: skip
+            retried = await self._commit_retrying(attempt, c, outcome, tokens)
             if retried is None:
                 return None
             result = retried
@@ -425,14 +428,10 @@ class Refresher:
 
     async def _commit_retrying(
         self,
+        attempt: Callable[[], Awaitable[CommitResult]],
         c: Claimed,
         outcome: Outcome,
-        next_due: int | Literal[""],
-        fields: dict[str, str | int],
-        event: str,
         tokens: TokenSet | None,
-        *,
-        reason: str,
     ) -> CommitResult | None:
         """The first commit found Redis away: try again with backoff, for
         ``commit_patience_s`` at most (the caller's shield holds)."""
@@ -442,9 +441,7 @@ class Refresher:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 try:
-                    result = await self.store.commit(
-                        c, outcome, next_due=next_due, fields=fields, event=event, reason=reason
-                    )
+                    result = await attempt()
                 except StoreUnavailable:
                     self.metrics.commit_failures.labels("unavailable").inc()
                     continue
