@@ -38,7 +38,7 @@ unit: install
 
 test: install node-deps lint typecheck unit
 
-# refreshd against the do-it-yourself alternative (arq): one command, ~10 min
+# refreshd against the do-it-yourself alternative (arq): one command, ~7 min
 # on 2 cores; results (JSON, Markdown table, PNG) under bench/results/.
 bench: install
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[bench]'

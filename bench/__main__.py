@@ -4,7 +4,7 @@ Starts its own Valkey servers (AOF on, as in production) and its own token
 endpoint on 127.0.0.1, runs real worker processes, and writes
 ``results.json``, ``results.md`` and ``bench.png`` under ``--out``.
 
-    python -m bench                 # the full run (~10 min on 2 cores)
+    python -m bench                 # the full run (~7 min on 2 cores)
     python -m bench --quick         # CI smoke run (< 1 min)
     python -m bench --scenarios catchup,arq
 """
