@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     procs = [int(x) for x in args.processes.split(",")] if not q else [1, 2]
+    if args.repeat < 0:
+        p.error("--repeat must be 1 or more")
     reps = args.repeat or (1 if q else 3)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
