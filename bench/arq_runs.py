@@ -8,13 +8,7 @@ import time
 from typing import Any
 
 from bench.infra import ArqWorker, run_json, start_valkey
-from bench.measure import (
-    Snapshot,
-    catch_up_result,
-    spread_offsets_ms,
-    steady_result,
-    used_memory,
-)
+from bench.measure import Snapshot, catch_up_result, steady_size, steady_window, used_memory
 from bench.refreshd_runs import Ctx, _wait
 from bench.seed import cred_ids
 from bench.shared import ARQ_CRED as CRED
@@ -98,8 +92,7 @@ def steady_arq(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -
     work = ctx.work / "steady-arq"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    period = lifetime_s / 2 * 0.95
-    n = max(1, round(rate * period))
+    period, n = steady_size(rate, lifetime_s)
     server = start_valkey(work / "redis", fsync=ctx.fsync)
     workers = ArqWorker(work)
     try:
@@ -109,29 +102,11 @@ def steady_arq(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -
         ctx.log(f"  seeded {n} credentials and jobs in {seed_s:.1f}s")
         workers.start(server.url, 1, python=ctx.arq_python, token_url=ctx.endpoint.url,
                       max_jobs=ctx.concurrency, http=ctx.arq_http)  # fmt: skip
-        before = Snapshot.take(workers, server, ctx.endpoint.pid)
-        t0 = int(time.time() * 1000) + 1000
-        offsets = spread_offsets_ms(n, period)
-        _arm(server, ids, lambda k: t0 + int(offsets[k]))
-        end = t0 / 1000 + seconds
-        while time.time() < end:
-            workers.check_alive()
-            time.sleep(0.25)
-        after = Snapshot.take(workers, server, ctx.endpoint.pid)
-        ep = ctx.endpoint.stats()
+        result = steady_window("arq", workers=workers, server=server, endpoint=ctx.endpoint,
+                               n=n, period_s=period, lifetime_s=lifetime_s, seconds=seconds,
+                               arm=lambda due_of: _arm(server, ids, due_of))  # fmt: skip
     finally:
         workers.stop()
         server.stop()
-    result = steady_result(
-        "arq",
-        before=before,
-        after=after,
-        t0_ms=t0,
-        credentials=n,
-        lifetime_s=lifetime_s,
-        period_s=period,
-        seconds=seconds,
-        endpoint_reuse=ep["reuse"],
-    )
     result["seed_s"] = seed_s
     return result

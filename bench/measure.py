@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,8 @@ __all__ = [
     "redis_commands",
     "spread_offsets_ms",
     "steady_result",
+    "steady_size",
+    "steady_window",
     "summary",
     "used_memory",
 ]
@@ -155,6 +157,52 @@ def spread_offsets_ms(n: int, period_s: float) -> list[float]:
     offsets = [period_s * 1000 * (i + 0.5) / n for i in range(n)]
     random.Random(7).shuffle(offsets)
     return offsets
+
+
+def steady_size(rate: float, lifetime_s: float) -> tuple[float, int]:
+    """(period in seconds, credentials) offering ``rate`` refreshes/s with
+    tokens living ``lifetime_s``: the default lead for such a token is half
+    its lifetime, minus up to 10 % jitter, so each comes due every ~0.475x."""
+    period = lifetime_s / 2 * 0.95
+    return period, max(1, round(rate * period))
+
+
+def steady_window(
+    system: str,
+    *,
+    workers: ProcGroup,
+    server: RedisServer,
+    endpoint: Any,
+    n: int,
+    period_s: float,
+    lifetime_s: float,
+    seconds: float,
+    arm: Callable[[Callable[[int], int]], object],
+) -> dict[str, Any]:
+    """The timed part of a steady-state run, the same for both systems:
+    due times spread evenly over one period from a second ahead (``arm``
+    writes them, credential index -> due ms), ``seconds`` of running, and
+    the row built from what the workers observed."""
+    before = Snapshot.take(workers, server, endpoint.pid)
+    t0 = int(time.time() * 1000) + 1000
+    offsets = spread_offsets_ms(n, period_s)
+    arm(lambda i: t0 + int(offsets[i]))
+    end = t0 / 1000 + seconds
+    while time.time() < end:
+        workers.check_alive()
+        time.sleep(0.25)
+    after = Snapshot.take(workers, server, endpoint.pid)
+    return steady_result(
+        system,
+        before=before,
+        after=after,
+        t0_ms=t0,
+        credentials=n,
+        lifetime_s=lifetime_s,
+        period_s=period_s,
+        seconds=seconds,
+        endpoint_reuse=endpoint.stats()["reuse"],
+    )
 
 
 def steady_result(

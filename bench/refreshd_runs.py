@@ -12,13 +12,7 @@ from typing import Any
 import anyio
 
 from bench.infra import Endpoint, RefreshdWorker, start_valkey
-from bench.measure import (
-    Snapshot,
-    catch_up_result,
-    spread_offsets_ms,
-    steady_result,
-    used_memory,
-)
+from bench.measure import Snapshot, catch_up_result, steady_size, steady_window, used_memory
 from bench.seed import arm, cred_ids, read_commits, seed_refreshd
 
 __all__ = ["Ctx", "catch_up", "steady"]
@@ -108,10 +102,7 @@ def steady(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -> di
     work = ctx.work / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    # default lead for a 20 s token: 10 s (half the lifetime), minus up to 10 %
-    # jitter, so a credential comes due every ~9.5 s
-    period = lifetime_s / 2 * 0.95
-    n = max(1, round(rate * period))
+    period, n = steady_size(rate, lifetime_s)
     server = start_valkey(work / "redis", fsync=ctx.fsync)
     workers = RefreshdWorker(work)
     try:
@@ -122,30 +113,16 @@ def steady(ctx: Ctx, rate: float, seconds: float, *, lifetime_s: int = 20) -> di
         ctx.log(f"  seeded {n} credentials in {seed_s:.1f}s")
         workers.start(server.url, 1, concurrency=ctx.concurrency)
         time.sleep(0.5)
-        before = Snapshot.take(workers, server, ctx.endpoint.pid)
-        t0 = int(time.time() * 1000) + 1000
-        offsets = spread_offsets_ms(n, period)
-        anyio.run(arm, server.url, ids, lambda i: t0 + int(offsets[i]), backend="asyncio")
-        end = t0 / 1000 + seconds
-        while time.time() < end:
-            workers.check_alive()
-            time.sleep(0.25)
-        after = Snapshot.take(workers, server, ctx.endpoint.pid)
-        ep = ctx.endpoint.stats()
+
+        def arm_at(due_of: Callable[[int], int]) -> None:
+            anyio.run(arm, server.url, ids, due_of, backend="asyncio")
+
+        return steady_window("refreshd", workers=workers, server=server, endpoint=ctx.endpoint,
+                             n=n, period_s=period, lifetime_s=lifetime_s, seconds=seconds,
+                             arm=arm_at)  # fmt: skip
     finally:
         workers.stop()
         server.stop()
-    return steady_result(
-        "refreshd",
-        before=before,
-        after=after,
-        t0_ms=t0,
-        credentials=n,
-        lifetime_s=lifetime_s,
-        period_s=period,
-        seconds=seconds,
-        endpoint_reuse=ep["reuse"],
-    )
 
 
 def _start_profiler(ctx: Ctx, workers: RefreshdWorker, work: Path) -> Any:
