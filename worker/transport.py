@@ -21,12 +21,14 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
 
 from worker import __version__
-from worker.errors import Ambiguous, NotSent
+from worker.egress import EgressRefused, GuardedConnector, allow_private_network
+from worker.errors import Ambiguous, NotSent, Permanent
 
 __all__ = ["MAX_BODY_BYTES", "HttpAnswer", "TokenRequest", "make_http_client", "send"]
 
@@ -48,6 +50,9 @@ class TokenRequest:
     url: str
     headers: CIMultiDict[str]
     content: bytes = b""
+    #: the profile's ``allow_private_network``: may the connection go to a
+    #: loopback, private or link-local address (``worker.egress``)
+    allow_private_network: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +71,19 @@ def make_http_client(*, max_connections: int = 256) -> aiohttp.ClientSession:
     aiohttp's Content-Type off a body-less request, ``send``). No cookie
     jar: one session serves every tenant, and a cookie set in one
     credential's answer must never ride along with another's request."""
-    connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=10.0)
+    connector = guarded_connector(limit=max_connections, keepalive_timeout=10.0)
     return aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": USER_AGENT},
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
     )
+
+
+def guarded_connector(**options: Any) -> aiohttp.TCPConnector:
+    """The session's connector: aiohttp's, with every address it connects
+    to checked against the request's egress policy (``worker.egress``)."""
+    return GuardedConnector(**options)
 
 
 #: aiohttp would declare a Content-Type on a body-less PUT (Workato's
@@ -93,7 +104,18 @@ def _timeout(total_s: float) -> aiohttp.ClientTimeout:
                                  sock_read=None)  # fmt: skip
 
 
-def _classify(exc: aiohttp.ClientError) -> NotSent | Ambiguous:
+def _egress_refusal(exc: aiohttp.ClientError) -> Permanent | None:
+    """A connection the egress guard refused: nothing was sent, and retrying
+    cannot help until an operator fixes the profile (or its DNS), so it is
+    a permanent ``egress_refused`` failure (the credential needs attention)."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, EgressRefused):
+        return Permanent("egress_refused", str(exc.os_error))
+    return None
+
+
+def _classify(exc: aiohttp.ClientError) -> NotSent | Ambiguous | Permanent:
+    if (refused := _egress_refusal(exc)) is not None:
+        return refused
     if isinstance(exc, _NOT_SENT):
         return NotSent("connect_error", type(exc).__name__)
     if isinstance(exc, aiohttp.ServerTimeoutError):
@@ -111,6 +133,7 @@ async def send(
     all within ``timeout_s`` (the caller has already fitted it inside the
     lease). Raises ``NotSent`` or ``Ambiguous``; never a foreign error."""
     req = request
+    allow_private_network.set(req.allow_private_network)  # read by the connector
     try:
         # the whole exchange - connect, send, read the body - fits in timeout_s
         async with (
