@@ -9,6 +9,7 @@ by a stub resolver that maps a public-looking name onto 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -25,11 +26,14 @@ from multidict import CIMultiDict
 from structlog.testing import capture_logs
 
 from tests.harness import make_settings
-from worker.app import open_store
+from worker.app import build_refresher, open_store
+from worker.cli.credentials import import_lines
 from worker.egress import GuardedConnector, check_token_host, refused_address
 from worker.errors import ConfigError, Permanent
+from worker.metrics import Metrics
 from worker.models import CredentialInput, Profile
 from worker.profiles import ProfileStore
+from worker.scheduling import Schedule
 from worker.store import Store
 from worker.strategies import build_request, token_url
 from worker.transport import TokenRequest, make_http_client, send
@@ -371,3 +375,34 @@ async def test_the_allowance_is_logged_and_an_older_private_profile_can_be_repai
     updated = await profiles.update("old", {"allow_private_network": True, "name": "fixed"})
     assert (updated["allow_private_network"], updated["name"]) == (True, "fixed")
     assert (await profiles.load("old")).allow_private_network is True
+
+
+async def test_a_rebound_token_host_stops_the_credential_with_nothing_sent(store: Store) -> None:
+    """End to end through the refresher: the profile's host passed creation
+    (a public name), its DNS now answers 127.0.0.1. Nothing is sent, the
+    refresh token is kept, and the credential waits for an operator as
+    ``needs_reauth`` / ``egress_refused`` instead of retrying for ever."""
+    settings = make_settings("redis://unused", prefix="unused:")
+    async with counting_server() as server:
+        port = server.url.rsplit(":", 1)[1].split("/")[0]
+        await ProfileStore(store).create(
+            {"id": "rb", "token_url": f"https://idp.example:{port}/token",
+             "auth_method": "none", "client_id": "app", "rotation": "always"}
+        )  # fmt: skip
+        line = {"id": "c1", "profile": "rb", "refresh_token": "rt-1", "expires_in": 600}
+        await import_lines(store, [json.dumps(line)], schedule=Schedule(), replace=False)
+        _, _, claimed = await store.claim(
+            store.keys.partition_of("c1"), limit=1, lease_ms=30_000, token="t:1", ids=["c1"]
+        )
+        connector = GuardedConnector(resolver=Rebinding())
+        async with aiohttp.ClientSession(connector=connector) as http:
+            refresher = build_refresher(settings, store, http, Metrics())
+            outcome = await refresher.refresh(claimed[0])
+    cred = await store.get("c1")
+    assert (outcome, cred.status, cred.last_error) == (
+        "needs_reauth",
+        "needs_reauth",
+        "egress_refused",
+    )
+    assert cred.refresh_token == "rt-1"
+    assert server.connections == 0
