@@ -406,3 +406,19 @@ async def test_a_rebound_token_host_stops_the_credential_with_nothing_sent(store
     )
     assert cred.refresh_token == "rt-1"
     assert server.connections == 0
+
+
+async def test_a_callers_own_socket_factory_runs_after_the_check() -> None:
+    made: list[Any] = []
+
+    def factory(addr_info: Any) -> socket.socket:
+        made.append(addr_info[4][0])
+        return socket.socket(addr_info[0], addr_info[1], addr_info[2])
+
+    connector = GuardedConnector(socket_factory=factory)
+    async with counting_server() as server, aiohttp.ClientSession(connector=connector) as http:
+        with pytest.raises(Permanent, match="egress_refused"):
+            await send(http, request_to(server.url), timeout_s=5)
+        assert made == []
+        answer = await send(http, request_to(server.url, allow_private_network=True), timeout_s=5)
+    assert (answer.status, made) == (200, ["127.0.0.1"])

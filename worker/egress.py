@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import socket
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "EgressRefused",
     "GuardedConnector",
     "allow_private_network",
+    "check_connect_address",
     "check_token_host",
     "refused_address",
 ]
@@ -57,6 +59,8 @@ _METADATA = {
     ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
     ipaddress.ip_address("192.0.0.192"),  # Oracle Cloud
 }
+SocketFactory = Callable[[Any], socket.socket]
+
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _PRIVATE_SUFFIXES = (
     ".localhost", ".svc", ".cluster.local", ".local", ".internal", ".home.arpa", ".lan",
@@ -128,14 +132,20 @@ def check_token_host(host: str) -> None:
         )
 
 
+def check_connect_address(addr_info: Any) -> None:
+    """Refuse the address a new connection attempt is about to connect to,
+    unless the request in progress allows private networks."""
+    if not allow_private_network.get():
+        kind = refused_address(addr_info[4][0])
+        if kind is not None:
+            raise EgressRefused(kind)
+
+
 def guarded_socket(addr_info: Any) -> socket.socket:
     """aiohappyeyeballs' socket factory: called with the exact address each
     new connection attempt is about to connect to."""
-    family, type_, proto, _, address = addr_info
-    if not allow_private_network.get():
-        kind = refused_address(address[0])
-        if kind is not None:
-            raise EgressRefused(kind)
+    check_connect_address(addr_info)
+    family, type_, proto, _, _ = addr_info
     return socket.socket(family=family, type=type_, proto=proto)
 
 
@@ -145,8 +155,17 @@ class GuardedConnector(aiohttp.TCPConnector):
     (a connection opened for a profile that allows private networks may be
     pooled under the same host as one that does not)."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(socket_factory=guarded_socket, **kwargs)
+    def __init__(self, *, socket_factory: SocketFactory | None = None, **kwargs: Any) -> None:
+        if socket_factory is None:
+            factory: SocketFactory = guarded_socket
+        else:  # a caller's own factory (socket options, say) runs after the check
+            inner = socket_factory
+
+            def factory(addr_info: Any) -> socket.socket:
+                check_connect_address(addr_info)
+                return inner(addr_info)
+
+        super().__init__(socket_factory=factory, **kwargs)
 
     async def connect(
         self,

@@ -131,7 +131,8 @@ async def send(
 ) -> HttpAnswer:
     """Send ``request`` and read at most ``MAX_BODY_BYTES`` of the answer,
     all within ``timeout_s`` (the caller has already fitted it inside the
-    lease). Raises ``NotSent`` or ``Ambiguous``; never a foreign error."""
+    lease). Raises ``NotSent`` or ``Ambiguous``, or ``Permanent`` when the
+    egress guard refused the address (nothing sent); never a foreign error."""
     req = request
     allow_private_network.set(req.allow_private_network)  # read by the connector
     try:
