@@ -235,6 +235,9 @@ def test_address_classes() -> None:
     assert refused_address("169.254.169.254") == "cloud metadata"
     assert refused_address("127.0.0.1") == "loopback"
     assert refused_address("::ffff:127.0.0.1") == "loopback"
+    assert refused_address("64:ff9b::a9fe:a9fe") == "cloud metadata"  # NAT64
+    assert refused_address("2002:a00:1::1") == "private"  # 6to4
+    assert refused_address("64:ff9b::5db8:d822") is None  # NAT64 of a public address
     assert refused_address("10.0.0.1") == "private"
     assert refused_address("100.64.1.1") == "shared (CGNAT)"
     assert refused_address("224.0.0.1") == "multicast"

@@ -62,6 +62,7 @@ _METADATA = {
 SocketFactory = Callable[[Any], socket.socket]
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _PRIVATE_SUFFIXES = (
     ".localhost", ".svc", ".cluster.local", ".local", ".internal", ".home.arpa", ".lan",
 )  # fmt: skip
@@ -81,13 +82,19 @@ class EgressRefused(OSError):
 @lru_cache(maxsize=4096)
 def refused_address(address: str) -> str | None:
     """The kind of a non-public address (``loopback``, ``private``, ...), or
-    None for a public one. IPv4-mapped IPv6 addresses are judged as IPv4."""
+    None for a public one. IPv4 inside IPv6 (mapped, 6to4, NAT64) is judged
+    as the IPv4 address it carries."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return "unparsable"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # an IPv4 address carried inside IPv6 is judged as that address
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
     if ip in _METADATA:
         return "cloud metadata"
     kinds = (
