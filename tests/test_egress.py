@@ -294,6 +294,7 @@ async def test_a_loopback_token_endpoint_is_refused_before_connecting() -> None:
             await send(http, request_to(localhost), timeout_s=5)
     assert caught.value.reason == "egress_refused"
     assert "loopback" in caught.value.detail
+    assert HINT in caught.value.detail
     assert (server.connections, server.requests) == (0, [])
 
 
@@ -425,3 +426,25 @@ async def test_a_callers_own_socket_factory_runs_after_the_check() -> None:
         assert made == []
         answer = await send(http, request_to(server.url, allow_private_network=True), timeout_s=5)
     assert (answer.status, made) == (200, ["127.0.0.1"])
+
+
+class TwoPrivate(Rebinding):
+    """A name with two private addresses of different kinds."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            {"hostname": host, "host": address, "port": port,
+             "family": socket.AF_INET, "proto": 0, "flags": 0}
+            for address in ("127.0.0.1", "10.255.255.1")
+        ]  # fmt: skip
+
+
+async def test_every_refused_address_of_a_name_is_still_one_egress_refusal() -> None:
+    connector = GuardedConnector(resolver=TwoPrivate())
+    async with counting_server() as server, aiohttp.ClientSession(connector=connector) as http:
+        url = server.url.replace("127.0.0.1", "idp.example")
+        with pytest.raises(Permanent, match="egress_refused"):
+            await send(http, request_to(url), timeout_s=5)
+    assert server.connections == 0

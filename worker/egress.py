@@ -71,12 +71,17 @@ _HINT = "set allow_private_network: true on the profile if this endpoint is real
 
 class EgressRefused(OSError):
     """The address a token request was about to connect to is not public.
-    Its text is fixed (the happy-eyeballs connector merges errors with equal
-    text into one), and names the class of address, never a secret."""
+    Its text is the same for every address (the happy-eyeballs connector
+    raises one of several failures only when their texts are equal); the
+    class of address is in ``kind``."""
 
     def __init__(self, kind: str) -> None:
-        super().__init__(f"egress refused: the token host resolves to a {kind} address")
+        super().__init__("egress refused: the token host's address is not public")
         self.kind = kind
+
+    @property
+    def reason(self) -> str:
+        return f"the token host resolves to a {self.kind} address ({_HINT})"
 
 
 @lru_cache(maxsize=4096)

@@ -109,7 +109,7 @@ def _egress_refusal(exc: aiohttp.ClientError) -> Permanent | None:
     cannot help until an operator fixes the profile (or its DNS), so it is
     a permanent ``egress_refused`` failure (the credential needs attention)."""
     if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, EgressRefused):
-        return Permanent("egress_refused", str(exc.os_error))
+        return Permanent("egress_refused", exc.os_error.reason)
     return None
 
 
