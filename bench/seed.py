@@ -49,6 +49,7 @@ async def seed_refreshd(
                 "client_id": "bench-client",
                 "client_secret": "bench-secret",
                 "allow_http": True,
+                "allow_private_network": True,
                 "rotation": "always",
                 "timeout_s": 10,
             }

@@ -75,6 +75,7 @@ async def seed_profile(
         "client_id": provider.config.client_id,
         "client_secret": provider.config.client_secret,
         "allow_http": True,
+        "allow_private_network": True,
         "rotation": "always",
         "timeout_s": 2,
     } | profile

@@ -73,6 +73,7 @@ async def seed(
         "client_id": provider.config.client_id,
         "client_secret": provider.config.client_secret,
         "allow_http": True,
+        "allow_private_network": True,
         "rotation": "always",
         "timeout_s": 2,
     }

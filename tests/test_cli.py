@@ -112,7 +112,8 @@ def fake_profile(
     cli.ok(
         "profile", "create", profile_id, "--token-url", provider.url,
         "--client-id", provider.config.client_id, "--client-secret-env", "FP_SECRET",
-        "--allow-http", "true", "--rotation", "always", "--timeout", "5",
+        "--allow-http", "true", "--allow-private-network", "true",
+        "--rotation", "always", "--timeout", "5",
     )  # fmt: skip
 
 

@@ -194,6 +194,7 @@ async def test_connection_reset_is_not_labelled_a_timeout() -> None:
             provider.url,
             CIMultiDict({"Content-Type": "application/x-www-form-urlencoded"}),
             f"grant_type=refresh_token&refresh_token={grant.refresh_token}".encode(),
+            allow_private_network=True,
         )
         started = time.monotonic()
         with pytest.raises(Ambiguous) as caught:
@@ -225,7 +226,7 @@ async def test_a_cookie_set_in_one_answer_is_never_sent_with_another_request() -
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         # a host name: aiohttp's default jar ignores cookies from IP addresses
         url = f"http://localhost:{port}/token"
-        request = TokenRequest("POST", url, CIMultiDict(), b"x=1")
+        request = TokenRequest("POST", url, CIMultiDict(), b"x=1", allow_private_network=True)
         async with make_http_client() as http:
             for _ in range(2):
                 answer = await send(http, request, timeout_s=5)

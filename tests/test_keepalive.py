@@ -117,7 +117,8 @@ def threaded_server() -> Iterator[ThreadedServer]:
 
 def _request(port: int, body: str = "grant_type=refresh_token&refresh_token=x") -> TokenRequest:
     headers = CIMultiDict({"Content-Type": "application/x-www-form-urlencoded"})
-    return TokenRequest("POST", f"http://127.0.0.1:{port}/token", headers, body.encode())
+    url = f"http://127.0.0.1:{port}/token"
+    return TokenRequest("POST", url, headers, body.encode(), allow_private_network=True)
 
 
 async def test_a_hang_up_the_loop_has_not_read_yet_is_seen_before_the_request_is_written() -> None:

@@ -557,7 +557,7 @@ def http_response(status: int, body: bytes, content_type: str = "application/jso
 
 
 def token_request(url: str) -> TokenRequest:
-    p = profile(token_url=url, allow_http=True)
+    p = profile(token_url=url, allow_http=True, allow_private_network=True)
     return build_refresh_request(p, refresh_token=OLD_RT, granted_scope="")
 
 

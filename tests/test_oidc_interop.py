@@ -71,6 +71,7 @@ def profile_fields(peer: OidcPeer, auth_method: AuthMethod, profile_id: str) -> 
         "refresh_lead_s": LEAD_S,
         "timeout_s": 5,
         "allow_http": True,
+        "allow_private_network": True,
     }
 
 

@@ -58,7 +58,9 @@ class Env:
 
     async def profile(self, **fields: Any) -> dict[str, Any]:
         """``profile create --preset ...``: local endpoints are plain http."""
-        return await self.profiles.create({"allow_http": True} | fields)
+        return await self.profiles.create(
+            {"allow_http": True, "allow_private_network": True} | fields
+        )
 
     async def import_(self, *creds: dict[str, Any]) -> dict[str, Any]:
         lines = [json.dumps(c) for c in creds]

@@ -188,7 +188,9 @@ def test_plain_http_is_refused() -> None:
 
 @pytest.mark.parametrize("flag", [True, "true", "1", "yes"])
 def test_plain_http_is_allowed_with_allow_http(flag: object) -> None:
-    p = profile(token_url="http://127.0.0.1:8080/token", allow_http=flag)
+    p = profile(
+        token_url="http://127.0.0.1:8080/token", allow_http=flag, allow_private_network=True
+    )
     assert p.allow_http is True
 
 
@@ -254,6 +256,7 @@ def test_stored_string_values_are_parsed() -> None:
             "client_id": "cid",
             "client_secret": SECRET,
             "allow_http": "1",
+            "allow_private_network": "1",
             "basic_form_encode": "0",
             "timeout_s": "2.5",
             "extra_params": '{"audience": "api"}',

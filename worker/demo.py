@@ -82,6 +82,7 @@ async def _seed(
             "client_secret": provider.config.client_secret,
             "rotation": "always",
             "allow_http": True,
+            "allow_private_network": True,
             "timeout_s": 5,
         }
     )

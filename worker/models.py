@@ -20,8 +20,10 @@ from worker.profile import (
     Rotation,
     Strategy,
     parse_number,
+    refuse_control_chars,
     validate_id,
 )
+from worker.urltemplate import check_param_value
 
 __all__ = [
     "AuthMethod",
@@ -84,6 +86,7 @@ class CredentialInput:
             isinstance(k, str) and isinstance(v, str | int) for k, v in params.items()
         ):
             raise ConfigError("params must be an object of string values")
+        _refuse_unsafe_values(data, params)
         if ("expires_in" in data) == ("expires_at" in data):
             raise ConfigError("give exactly one of expires_in (seconds) or expires_at")
         if "expires_in" in data:
@@ -117,6 +120,19 @@ class CredentialInput:
         missing = sorted(profile.url_params - set(self.params))
         if missing:
             raise ConfigError(f"params must set {', '.join(missing)} (used in the token URL)")
+        for name in sorted(profile.url_params):
+            check_param_value(name, self.params[name])
+
+
+def _refuse_unsafe_values(data: Mapping[str, Any], params: Mapping[str, object]) -> None:
+    """Tokens go into headers (``Bearer``) and params into the URL: a CR, LF
+    or other control character could add a header or split the request.
+    The message names the field, never the value."""
+    for name in ("access_token", "refresh_token", "scope", "token_type"):
+        if name in data:
+            refuse_control_chars(name, data[name])
+    for key, value in params.items():
+        refuse_control_chars(f"params.{key}", str(value))
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import math
 import re
-import string
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
-from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
+from worker.egress import check_token_host
 from worker.errors import ConfigError
+from worker.urltemplate import parse_url_template
 
 __all__ = [
     "AuthMethod",
@@ -30,6 +30,7 @@ __all__ = [
     "Rotation",
     "Strategy",
     "parse_number",
+    "refuse_control_chars",
     "url_placeholders",
     "validate_id",
 ]
@@ -199,18 +200,20 @@ def _string_list(name: str, value: object) -> tuple[str, ...]:
 
 def url_placeholders(url: str) -> frozenset[str]:
     """``{name}`` placeholders of a token URL, filled per credential from its
-    ``params`` (e.g. Workato's access-profile id in the path)."""
-    return _placeholders(url)
+    ``params`` (e.g. Workato's access-profile id in the path); the rules are
+    in ``worker.urltemplate``."""
+    return parse_url_template(url).placeholders
 
 
-@lru_cache(maxsize=256)  # asked on every refresh; a handful of URLs
-def _placeholders(url: str) -> frozenset[str]:
-    try:
-        return frozenset(
-            name for _, name, _, _ in string.Formatter().parse(url) if name is not None
-        )
-    except ValueError:
-        raise ConfigError(f"token_url has unbalanced braces: {url!r}") from None
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def refuse_control_chars(name: str, value: str) -> None:
+    """CR/LF in a value that ends up in a header (or a secret that might)
+    would let it add headers or split the request: refused when written,
+    and again when a request is built (``worker.strategies``)."""
+    if _CONTROL.search(value):
+        raise ConfigError(f"{name} may not contain control characters (CR, LF, ...)")
 
 
 _DEFAULT_TOKEN_PARAM = {
@@ -264,6 +267,7 @@ class Profile:
     max_concurrency: int = 0
     error_rules: tuple[ErrorRule, ...] = ()
     allow_http: bool = False
+    allow_private_network: bool = False
     preset: str = ""
     name: str = ""
 
@@ -277,7 +281,8 @@ class Profile:
         set_(self, "auth_method", _enum(AuthMethod, "auth_method", self.auth_method))
         set_(self, "body_format", _enum(BodyFormat, "body_format", self.body_format))
         set_(self, "rotation", _enum(Rotation, "rotation", self.rotation))
-        for name in ("basic_form_encode", "client_id_in_body", "allow_http"):
+        flags = ("basic_form_encode", "client_id_in_body", "allow_http", "allow_private_network")
+        for name in flags:
             set_(self, name, _flag(name, getattr(self, name)))
         for name, low, high in (
             ("reuse_grace_s", 0, 365 * 86400),
@@ -297,6 +302,7 @@ class Profile:
         self._check_auth()
         set_(self, "extra_params", _string_map("extra_params", self.extra_params))
         set_(self, "secret_params", _string_map("secret_params", self.secret_params))
+        self._check_control_chars()
         # scope is checked against the grant before sending: no back door
         reserved = {"grant_type", "client_secret", "scope", self.effective_token_param} - {""}
         clash = reserved & (set(self.extra_params) | set(self.secret_params))
@@ -318,18 +324,26 @@ class Profile:
 
     def _check_url(self) -> None:
         url = self.token_url
-        parts = urlsplit(url.replace("{", "").replace("}", ""))
+        parse_url_template(url)  # placeholders: plain names, whole segments or values
+        parts = urlsplit(url)
         if parts.scheme not in {"https", "http"} or not parts.hostname:
             raise ConfigError(f"token_url must be an absolute https:// URL, got {url!r}")
-        if parts.scheme == "http" and not self.allow_http:
-            raise ConfigError(
-                "token_url must use https:// (set allow_http only for local test endpoints)"
-            )
         if parts.username or parts.password:
             raise ConfigError("token_url must not carry credentials; use client_id/client_secret")
-        for name in url_placeholders(url):
-            if not _PARAM_NAME.match(name):
-                raise ConfigError(f"token_url placeholder {{{name}}} is not a plain name")
+        if parts.scheme == "http" and not (self.allow_http and self.allow_private_network):
+            raise ConfigError(
+                "token_url must use https:// (allow_http is for local test endpoints and "
+                "needs allow_private_network as well)"
+            )
+        if not self.allow_private_network:
+            check_token_host(parts.hostname)
+
+    def _check_control_chars(self) -> None:
+        for name in _STRING_FIELDS:
+            refuse_control_chars(name, getattr(self, name))
+        for name in ("extra_params", "secret_params"):
+            for key, value in getattr(self, name).items():
+                refuse_control_chars(f"{name}.{key}", value)
 
     def _check_auth(self) -> None:
         method = self.auth_method

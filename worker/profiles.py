@@ -17,6 +17,7 @@ from typing import Any
 
 from worker.codec import SecretCodec
 from worker.errors import ConfigError, Conflict, NotFound, StoreUnavailable
+from worker.logs import get_logger
 from worker.models import Profile, validate_id
 from worker.presets import apply_preset
 from worker.redisio import guard
@@ -25,6 +26,8 @@ from worker.store import Store
 __all__ = ["ProfileCache", "ProfileStore"]
 
 _FIELDS = [f.name for f in fields(Profile)]
+
+log = get_logger("refreshd.profiles")
 
 
 def _to_hash(profile: Profile, codec: SecretCodec) -> dict[str, str]:
@@ -45,12 +48,29 @@ def _to_hash(profile: Profile, codec: SecretCodec) -> dict[str, str]:
 
 
 def _from_hash(raw: dict[str, str], codec: SecretCodec) -> Profile:
+    return Profile.from_mapping(_stored_fields(raw, codec))
+
+
+def _stored_fields(raw: dict[str, str], codec: SecretCodec) -> dict[str, Any]:
+    """The stored fields, secrets decoded, not yet validated: an update must
+    be able to repair a profile that a newer release's rules refuse (a
+    private token host stored before ``allow_private_network`` existed)."""
     data: dict[str, Any] = {k: v for k, v in raw.items() if k in _FIELDS}
     if data.get("client_secret"):
         data["client_secret"] = codec.decode(data["client_secret"])
     if data.get("secret_params"):
         data["secret_params"] = codec.decode(data["secret_params"])
-    return Profile.from_mapping(data)
+    return data
+
+
+def _warn_if_private(profile: Profile) -> None:
+    """An unsafe mode is explicit and said out loud (``worker.egress``)."""
+    if profile.allow_private_network:
+        log.warning(
+            "profile.private_network_allowed",
+            profile_id=profile.id,
+            detail="token requests may go to loopback, private and link-local addresses",
+        )
 
 
 class ProfileStore:
@@ -62,6 +82,7 @@ class ProfileStore:
 
     async def create(self, data: dict[str, Any]) -> dict[str, Any]:
         profile = Profile.from_mapping(apply_preset(data))
+        _warn_if_private(profile)
         key = self.keys.profile(profile.id)
         now = str(int(time.time() * 1000))
         # HSETNX on "id" makes creation atomic: two racing creators cannot
@@ -78,17 +99,22 @@ class ProfileStore:
 
     async def update(self, profile_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         """Merge ``changes`` over the stored profile; a secret not given is kept."""
-        current = await self.load(profile_id)
+        validate_id("profile", profile_id)
+        raw: dict[str, str] = await guard(self.client.hgetall(self.keys.profile(profile_id)))
+        if not raw or "token_url" not in raw:
+            raise NotFound(f"no profile {profile_id!r}")
+        current = _stored_fields(raw, self.codec)
         if changes.get("id", profile_id) != profile_id:
             raise ConfigError("a profile's id cannot change; create a new profile")
         changes = dict(changes)
         if "secret_params" in changes:
             # secrets cannot be read back, so an update adds to them; a value
             # of None removes one
-            merged_secrets = dict(current.secret_params) | dict(changes["secret_params"])
+            stored_secrets = json.loads(current.get("secret_params") or "{}")
+            merged_secrets = dict(stored_secrets) | dict(changes["secret_params"])
             changes["secret_params"] = {k: v for k, v in merged_secrets.items() if v is not None}
-        merged = {name: getattr(current, name) for name in _FIELDS} | changes
-        profile = Profile.from_mapping(merged)
+        profile = Profile.from_mapping(current | changes)
+        _warn_if_private(profile)
         mapping: dict[Any, Any] = _to_hash(profile, self.codec)
         mapping["updated_at"] = str(int(time.time() * 1000))
         await guard(self.client.hset(self.keys.profile(profile_id), mapping=mapping))

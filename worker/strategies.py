@@ -19,13 +19,14 @@ import base64
 import json
 from collections.abc import Mapping
 from functools import lru_cache
-from urllib.parse import quote, quote_plus, urlencode
+from urllib.parse import quote_plus, urlencode
 
 from multidict import CIMultiDict
 
-from worker.errors import ConfigError, Permanent
+from worker.errors import Permanent
 from worker.profile import AuthMethod, BodyFormat, Profile, Strategy
 from worker.transport import TokenRequest
+from worker.urltemplate import parse_url_template
 
 __all__ = ["basic_credentials", "build_request", "token_url"]
 
@@ -43,13 +44,24 @@ def basic_credentials(client_id: str, client_secret: str, *, form_encode: bool) 
 
 def token_url(profile: Profile, params: Mapping[str, str]) -> str:
     """The profile's URL with ``{name}`` placeholders filled from the
-    credential's params, each percent-encoded as one path segment."""
+    credential's params, each percent-encoded as one path segment or query
+    value (``worker.urltemplate``); a param that is ``.``, ``..`` or empty
+    is a ``ConfigError``, so the refresh stops as a config failure."""
     if not profile.url_params:
         return profile.token_url
-    missing = profile.url_params - set(params)
-    if missing:
-        raise ConfigError(f"credential params lack {', '.join(sorted(missing))}")
-    return profile.token_url.format_map({k: quote(params[k], safe="") for k in params})
+    return parse_url_template(profile.token_url).fill(params)
+
+
+def _refuse_unsafe_headers(headers: Mapping[str, str], url: str) -> None:
+    """Defence in depth: values are checked when profiles and credentials are
+    written, but a secret can also come from a provider's answer (a rotated
+    secret sent back as ``Bearer``). A header value with CR/LF or another
+    control character is never sent; the message names the header only."""
+    for name, value in headers.items():
+        if not value.isprintable():  # C speed; headers are visible ASCII anyway
+            raise Permanent("unsafe_request", f"header {name} holds a control character")
+    if not url.isprintable():
+        raise Permanent("unsafe_request", "the token URL holds a control character")
 
 
 def _form(body: Mapping[str, str], *, secret_name: str) -> str:
@@ -134,4 +146,11 @@ def build_request(
         content = _form(body, secret_name=profile.effective_token_param).encode()
     if query:
         url = f"{url}{'&' if '?' in url else '?'}{urlencode(query)}"
-    return TokenRequest(profile.method, url, CIMultiDict(headers), content)
+    _refuse_unsafe_headers(headers, url)
+    return TokenRequest(
+        profile.method,
+        url,
+        CIMultiDict(headers),
+        content,
+        allow_private_network=profile.allow_private_network,
+    )

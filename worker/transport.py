@@ -29,7 +29,8 @@ from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict
 
 from worker import __version__
-from worker.errors import Ambiguous, NotSent
+from worker.egress import EgressRefused, GuardedConnector, allow_private_network
+from worker.errors import Ambiguous, NotSent, Permanent
 
 __all__ = [
     "KEEPALIVE_S",
@@ -67,6 +68,9 @@ class TokenRequest:
     url: str
     headers: CIMultiDict[str]
     content: bytes = b""
+    #: the profile's ``allow_private_network``: may the connection go to a
+    #: loopback, private or link-local address (``worker.egress``)
+    allow_private_network: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +96,9 @@ def _still_open(protocol: ResponseHandler) -> bool:
     return not poller.poll(0)
 
 
-class PoolConnector(aiohttp.TCPConnector):
-    """aiohttp's connector, reusing connections so that a request is not
+class PoolConnector(GuardedConnector):
+    """The egress-guarded connector (``worker.egress``), reusing connections
+    so that a request is not
     written onto one the server is closing (``send`` says why that matters
     more here than anywhere): the most recently used connection first, not
     the longest idle one (aiohttp's queue order), none idle past
@@ -148,7 +153,18 @@ def _timeout(total_s: float) -> aiohttp.ClientTimeout:
                                  sock_read=None)  # fmt: skip
 
 
-def _classify(exc: aiohttp.ClientError) -> NotSent | Ambiguous:
+def _egress_refusal(exc: aiohttp.ClientError) -> Permanent | None:
+    """A connection the egress guard refused: nothing was sent, and retrying
+    cannot help until an operator fixes the profile (or its DNS), so it is
+    a permanent ``egress_refused`` failure (the credential needs attention)."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, EgressRefused):
+        return Permanent("egress_refused", exc.os_error.reason)
+    return None
+
+
+def _classify(exc: aiohttp.ClientError) -> NotSent | Ambiguous | Permanent:
+    if (refused := _egress_refusal(exc)) is not None:
+        return refused
     if isinstance(exc, _NOT_SENT):
         return NotSent("connect_error", type(exc).__name__)
     if _closed_before_write(exc):
@@ -180,8 +196,10 @@ async def send(
 ) -> HttpAnswer:
     """Send ``request`` and read at most ``MAX_BODY_BYTES`` of the answer,
     all within ``timeout_s`` (the caller has already fitted it inside the
-    lease). Raises ``NotSent`` or ``Ambiguous``; never a foreign error."""
+    lease). Raises ``NotSent`` or ``Ambiguous``, or ``Permanent`` when the
+    egress guard refused the address (nothing sent); never a foreign error."""
     req = request
+    allow_private_network.set(req.allow_private_network)  # read by the connector
     try:
         # the whole exchange - connect, send, read the body - fits in timeout_s
         async with (

@@ -54,6 +54,16 @@ CRD_API_GROUPS = {"monitoring.coreos.com/v1", "keda.sh/v1alpha1"}
 #: Egress the worker needs: DNS, Redis/Valkey, HTTPS to token endpoints.
 ALLOWED_EGRESS = {("UDP", 53), ("TCP", 53), ("TCP", 6379), ("TCP", 443)}
 
+#: Ranges HTTPS egress must exclude: private, shared (CGNAT), link-local
+#: (cloud metadata). The worker refuses them too (worker/egress.py).
+PRIVATE_RANGES = {
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "100.64.0.0/10",
+}
+
 #: Seconds of shielded commit retries after the drain grace (worker.refresher).
 COMMIT_PATIENCE_S = RefreshTiming(lease_ms=30_000, margin_ms=2_000).commit_patience_s
 
@@ -160,6 +170,42 @@ def check_pod_security(where: str, owner: Obj, pod: Obj, report: Report) -> None
                 cw,
                 f"env {env['name']} looks secret; use a secretKeyRef",
             )
+
+
+def check_egress_peers(
+    where: str, rule: Obj, rule_ports: set[tuple[str, Any]], report: Report
+) -> None:
+    """Only DNS may go anywhere: Redis goes to selected pods or named
+    addresses, HTTPS to public addresses (every ipBlock excludes the private
+    ranges, or names a narrower block that is not one of them)."""
+    peers = rule.get("to", [])
+    if rule_ports <= {("UDP", 53), ("TCP", 53)}:
+        return
+    report.check(bool(peers), where, f"egress to {sorted(rule_ports)} names its destinations")
+    blocks = [p["ipBlock"] for p in peers if "ipBlock" in p]
+    if ("TCP", 6379) in rule_ports:
+        report.check(
+            all(b["cidr"] not in {"0.0.0.0/0", "::/0"} for b in blocks),
+            where,
+            "Redis egress goes to Redis pods or addresses, not to anywhere",
+        )
+    if ("TCP", 443) in rule_ports:
+        for block in blocks:
+            if block["cidr"] == "0.0.0.0/0":
+                missing = PRIVATE_RANGES - set(block.get("except", []))
+                report.check(
+                    not missing, where, f"HTTPS egress to 0.0.0.0/0 excepts {sorted(missing)}"
+                )
+            elif block["cidr"] == "::/0":
+                excepted = set(block.get("except", []))
+                report.check(
+                    {"fc00::/7", "fe80::/10"} <= excepted,
+                    where,
+                    "HTTPS to ::/0 excepts ULA, link-local",
+                )
+        report.check(
+            all("ipBlock" in p for p in peers), where, "HTTPS egress names address blocks only"
+        )
 
 
 def check_refreshd(where: str, objs: list[Obj], report: Report) -> None:
@@ -320,6 +366,7 @@ def check_refreshd(where: str, objs: list[Obj], report: Report) -> None:
                 pw,
                 f"egress only to DNS, Redis and HTTPS, not {sorted(rule_ports - ALLOWED_EGRESS)}",
             )
+            check_egress_peers(pw, rule, rule_ports, report)
 
     # -- PrometheusRule is the generated rule file
     rule_groups = yaml.safe_load(RULES_FILE.read_text())["groups"]

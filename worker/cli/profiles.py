@@ -58,7 +58,10 @@ _KNOBS: list[tuple[str, str, Any, str]] = [
      "most requests per second per worker process (0: no limit)"),
     ("--max-concurrency", "max_concurrency", int,
      "most refreshes in flight per worker process (0: no limit)"),
-    ("--allow-http", "allow_http", str, "true to allow a plain http:// token URL (tests only)"),
+    ("--allow-http", "allow_http", str,
+     "true to allow a plain http:// token URL (tests only; needs --allow-private-network)"),
+    ("--allow-private-network", "allow_private_network", str,
+     "true to allow a token host on a loopback, private or link-local address"),
     ("--name", "name", str, "display name"),
 ]  # fmt: skip
 
