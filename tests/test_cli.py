@@ -899,6 +899,50 @@ def test_refresh_against_the_provider(
     assert "no credential" in cli.fails(1, "credential", "refresh", "ghost")
 
 
+def test_import_replace_never_writes_back_a_spent_refresh_token(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, provider: ProviderThread
+) -> None:
+    """Issue 10: re-importing an old line after a rotation would have sent
+    the spent refresh token again (and, for a rotating provider, revoked the
+    grant). The line is refused by number and credential id, without the
+    token; the stored tokens stay; the rest of the file is imported."""
+    fake_profile(cli, monkeypatch, provider)
+    grant = import_grant(cli, tmp_path, provider, "c1")
+    old_line = {
+        "id": "c1",
+        "profile": "fp",
+        "access_token": grant.access_token,
+        "refresh_token": grant.refresh_token,
+        "expires_in": 0,
+    }
+    assert cli("credential", "refresh", "c1").code == 0
+    rotated = cli.ok("credential", "get", "c1", "--reveal")
+    assert rotated["refresh_token"] != grant.refresh_token
+
+    path = write_jsonl(tmp_path / "old.jsonl", [cred_line("c2", "fp", 2), old_line])
+    result = cli("credential", "import", str(path), "--replace")
+    assert result.code == 1
+    summary = result.json()
+    assert (summary["created"], summary["replaced"]) == (1, 0)
+    [error] = summary["errors"]
+    assert error["line"] == 2
+    assert "c1" in error["error"]
+    assert "already spent" in error["error"]
+    for token in (grant.refresh_token, grant.access_token, rotated["refresh_token"]):
+        assert token not in result.out + result.err
+    stored = cli.ok("credential", "get", "c1", "--reveal")
+    assert stored["refresh_token"] == rotated["refresh_token"]
+    assert stored["version"] == rotated["version"]
+
+    # the current tokens may be re-imported, and the next refresh spends them
+    current = old_line | {"refresh_token": rotated["refresh_token"]}
+    assert cli.ok("credential", "import", str(write_jsonl(tmp_path / "cur.jsonl", [current])),
+                  "--replace")["replaced"] == 1  # fmt: skip
+    assert cli("credential", "refresh", "c1").code == 0
+    assert provider.send_counts()[grant.refresh_token] == 1
+    assert max(provider.send_counts().values()) == 1
+
+
 def test_refresh_refused_by_the_provider_needs_reauth(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, provider: ProviderThread
 ) -> None:
