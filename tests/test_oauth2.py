@@ -491,6 +491,46 @@ def test_a_2xx_without_a_usable_token_set_is_ambiguous(body: dict[str, Any]) -> 
     fails(answer(200, body), Ambiguous, "invalid_response")
 
 
+def workato(**overrides: Any) -> Profile:
+    return profile(
+        strategy="secret_rotation",
+        method="PUT",
+        auth_method="bearer",
+        access_token_field="secret",
+        rotation="always",
+        default_lifetime_s=30 * 86400,
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "warnings"),
+    [
+        ({"secret": "s-new", "expires_in": "soon"}, ("expires_in_invalid",)),
+        ({"secret": "s-new", "token_type": None, "expires_in": -1},
+         ("token_type_invalid", "expires_in_invalid")),
+        ({"oauth_client_secret": "s-new"}, ("client_id_missing",)),
+    ],
+    ids=["expires_in", "token_type+expires_in", "client-id-missing"],
+)  # fmt: skip
+def test_a_rotated_secret_with_odd_fields_is_kept(
+    body: dict[str, Any], warnings: tuple[str, ...]
+) -> None:
+    """Issue 10, Workato: the old secret died the moment the provider
+    answered, so a readable new one is kept whatever else is odd."""
+    tokens = parse(answer(200, body), workato())
+    assert (tokens.access_token, tokens.refresh_token, tokens.rotated) == ("s-new", "s-new", True)
+    assert tokens.token_type == "Bearer"
+    assert tokens.expires_at_ms == NOW_MS + 30 * 86_400_000
+    assert sorted(tokens.warnings) == sorted(warnings)
+
+
+def test_a_rotation_answer_without_a_new_secret_is_ambiguous() -> None:
+    with pytest.raises(Ambiguous) as caught:
+        parse(answer(200, {"secret": "", "expires_in": 60}), workato())
+    assert caught.value.reason == "invalid_response"
+
+
 def test_github_error_in_a_200_is_a_refusal() -> None:
     failure = fails(
         answer(200, {"error": "bad_refresh_token", "error_description": "expired"}),
