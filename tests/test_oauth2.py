@@ -436,6 +436,17 @@ def test_an_oversized_token_in_an_answer_is_stored_with_a_warning() -> None:
     assert tokens.warnings == ("token_oversized",)
 
 
+def test_a_deeply_nested_kept_field_does_not_cost_the_tokens() -> None:
+    """orjson reads 1,023 levels; json.dumps of 1,000 raised RecursionError,
+    which the refresher took for an unknown outcome (tokens lost)."""
+    raw = b'{"access_token": "a", "refresh_token": "rt-new", "x": ' + b"[" * 1000
+    raw += b"]" * 1000 + b', "y": 1}'
+    tokens = parse(answer(200, raw), profile(keep_fields=["x", "y"]))
+    assert (tokens.access_token, tokens.refresh_token) == ("a", "rt-new")
+    assert tokens.extra == {"y": "1"}
+    assert tokens.warnings == ("kept_field_invalid",)
+
+
 def test_a_deeply_nested_jwt_payload_does_not_cost_the_tokens() -> None:
     payload = base64.urlsafe_b64encode(b"[" * 40_000).rstrip(b"=").decode()
     body = {"access_token": f"eyJhbGciOiJub25lIn0.{payload}.c2ln", "refresh_token": "rt-new"}

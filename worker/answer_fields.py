@@ -25,6 +25,8 @@ provider text):
 ``access_token_missing``      a new refresh token and no usable access token
 ``token_oversized``           a token over 16 KiB, stored all the same
 ``client_id_missing``         a new client secret without its client id
+``kept_field_invalid``        a ``keep_fields`` value that cannot be stored
+                              (nested too deeply): left out
 ============================  =================================================
 """
 
@@ -72,6 +74,7 @@ WARNINGS = frozenset(
         "access_token_missing",
         "token_oversized",
         "client_id_missing",
+        "kept_field_invalid",
     }
 )
 

@@ -244,12 +244,16 @@ def _expiry_ms(
     return now_ms + int(profile.default_lifetime_s * 1000)
 
 
-def _kept(body: dict[str, Any], profile: Profile) -> dict[str, str]:
+def _kept(body: dict[str, Any], profile: Profile, warnings: Warnings) -> dict[str, str]:
     kept: dict[str, str] = {}
     for name in profile.keep_fields:
         value = field_at(body, name)
-        if value is not None:
+        if value is None:
+            continue
+        try:
             kept[name] = value if isinstance(value, str) else json.dumps(value)
+        except (RecursionError, ValueError):  # nested ~1,000 deep: the tokens still land
+            warn(warnings, "kept_field_invalid")
     return kept
 
 
@@ -315,7 +319,7 @@ def read_answer(
         else 0,
         scope=read_scope(body, old_scope, warnings),
         rotated=rotated,
-        extra=_kept(body, profile),
+        extra=_kept(body, profile, warnings),
         refresh_expires_at_ms=refresh_expires_at,
         warnings=tuple(warnings),
         refresh_unconfirmed=unconfirmed and not rotated,
@@ -354,7 +358,7 @@ def _rotated_secret(
     and only an answer without one is ambiguous."""
     if str(body.get("auth_type", "")).lower() == "jwt":
         raise Permanent("jwt_profile_unsupported", "JWT access profiles have no secret to rotate")
-    extra = _kept(body, profile)
+    extra = _kept(body, profile, warnings)
     secret = body.get("oauth_client_secret")
     if isinstance(secret, str) and secret:
         client_id = body.get("oauth_client_id")
