@@ -778,6 +778,69 @@ def test_import_line_that_is_not_utf8_is_reported_by_number(cli: Cli, tmp_path: 
     assert [c["id"] for c in cli.ok("credential", "list")["result"]] == ["c1", "c2"]
 
 
+def test_a_deeply_nested_line_is_reported_and_the_rest_imported(cli: Cli, tmp_path: Path) -> None:
+    """Issue 10: 100,000 nested arrays crashed the import with a traceback
+    (RecursionError) and lost the lines read before it but not yet written."""
+    make_profile(cli, "acme")
+    lines: list[dict[str, Any] | str] = [
+        cred_line("c1", "acme", 1),
+        cred_line("c2", "acme", 2),
+        "[" * 100_000 + "]" * 100_000,
+        '{"id": ' * 30_000,
+        cred_line("c3", "acme", 3),
+    ]
+    result = cli("credential", "import", str(write_jsonl(tmp_path / "deep.jsonl", lines)))
+    assert result.code == 1
+    assert "Traceback" not in result.err
+    summary = result.json()
+    assert (summary["lines"], summary["created"], summary["failed"]) == (5, 3, 2)
+    assert summary["errors"] == [
+        {"line": 3, "error": "JSON nested too deeply"},
+        {"line": 4, "error": "JSON nested too deeply"},
+    ]
+    assert [c["id"] for c in cli.ok("credential", "list")["result"]] == ["c1", "c2", "c3"]
+
+
+def test_oversized_tokens_and_lines_are_refused_by_number(cli: Cli, tmp_path: Path) -> None:
+    """Issue 10: a 5 MB token was accepted. Tokens are capped at 16 KiB,
+    a line at 256 KiB (never read whole); the messages never echo a value."""
+    make_profile(cli, "acme")
+    big = "B" * (16 * 1024 + 1)
+    lines = [
+        cred_line("c-max", "acme", 1, refresh_token="R" * 16 * 1024),  # 1 at the cap: fine
+        cred_line("c-rt", "acme", 2, refresh_token=big),  # 2
+        cred_line("c-at", "acme", 3, access_token=big),  # 3
+        cred_line("c-5mb", "acme", 4, refresh_token="M" * 5_000_000),  # 4
+        cred_line("c-tt", "acme", 5, token_type="T" * 65),  # 5
+        cred_line("c-scope", "acme", 6, scope="s" * (16 * 1024 + 1)),  # 6
+        cred_line("c-ok", "acme", 7),  # 7
+    ]
+    result = cli("credential", "import", str(write_jsonl(tmp_path / "big.jsonl", lines)))
+    assert result.code == 1
+    summary = result.json()
+    assert summary["created"] == 2
+    assert summary["errors"] == [
+        {"line": 2, "error": "refresh_token is longer than 16,384 bytes"},
+        {"line": 3, "error": "access_token is longer than 16,384 bytes"},
+        {"line": 4, "error": "line is longer than 262,144 bytes"},
+        {"line": 5, "error": "token_type is longer than 64 characters"},
+        {"line": 6, "error": "scope is longer than 16,384 bytes"},
+    ]
+    assert "BBBB" not in result.out + result.err
+    assert "MMMM" not in result.out + result.err
+    assert [c["id"] for c in cli.ok("credential", "list")["result"]] == ["c-max", "c-ok"]
+
+
+def test_an_overlong_line_from_stdin_is_reported_too(cli: Cli) -> None:
+    make_profile(cli, "acme")
+    stdin = json.dumps(cred_line("c1", "acme", 1, refresh_token="M" * 300_000)) + "\n"
+    stdin += json.dumps(cred_line("c2", "acme", 2)) + "\n"
+    result = cli("credential", "import", "-", stdin=stdin)
+    assert result.code == 1
+    assert result.json()["errors"] == [{"line": 1, "error": "line is longer than 262,144 bytes"}]
+    assert [c["id"] for c in cli.ok("credential", "list")["result"]] == ["c2"]
+
+
 def test_id_with_trailing_newline_is_rejected(cli: Cli, tmp_path: Path) -> None:
     make_profile(cli, "acme")
     path = write_jsonl(tmp_path / "nl.jsonl", [cred_line("c1\n", "acme", 1)])
@@ -898,6 +961,50 @@ def test_refresh_against_the_provider(
     for token in (grant.access_token, grant.refresh_token, state.access_token, state.refresh_token):
         assert token not in result.out + result.err
     assert "no credential" in cli.fails(1, "credential", "refresh", "ghost")
+
+
+def test_import_replace_never_writes_back_a_spent_refresh_token(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, provider: ProviderThread
+) -> None:
+    """Issue 10: re-importing an old line after a rotation would have sent
+    the spent refresh token again (and, for a rotating provider, revoked the
+    grant). The line is refused by number and credential id, without the
+    token; the stored tokens stay; the rest of the file is imported."""
+    fake_profile(cli, monkeypatch, provider)
+    grant = import_grant(cli, tmp_path, provider, "c1")
+    old_line = {
+        "id": "c1",
+        "profile": "fp",
+        "access_token": grant.access_token,
+        "refresh_token": grant.refresh_token,
+        "expires_in": 0,
+    }
+    assert cli("credential", "refresh", "c1").code == 0
+    rotated = cli.ok("credential", "get", "c1", "--reveal")
+    assert rotated["refresh_token"] != grant.refresh_token
+
+    path = write_jsonl(tmp_path / "old.jsonl", [cred_line("c2", "fp", 2), old_line])
+    result = cli("credential", "import", str(path), "--replace")
+    assert result.code == 1
+    summary = result.json()
+    assert (summary["created"], summary["replaced"]) == (1, 0)
+    [error] = summary["errors"]
+    assert error["line"] == 2
+    assert "c1" in error["error"]
+    assert "already spent" in error["error"]
+    for token in (grant.refresh_token, grant.access_token, rotated["refresh_token"]):
+        assert token not in result.out + result.err
+    stored = cli.ok("credential", "get", "c1", "--reveal")
+    assert stored["refresh_token"] == rotated["refresh_token"]
+    assert stored["version"] == rotated["version"]
+
+    # the current tokens may be re-imported, and the next refresh spends them
+    current = old_line | {"refresh_token": rotated["refresh_token"]}
+    assert cli.ok("credential", "import", str(write_jsonl(tmp_path / "cur.jsonl", [current])),
+                  "--replace")["replaced"] == 1  # fmt: skip
+    assert cli("credential", "refresh", "c1").code == 0
+    assert provider.send_counts()[grant.refresh_token] == 1
+    assert max(provider.send_counts().values()) == 1
 
 
 def test_refresh_refused_by_the_provider_needs_reauth(

@@ -27,6 +27,7 @@ import httpx
 import pytest
 from anyio.abc import SocketAttribute, SocketStream
 
+from worker.answer_fields import WARNINGS
 from worker.errors import Ambiguous, ConfigError, NotSent, Permanent, RefreshFailure, Transient
 from worker.models import Profile
 from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
@@ -245,21 +246,30 @@ def test_no_refresh_token_keeps_the_old_one() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rotation", "returned"),
-    [("always", None), ("always", ""), ("maybe", "")],
-    ids=["always-none", "always-empty", "maybe-empty"],
+    ("rotation", "returned", "warning"),
+    [
+        ("always", None, "refresh_token_missing"),
+        ("always", "", "refresh_token_invalid"),
+        ("maybe", "", "refresh_token_invalid"),
+        ("maybe", 5, "refresh_token_invalid"),
+    ],
+    ids=["always-none", "always-empty", "maybe-empty", "maybe-number"],
 )
-def test_a_missing_rotation_from_a_rotating_provider_is_ambiguous(
-    rotation: str, returned: str | None
+def test_a_missing_rotation_from_a_rotating_provider_keeps_the_access_token(
+    rotation: str, returned: object, warning: str
 ) -> None:
-    """The old token is probably spent and the new one unreadable: keeping
-    the old one would mean sending a dead token (and a revoked grant)."""
+    """The old refresh token is probably spent and the new one unreadable:
+    the new access token is still stored (it works until it expires), and
+    the old refresh token is marked unconfirmed, so that the unknown-outcome
+    rule decides before it is ever sent again."""
     body: dict[str, Any] = {"access_token": "at-new", "expires_in": 60}
     if returned is not None:
         body["refresh_token"] = returned
-    with pytest.raises(Ambiguous) as caught:
-        parse(answer(200, body), profile(rotation=rotation))
-    assert caught.value.reason == "invalid_response"
+    tokens = parse(answer(200, body), profile(rotation=rotation))
+    assert (tokens.access_token, tokens.refresh_token) == ("at-new", OLD_RT)
+    assert tokens.refresh_unconfirmed is True
+    assert tokens.rotated is False
+    assert tokens.warnings == (warning,)
 
 
 @pytest.mark.parametrize("returned", [None, ""])
@@ -315,18 +325,134 @@ def test_missing_expires_in_without_a_usable_exp_uses_the_profile_default(
 
 @pytest.mark.parametrize(
     "value",
-    [0, -1, -3600, 10**12, 400 * 86400 + 1, True, False, "soon", "", [], {}],
+    [0, -1, -3600, 0.5, True, False, "soon", "", "NaN", None, [], {}],
     ids=repr,
 )
-def test_absurd_expires_in_is_ambiguous(value: object) -> None:
-    body = {"access_token": "a", "refresh_token": "r", "expires_in": value}
-    fails(answer(200, body), Ambiguous, "invalid_response")
+def test_an_unusable_expires_in_falls_back_to_the_default_lifetime(value: object) -> None:
+    """Issue 10: each of these used to discard the new tokens (and, for a
+    rotating provider, the grant). Now they are stored with the profile's
+    default lifetime and a warning. (null reads as absent: no warning.)"""
+    body = {"access_token": "at-new", "refresh_token": "rt-new", "expires_in": value}
+    tokens = parse(answer(200, body), profile(default_lifetime_s=1234))
+    assert (tokens.access_token, tokens.refresh_token) == ("at-new", "rt-new")
+    assert tokens.expires_at_ms == NOW_MS + 1_234_000
+    assert tokens.warnings == (() if value is None else ("expires_in_invalid",))
 
 
-@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
-def test_non_finite_expires_in_is_ambiguous(literal: bytes) -> None:
-    body = b'{"access_token": "a", "expires_in": ' + literal + b"}"
-    fails(answer(200, body), Ambiguous, "invalid_response")
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_a_non_finite_expires_in_falls_back_to_the_default_lifetime(literal: bytes) -> None:
+    body = b'{"access_token": "a", "refresh_token": "r", "expires_in": ' + literal + b"}"
+    tokens = parse(answer(200, body), profile(default_lifetime_s=600))
+    assert (tokens.access_token, tokens.refresh_token) == ("a", "r")
+    assert tokens.expires_at_ms == NOW_MS + 600_000
+    assert tokens.warnings == ("expires_in_invalid",)
+
+
+def test_an_unusable_expires_in_falls_back_to_the_jwt_exp_first() -> None:
+    exp_s = NOW_MS // 1000 + 900
+    body = {"access_token": jwt({"exp": exp_s}), "expires_in": "soon"}
+    tokens = parse(answer(200, body))
+    assert tokens.expires_at_ms == exp_s * 1000
+    assert tokens.warnings == ("expires_in_invalid",)
+
+
+@pytest.mark.parametrize("value", [10**12, 400 * 86400 + 1, "1e300"], ids=repr)
+def test_a_lifetime_over_400_days_is_clamped(value: object) -> None:
+    tokens = parse(answer(200, {"access_token": "a", "refresh_token": "r", "expires_in": value}))
+    assert tokens.expires_at_ms == NOW_MS + 400 * 86_400_000
+    assert tokens.warnings == ("expires_in_clamped",)
+
+
+def test_a_jwt_exp_over_400_days_is_clamped() -> None:
+    token = jwt({"exp": NOW_MS // 1000 + 500 * 86400})
+    tokens = parse(answer(200, {"access_token": token}))
+    assert tokens.expires_at_ms == NOW_MS + 400 * 86_400_000
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected", "warnings"),
+    [
+        ({"token_type": None}, ("Bearer", "read write"), ("token_type_invalid",)),
+        ({"token_type": ""}, ("Bearer", "read write"), ("token_type_invalid",)),
+        ({"token_type": 1}, ("Bearer", "read write"), ("token_type_invalid",)),
+        ({"token_type": "x" * 65}, ("Bearer", "read write"), ("token_type_invalid",)),
+        ({}, ("Bearer", "read write"), ()),
+        ({"scope": None}, ("Bearer", "read write"), ("scope_invalid",)),
+        ({"scope": 1}, ("Bearer", "read write"), ("scope_invalid",)),
+        ({"scope": ["read", 2]}, ("Bearer", "read write"), ("scope_invalid",)),
+        ({"scope": "s" * 16385}, ("Bearer", "read write"), ("scope_invalid",)),
+        ({"scope": ""}, ("Bearer", ""), ()),
+        (
+            {"token_type": None, "scope": None, "expires_in": -5},
+            ("Bearer", "read write"),
+            ("expires_in_invalid", "token_type_invalid", "scope_invalid"),
+        ),
+    ],
+    ids=repr,
+)
+def test_odd_secondary_fields_get_their_fallback_and_a_warning(
+    extra: dict[str, Any], expected: tuple[str, str], warnings: tuple[str, ...]
+) -> None:
+    body = {"access_token": "at-new", "refresh_token": "rt-new", "expires_in": 60} | extra
+    tokens = parse(answer(200, body))
+    assert (tokens.access_token, tokens.refresh_token) == ("at-new", "rt-new")
+    assert (tokens.token_type, tokens.scope) == expected
+    assert sorted(tokens.warnings) == sorted(warnings)
+    assert set(tokens.warnings) <= WARNINGS
+
+
+@pytest.mark.parametrize("value", [0, -1, "soon", None, 10**12], ids=repr)
+def test_an_unusable_refresh_expiry_keeps_the_tokens(value: object) -> None:
+    body = {"access_token": "a", "refresh_token": "r", "expires_in": 60, "rx": value}
+    tokens = parse(answer(200, body), profile(refresh_expires_in_field="rx"))
+    assert (tokens.access_token, tokens.refresh_token) == ("a", "r")
+    if value == 10**12:
+        assert tokens.refresh_expires_at_ms == NOW_MS + 400 * 86_400_000
+        assert tokens.warnings == ("refresh_expires_in_clamped",)
+    elif value is None:
+        assert (tokens.refresh_expires_at_ms, tokens.warnings) == (None, ())
+    else:
+        assert tokens.refresh_expires_at_ms is None
+        assert tokens.warnings == ("refresh_expires_in_invalid",)
+
+
+@pytest.mark.parametrize("access_token", [None, "", 7, ["a"]], ids=repr)
+def test_a_new_refresh_token_without_an_access_token_is_kept(access_token: object) -> None:
+    """A partial answer: the grant lives on in the new refresh token, so it
+    is a token set with no access token (the caller keeps the stored one)."""
+    body: dict[str, Any] = {"refresh_token": "rt-new", "expires_in": 60}
+    if access_token is not None:
+        body["access_token"] = access_token
+    tokens = parse(answer(200, body), profile(rotation="always"))
+    assert (tokens.access_token, tokens.refresh_token, tokens.rotated) == ("", "rt-new", True)
+    assert tokens.expires_at_ms == 0
+    assert tokens.warnings == ("access_token_missing",)
+
+
+def test_an_oversized_token_in_an_answer_is_stored_with_a_warning() -> None:
+    big = "r" * (16 * 1024 + 1)
+    tokens = parse(answer(200, {"access_token": "a", "refresh_token": big, "expires_in": 60}))
+    assert tokens.refresh_token == big
+    assert tokens.warnings == ("token_oversized",)
+
+
+def test_a_deeply_nested_kept_field_does_not_cost_the_tokens() -> None:
+    """orjson reads 1,023 levels; json.dumps of 1,000 raised RecursionError,
+    which the refresher took for an unknown outcome (tokens lost)."""
+    raw = b'{"access_token": "a", "refresh_token": "rt-new", "x": ' + b"[" * 1000
+    raw += b"]" * 1000 + b', "y": 1}'
+    tokens = parse(answer(200, raw), profile(keep_fields=["x", "y"]))
+    assert (tokens.access_token, tokens.refresh_token) == ("a", "rt-new")
+    assert tokens.extra == {"y": "1"}
+    assert tokens.warnings == ("kept_field_invalid",)
+
+
+def test_a_deeply_nested_jwt_payload_does_not_cost_the_tokens() -> None:
+    payload = base64.urlsafe_b64encode(b"[" * 40_000).rstrip(b"=").decode()
+    body = {"access_token": f"eyJhbGciOiJub25lIn0.{payload}.c2ln", "refresh_token": "rt-new"}
+    tokens = parse(answer(200, body), profile(default_lifetime_s=600))
+    assert tokens.refresh_token == "rt-new"
+    assert tokens.expires_at_ms == NOW_MS + 600_000
 
 
 @pytest.mark.parametrize(
@@ -364,16 +490,56 @@ def test_a_truncated_2xx_is_ambiguous_even_when_the_prefix_parses() -> None:
 @pytest.mark.parametrize(
     "body",
     [
-        {"refresh_token": "r", "expires_in": 60},
+        {"expires_in": 60},
         {"access_token": "", "expires_in": 60},
-        {"access_token": 7, "expires_in": 60},
-        {"access_token": "a", "refresh_token": 5, "expires_in": 60},
-        {"access_token": "a", "token_type": 1, "expires_in": 60},
-        {"access_token": "a", "scope": 1, "expires_in": 60},
+        {"access_token": 7, "refresh_token": "", "expires_in": 60},
+        {"access_token": None, "refresh_token": OLD_RT, "expires_in": 60},
+        {"access_token": "", "refresh_token": 5, "expires_in": 60},
     ],
 )
 def test_a_2xx_without_a_usable_token_set_is_ambiguous(body: dict[str, Any]) -> None:
+    """Neither a usable access token nor a new refresh token: nothing to keep."""
     fails(answer(200, body), Ambiguous, "invalid_response")
+
+
+def workato(**overrides: Any) -> Profile:
+    return profile(
+        strategy="secret_rotation",
+        method="PUT",
+        auth_method="bearer",
+        access_token_field="secret",
+        rotation="always",
+        default_lifetime_s=30 * 86400,
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "warnings"),
+    [
+        ({"secret": "s-new", "expires_in": "soon"}, ("expires_in_invalid",)),
+        ({"secret": "s-new", "token_type": None, "expires_in": -1},
+         ("token_type_invalid", "expires_in_invalid")),
+        ({"oauth_client_secret": "s-new"}, ("client_id_missing",)),
+    ],
+    ids=["expires_in", "token_type+expires_in", "client-id-missing"],
+)  # fmt: skip
+def test_a_rotated_secret_with_odd_fields_is_kept(
+    body: dict[str, Any], warnings: tuple[str, ...]
+) -> None:
+    """Issue 10, Workato: the old secret died the moment the provider
+    answered, so a readable new one is kept whatever else is odd."""
+    tokens = parse(answer(200, body), workato())
+    assert (tokens.access_token, tokens.refresh_token, tokens.rotated) == ("s-new", "s-new", True)
+    assert tokens.token_type == "Bearer"
+    assert tokens.expires_at_ms == NOW_MS + 30 * 86_400_000
+    assert sorted(tokens.warnings) == sorted(warnings)
+
+
+def test_a_rotation_answer_without_a_new_secret_is_ambiguous() -> None:
+    with pytest.raises(Ambiguous) as caught:
+        parse(answer(200, {"secret": "", "expires_in": 60}), workato())
+    assert caught.value.reason == "invalid_response"
 
 
 def test_github_error_in_a_200_is_a_refusal() -> None:

@@ -166,9 +166,25 @@ def test_retry_after_is_a_floor() -> None:
     assert set(delays) == {5000}
 
 
-def test_retry_after_wins_over_the_expiry_clamp() -> None:
-    delays = retry_delays(DEFAULT, failures=3, expires_at_ms=NOW_MS + 10_000, retry_after_s=60)
-    assert set(delays) == {60_000}
+def test_retry_after_never_lands_past_the_expiry_of_a_valid_token() -> None:
+    """Issue 10: a Retry-After of a day scheduled the retry a day past the
+    token's expiry; the README promises never past expiry."""
+    expires = NOW_MS + 10_000
+    for retry_after_s in (60.0, 86_400.0):
+        delays = retry_delays(
+            DEFAULT, failures=3, expires_at_ms=expires, retry_after_s=retry_after_s
+        )
+        assert set(delays) == {expires - 1000 - NOW_MS}
+
+
+def test_retry_after_below_the_expiry_is_still_a_floor() -> None:
+    delays = retry_delays(DEFAULT, failures=1, expires_at_ms=NOW_MS + 3_600_000, retry_after_s=30)
+    assert set(delays) == {30_000}
+
+
+def test_retry_after_is_honoured_in_full_once_the_token_has_expired() -> None:
+    delays = retry_delays(DEFAULT, failures=3, expires_at_ms=NOW_MS - 1, retry_after_s=86_400)
+    assert set(delays) == {86_400_000}
 
 
 def test_a_retry_is_never_scheduled_sooner_than_50_ms() -> None:

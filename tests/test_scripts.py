@@ -27,6 +27,7 @@ from worker.app import open_store
 from worker.codec import PlainCodec
 from worker.errors import Conflict, NotFound
 from worker.keys import Keyspace, Partition
+from worker.landing import spent_fingerprint
 from worker.models import Claimed, CredentialInput, Status
 from worker.redisio import connect
 from worker.store import Durability, Outcome, SpendResult, Store
@@ -706,6 +707,42 @@ async def test_replace_before_the_spend_makes_the_claim_stale(store: Store) -> N
     await create(store, "c1", refresh_token="rt-operator", replace=True)
     result = await store.spend(c, timeout_ms=1000, margin_ms=100, rt_hash="fp")
     assert (result.ok, result.reason) == (False, "stale")  # the old token is never sent
+
+
+async def test_replace_refuses_the_last_two_spent_refresh_tokens(store: Store) -> None:
+    """A rotation records the spent token's fingerprint (``spent_rt``), and
+    an import may not write it back; the record keeps the last two (a few
+    bytes), and only once a credential has rotated."""
+    await create(store, "c1", refresh_token="rt-0")
+    assert "spent_rt" not in await store.raw_fields("c1")
+    for n in range(1, 4):  # rt-0 -> rt-1 -> rt-2 -> rt-3
+        c = await claimed(store, "c1", f"T{n}")
+        await spent(store, c)
+        fields = {"refresh_token": f"rt-{n}", "spent_rt": spent_fingerprint(f"rt-{n - 1}")}
+        assert (await store.commit(c, "refreshed", next_due="", fields=fields, event="")).ok
+    assert len((await store.raw_fields("c1"))["spent_rt"]) == 16
+    for old in ("rt-1", "rt-2"):
+        with pytest.raises(Conflict, match=r"credential c1: this refresh_token was already spent"):
+            await create(store, "c1", refresh_token=old, replace=True)
+    cred = await store.get("c1")
+    assert (cred.refresh_token, cred.version) == ("rt-3", 3)
+    # the current token, or a new one, may be written
+    assert await create(store, "c1", refresh_token="rt-3", replace=True) is False
+    assert await create(store, "c1", refresh_token="rt-reauthorized", replace=True) is False
+    assert (await store.get("c1")).refresh_token == "rt-reauthorized"
+
+
+async def test_a_spent_fingerprint_is_kept_once_and_survives_a_replace(store: Store) -> None:
+    await create(store, "c1", refresh_token="rt-0")
+    for token in ("A", "B"):  # the same spent token reported twice (a late commit)
+        c = await claimed(store, "c1", token)
+        await spent(store, c)
+        fields = {"refresh_token": "rt-1", "spent_rt": spent_fingerprint("rt-0")}
+        assert (await store.commit(c, "refreshed", next_due="", fields=fields, event="")).ok
+    assert (await store.raw_fields("c1"))["spent_rt"] == spent_fingerprint("rt-0")
+    await create(store, "c1", refresh_token="rt-new", replace=True)
+    with pytest.raises(Conflict):
+        await create(store, "c1", refresh_token="rt-0", replace=True)
 
 
 # ---------------------------------------------------------------- delete

@@ -3,9 +3,10 @@
 Every way an answer can be wrong maps to one failure type with a bounded
 ``reason`` (a metric label, never provider text):
 
-- a 2xx whose body is not a usable token set: ``Ambiguous("invalid_response")``,
-  because the provider most likely rotated the token and we could not read
-  the new one;
+- a 2xx whose body holds neither a usable access token nor a new refresh
+  token: ``Ambiguous("invalid_response")``, because the provider most likely
+  rotated the token and we could not read the new one (odd secondary fields
+  never make an answer unusable: ``worker.answer_fields``);
 - a 2xx carrying an ``error`` (GitHub) or ``ok: false`` (Slack): a refusal;
 - the profile's ``error_rules``, first match wins (e.g. Microsoft's
   ``invalid_grant`` + AADSTS50196 is throttling, not a dead grant);
@@ -28,6 +29,18 @@ from typing import Any
 
 import orjson
 
+from worker.answer_fields import (
+    MAX_LIFETIME_S,
+    MAX_TOKEN_BYTES,
+    MIN_LIFETIME_S,
+    Warnings,
+    lifetime_s,
+    number,
+    read_scope,
+    read_token_type,
+    utf8_len,
+    warn,
+)
 from worker.errors import Ambiguous, Permanent, RefreshFailure, Transient
 from worker.profile import ErrorClass, ErrorRule, Profile, Rotation, Strategy
 from worker.scheduling import parse_retry_after
@@ -35,7 +48,6 @@ from worker.transport import HttpAnswer
 
 __all__ = ["TokenSet", "jwt_expiry_ms", "read_answer"]
 
-_MAX_LIFETIME_S = 400 * 86400
 _PERMANENT_ERRORS = frozenset(
     {
         "invalid_grant",
@@ -60,6 +72,9 @@ _DEFAULT_RULES = (
 
 @dataclass(frozen=True, slots=True)
 class TokenSet:
+    """A readable answer. ``access_token`` is "" when the answer carried
+    only a new refresh token (then ``expires_at_ms`` is 0)."""
+
     access_token: str
     refresh_token: str  # what the next refresh spends; the old one when none returned
     token_type: str
@@ -68,6 +83,11 @@ class TokenSet:
     rotated: bool
     extra: dict[str, str] = field(default_factory=dict)
     refresh_expires_at_ms: int | None = None
+    #: fallbacks applied to secondary fields (``worker.answer_fields.WARNINGS``)
+    warnings: tuple[str, ...] = ()
+    #: the old refresh token was kept although the provider should have
+    #: replaced it: it may be spent (the unknown-outcome rule applies)
+    refresh_unconfirmed: bool = False
 
 
 def field_at(body: dict[str, Any], path: str) -> Any:
@@ -183,8 +203,8 @@ def jwt_expiry_ms(token: str) -> int | None:
     try:
         padded = parts[1] + "=" * (-len(parts[1]) % 4)
         claims = json.loads(base64.urlsafe_b64decode(padded))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        return None
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        return None  # (a deeply nested payload must not cost the answer's tokens)
     exp = claims.get("exp") if isinstance(claims, dict) else None
     if not isinstance(exp, int | float) or isinstance(exp, bool):
         return None
@@ -194,49 +214,46 @@ def jwt_expiry_ms(token: str) -> int | None:
         return None
 
 
-def _seconds(value: Any, what: str, *, high: float = _MAX_LIFETIME_S) -> float:
-    """A positive number of seconds, given as a number or a numeric string
-    (webMethods types ``expires_in`` as a String)."""
-    if isinstance(value, bool):
-        raise Ambiguous("invalid_response", f"{what} is not a number")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise Ambiguous("invalid_response", f"{what} is not a number") from None
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise Ambiguous("invalid_response", f"{what} is not a number") from None
-    if not math.isfinite(number) or not 0 < number <= high:
-        raise Ambiguous("invalid_response", f"{what} out of range")
-    return number
-
-
-def _expiry_ms(body: dict[str, Any], profile: Profile, access_token: str, now_ms: int) -> int:
-    lifetime = field_at(body, profile.expires_in_field)
-    if lifetime is not None:
-        return now_ms + int(_seconds(lifetime, profile.expires_in_field) * 1000)
+def _expiry_ms(
+    body: dict[str, Any], profile: Profile, access_token: str, now_ms: int, warnings: Warnings
+) -> int:
+    """When the access token expires: ``expires_in``, else the profile's
+    ``expires_at_field``, else the JWT ``exp``, else the default lifetime.
+    An unusable value falls through to the next source (with a warning);
+    the result always lies within [now + 1 s, now + 400 days]."""
+    latest = now_ms + int(MAX_LIFETIME_S * 1000)
+    raw = field_at(body, profile.expires_in_field)
+    if raw is not None:
+        lifetime = lifetime_s(raw, warnings, "expires_in")
+        if lifetime is not None:
+            return now_ms + int(lifetime * 1000)
     absolute: int | None = None
     if profile.expires_at_field:
         at = field_at(body, profile.expires_at_field)
         if at is not None:
-            value = _seconds(at, profile.expires_at_field, high=1e14)
-            absolute = int(value * 1000) if value < 1e11 else int(value)
+            value = number(at)
+            if value is None or value <= 0:
+                warn(warnings, "expires_at_invalid")
+            else:
+                absolute = int(value * 1000) if value < 1e11 else int(min(value, 1e15))
     absolute = absolute or jwt_expiry_ms(access_token)
-    if absolute is not None and absolute > now_ms:
-        return absolute
+    if absolute is not None and absolute > now_ms + int(MIN_LIFETIME_S * 1000):
+        return min(absolute, latest)
     # no expiry, or one already past (a skewed clock must not cause a
     # refresh loop): the profile's default lifetime
     return now_ms + int(profile.default_lifetime_s * 1000)
 
 
-def _kept(body: dict[str, Any], profile: Profile) -> dict[str, str]:
+def _kept(body: dict[str, Any], profile: Profile, warnings: Warnings) -> dict[str, str]:
     kept: dict[str, str] = {}
     for name in profile.keep_fields:
         value = field_at(body, name)
-        if value is not None:
+        if value is None:
+            continue
+        try:
             kept[name] = value if isinstance(value, str) else json.dumps(value)
+        except (RecursionError, ValueError):  # nested ~1,000 deep: the tokens still land
+            warn(warnings, "kept_field_invalid")
     return kept
 
 
@@ -248,83 +265,120 @@ def read_answer(
     old_secret: str,
     old_scope: str,
 ) -> TokenSet:
-    """The token set in ``answer``, or raise the failure it means."""
+    """The token set in ``answer``, or raise the failure it means.
+
+    Any 2xx carrying a usable access token or a new refresh token is a
+    token set (``worker.answer_fields`` lists the fallbacks and their
+    warnings); only one with neither is ``Ambiguous("invalid_response")``.
+    Two partial answers keep what they can:
+
+    - a new refresh token without a usable access token: ``access_token``
+      is "" (the stored access token and its expiry stay; the caller
+      stores the refresh token and refreshes again soon);
+    - a usable access token but no readable new refresh token from a
+      provider that rotates: the old refresh token may be spent, so
+      ``refresh_unconfirmed`` is set and the caller applies the
+      unknown-outcome rule to it before sending it again.
+    """
     body = None if answer.truncated else _json_object(answer.body)
     failure = _classify(answer, profile, body, error_code(body, answer.status))
     if failure is not None:
         raise failure
     if body is None:
         raise Ambiguous("invalid_response", "2xx answer is not a JSON object", status=answer.status)
+    warnings: Warnings = []
     if profile.strategy is Strategy.SECRET_ROTATION:
-        return _rotated_secret(body, profile, now_ms)
+        return _rotated_secret(body, profile, now_ms, warnings)
     access_token = field_at(body, profile.access_token_field)
-    if not isinstance(access_token, str) or not access_token:
-        raise Ambiguous("invalid_response", f"{profile.access_token_field} missing")
-    new_secret = _new_refresh_token(body, profile)
-    token_type = body.get("token_type", "Bearer")
-    scope = body.get("scope", old_scope)
-    if not isinstance(token_type, str) or not isinstance(scope, str | list):
-        raise Ambiguous("invalid_response", "token_type or scope has the wrong type")
-    if isinstance(scope, list):
-        scope = " ".join(str(s) for s in scope)
+    if not isinstance(access_token, str):
+        access_token = ""
+    new_secret, unconfirmed = _new_refresh_token(body, profile, warnings)
+    rotated = bool(new_secret) and new_secret != old_secret
+    if not access_token:
+        if not rotated:
+            raise Ambiguous(
+                "invalid_response", f"{profile.access_token_field} missing", status=answer.status
+            )
+        warn(warnings, "access_token_missing")
+    if max(utf8_len(access_token), utf8_len(new_secret or "")) > MAX_TOKEN_BYTES:
+        warn(warnings, "token_oversized")
     refresh_expires_at = None
     if profile.refresh_expires_in_field:
         raw = field_at(body, profile.refresh_expires_in_field)
         if raw is not None:
-            refresh_expires_at = now_ms + int(_seconds(raw, "refresh expiry") * 1000)
+            lifetime = lifetime_s(raw, warnings, "refresh_expires_in")
+            if lifetime is not None:
+                refresh_expires_at = now_ms + int(lifetime * 1000)
     return TokenSet(
         access_token=access_token,
         # RFC 6749 §5.1: refresh_token is optional; keep the old one (Google, Dropbox)
         refresh_token=new_secret or old_secret,
-        token_type=token_type,
-        expires_at_ms=_expiry_ms(body, profile, access_token, now_ms),
-        scope=scope,
-        rotated=bool(new_secret) and new_secret != old_secret,
-        extra=_kept(body, profile),
+        token_type=read_token_type(body, warnings),
+        expires_at_ms=_expiry_ms(body, profile, access_token, now_ms, warnings)
+        if access_token
+        else 0,
+        scope=read_scope(body, old_scope, warnings),
+        rotated=rotated,
+        extra=_kept(body, profile, warnings),
         refresh_expires_at_ms=refresh_expires_at,
+        warnings=tuple(warnings),
+        refresh_unconfirmed=unconfirmed and not rotated,
     )
 
 
-def _new_refresh_token(body: dict[str, Any], profile: Profile) -> str | None:
-    """The rotated refresh token, or None to keep the old one. Keeping it is
-    right only where the old token may still be used: an empty value, or
-    none from a provider that always rotates, means the old token is
-    probably spent and the new one unreadable."""
+def _new_refresh_token(
+    body: dict[str, Any], profile: Profile, warnings: Warnings
+) -> tuple[str | None, bool]:
+    """(the new refresh token or None to keep the old one, whether the old
+    one may be spent). Keeping it is safe only where the old token may
+    still be used: an unreadable value, or none from a provider that
+    always rotates, means the old token is probably spent."""
     if profile.strategy is not Strategy.OAUTH2_REFRESH_TOKEN:
-        return None  # an API token is spent, not rotated; client_credentials has none
+        return None, False  # an API token is spent, not rotated; client_credentials has none
     value = field_at(body, profile.refresh_token_field)
-    if value is not None and not isinstance(value, str):
-        raise Ambiguous("invalid_response", "refresh token is not a string")
+    if isinstance(value, str) and value:
+        return value, False
+    if value is not None and (value != "" or profile.rotation is not Rotation.NEVER):
+        warn(warnings, "refresh_token_invalid")
     if profile.rotation is Rotation.NEVER:
-        return value or None
-    if value == "" or (value is None and profile.rotation is Rotation.ALWAYS):
-        raise Ambiguous("invalid_response", "no new refresh token from a rotating provider")
-    return value
+        return None, False
+    if value is None and profile.rotation is Rotation.MAYBE:
+        return None, False
+    if value is None:
+        warn(warnings, "refresh_token_missing")
+    return None, True
 
 
-def _rotated_secret(body: dict[str, Any], profile: Profile, now_ms: int) -> TokenSet:
+def _rotated_secret(
+    body: dict[str, Any], profile: Profile, now_ms: int, warnings: Warnings
+) -> TokenSet:
     """A secret-rotation answer (Workato ``refresh_secret``): a new auth
     token, or a new OAuth client id and secret. The old secret is dead the
-    moment the provider answered, so anything unreadable is ambiguous."""
+    moment the provider answered: whatever new secret is readable is kept,
+    and only an answer without one is ambiguous."""
     if str(body.get("auth_type", "")).lower() == "jwt":
         raise Permanent("jwt_profile_unsupported", "JWT access profiles have no secret to rotate")
-    extra = _kept(body, profile)
+    extra = _kept(body, profile, warnings)
     secret = body.get("oauth_client_secret")
-    if secret is not None:
+    if isinstance(secret, str) and secret:
         client_id = body.get("oauth_client_id")
-        if not isinstance(client_id, str) or not client_id:
-            raise Ambiguous("invalid_response", "oauth_client_secret without oauth_client_id")
-        extra["oauth_client_id"] = client_id
+        if isinstance(client_id, str) and client_id:
+            extra["oauth_client_id"] = client_id
+        else:
+            warn(warnings, "client_id_missing")  # the client id rarely changes
     else:
         secret = field_at(body, profile.access_token_field)
     if not isinstance(secret, str) or not secret:
         raise Ambiguous("invalid_response", "no new secret in the answer")
+    if utf8_len(secret) > MAX_TOKEN_BYTES:
+        warn(warnings, "token_oversized")
     return TokenSet(
         access_token=secret,
         refresh_token=secret,
-        token_type=str(body.get("token_type", "Bearer")),
-        expires_at_ms=_expiry_ms(body, profile, secret, now_ms),
+        token_type=read_token_type(body, warnings),
+        expires_at_ms=_expiry_ms(body, profile, secret, now_ms, warnings),
         scope="",
         rotated=True,
         extra=extra,
+        warnings=tuple(warnings),
     )

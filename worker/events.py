@@ -2,12 +2,14 @@
 
 Published on ``<prefix>events`` by the commit script itself, so a stored
 token and its event never disagree. Bump ``SCHEMA`` on any incompatible
-change; adding a field is compatible. The refresh token is never published.
+change; adding a field is compatible (``warnings`` was added so, within
+schema 1). The refresh token is never published.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -40,7 +42,11 @@ def build_event(
     retry_at_ms: int | None = None,
     failures: int | None = None,
     extra: dict[str, str] | None = None,
+    warnings: Sequence[str] = (),
 ) -> str:
+    """One event as compact JSON. ``warnings`` (any type, only when there
+    are some): the fallbacks applied to an odd provider answer, from the
+    fixed vocabulary of ``worker.answer_fields``."""
     body: dict[str, Any] = {
         "schema": SCHEMA,
         "type": kind.value,
@@ -64,6 +70,8 @@ def build_event(
             body["failures"] = failures
         if retry_at_ms is not None:
             body["retry_at"] = retry_at_ms
+    if warnings:
+        body["warnings"] = list(warnings)
     return orjson.dumps(body).decode()  # compact; non-ASCII as UTF-8, not \u escapes
 
 

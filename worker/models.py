@@ -12,6 +12,12 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from worker.answer_fields import (
+    MAX_SCOPE_BYTES,
+    MAX_TOKEN_BYTES,
+    MAX_TOKEN_TYPE_CHARS,
+    utf8_len,
+)
 from worker.errors import ConfigError
 from worker.profile import (
     AuthMethod,
@@ -46,6 +52,30 @@ class Status(StrEnum):
     DISABLED = "disabled"
 
 
+#: caps on what a credential may hold (README "Importing credentials"); a
+#: provider's answer is capped at 64 KiB whole and never refused for size
+MAX_PARAMS = 32
+MAX_PARAM_BYTES = 2048
+
+
+def _check_sizes(cred: CredentialInput) -> None:
+    """Refuse oversized fields by name, never echoing their values."""
+    for name, value, cap in (
+        ("access_token", cred.access_token, MAX_TOKEN_BYTES),
+        ("refresh_token", cred.refresh_token, MAX_TOKEN_BYTES),
+        ("scope", cred.scope, MAX_SCOPE_BYTES),
+    ):
+        if utf8_len(value) > cap:
+            raise ConfigError(f"{name} is longer than {cap:,} bytes")
+    if len(cred.token_type) > MAX_TOKEN_TYPE_CHARS:
+        raise ConfigError(f"token_type is longer than {MAX_TOKEN_TYPE_CHARS} characters")
+    if len(cred.params) > MAX_PARAMS:
+        raise ConfigError(f"params has more than {MAX_PARAMS} entries")
+    for key, value in cred.params.items():
+        if utf8_len(key) > MAX_PARAM_BYTES or utf8_len(value) > MAX_PARAM_BYTES:
+            raise ConfigError(f"a params entry is longer than {MAX_PARAM_BYTES:,} bytes")
+
+
 @dataclass(frozen=True, slots=True)
 class CredentialInput:
     """One credential as a user registers it (import line or API call).
@@ -63,6 +93,11 @@ class CredentialInput:
     token_type: str = "Bearer"  # noqa: S105 - a token type
     scope: str = ""
     params: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Size caps, for every way in (import line or API call): a 5 MB
+        token was accepted once, and every refresh would have carried it."""
+        _check_sizes(self)
 
     @classmethod
     def from_json(cls, data: object, *, now_ms: int) -> CredentialInput:

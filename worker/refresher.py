@@ -14,7 +14,6 @@ or inside its reuse grace window counted from the first unanswered send.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from worker.errors import (
     Transient,
 )
 from worker.events import EventType, build_event
+from worker.landing import plan_landing
 from worker.logs import debug_enabled, fingerprint, get_logger
 from worker.metrics import Metrics
 from worker.models import Claimed, Profile, Rotation
@@ -276,35 +276,18 @@ class Refresher:
 
     async def _finish_success(self, c: Claimed, profile: Profile, tokens: TokenSet) -> str:
         now_ms = _now_ms()
-        next_due = self.schedule.next_due_ms(
-            now_ms=now_ms, expires_at_ms=tokens.expires_at_ms, profile_lead_s=profile.refresh_lead_s
+        landing = plan_landing(c, profile, tokens, self.schedule, now_ms)
+        if tokens.warnings:
+            for warning in tokens.warnings:
+                self._child(self.metrics.answer_warnings, c.profile, warning).inc()
+            log.warning("token.answer.fallback", credential_id=c.id, warnings=list(tokens.warnings))
+        next_due, fields, event = landing.next_due_ms, landing.fields, landing.event
+        result = await self._commit(
+            c, "refreshed", next_due, fields, event, tokens, reason=landing.reason
         )
-        event = build_event(
-            EventType.REFRESHED,
-            credential_id=c.id,
-            profile=c.profile,
-            version=int(c.version) + 1,
-            ts_ms=now_ms,
-            access_token=tokens.access_token,
-            token_type=tokens.token_type,
-            expires_at_ms=tokens.expires_at_ms,
-            scope=tokens.scope,
-            extra=tokens.extra,
-        )
-        fields: dict[str, str | int] = {
-            "access_token": tokens.access_token,
-            "refresh_token": tokens.refresh_token,
-            "token_type": tokens.token_type,
-            "scope": tokens.scope,
-            "expires_at": tokens.expires_at_ms,
-        }
-        if tokens.extra:
-            fields["extra"] = json.dumps(tokens.extra, sort_keys=True)
-        if tokens.refresh_expires_at_ms:
-            fields["refresh_expires_at"] = tokens.refresh_expires_at_ms
-        result = await self._commit(c, "refreshed", next_due, fields, event, tokens, reason="")
         if result is not None and result.ok:
-            self._child(self.metrics.refreshes, c.profile, "refreshed", "ok").inc()
+            label = landing.reason or "ok"
+            self._child(self.metrics.refreshes, c.profile, "refreshed", label).inc()
             if debug_enabled():  # a sha256 per refresh otherwise
                 log.debug(
                     "token.refresh.succeeded",

@@ -10,7 +10,10 @@ import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-__all__ = ["Schedule", "parse_retry_after"]
+__all__ = ["EXPIRY_MARGIN_MS", "Schedule", "parse_retry_after"]
+
+#: a retry of a still valid token lands at least this long before its expiry
+EXPIRY_MARGIN_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,19 +61,20 @@ class Schedule:
         rng: random.Random | None = None,
     ) -> int:
         """Exponential backoff with full jitter after ``failures`` failures
-        (1 = first). ``Retry-After`` is a floor. While the access token is
-        still valid the retry never lands past its expiry (less a second),
-        because a retry before expiry can still keep the integration up;
-        an explicit Retry-After still wins, since ignoring it only earns
-        another refusal."""
+        (1 = first). ``Retry-After`` is a floor, except that while the
+        access token is still valid no retry lands past its expiry (less
+        ``EXPIRY_MARGIN_MS``): a retry before expiry can still keep the
+        integration up, and an early one risks no more than one more
+        refusal, whereas waiting past expiry is a certain outage. Once the
+        token has expired, Retry-After is honoured in full."""
         exponent = min(max(failures - 1, 0), 30)  # days of failures must not overflow
         bound = min(self.backoff_max_s, self.backoff_base_s * 2**exponent)
         delay = (rng or random).uniform(0, bound)
-        latest = expires_at_ms - 1000
-        if latest > now_ms:
-            delay = min(delay, (latest - now_ms) / 1000)
         if retry_after_s is not None:
             delay = max(delay, retry_after_s)
+        latest = expires_at_ms - EXPIRY_MARGIN_MS
+        if latest > now_ms:
+            delay = min(delay, (latest - now_ms) / 1000)
         return now_ms + max(int(delay * 1000), 50)
 
 

@@ -8,6 +8,8 @@ Fields of a credential record (``{prefix N}:cred:<id>``)::
     last_error_at, reason, created_at, updated_at, refreshed_at,
     intent, intent_rt, intent_deadline, intent_at   (open spend intent)
     ambiguous_token, ambiguous_at                   (unanswered request)
+    spent_rt        fingerprints of the last two refresh tokens a rotation
+                    replaced (an import may not write them back)
 
 The record is one packed value, not a hash (``worker/scripts/record.lua``
 says why and how); only the Lua scripts read or write it, so this list is
@@ -29,7 +31,7 @@ from worker.batcher import ScriptBatcher, execute_scripts
 from worker.codec import SecretCodec
 from worker.errors import Conflict, NotFound, StoreUnavailable
 from worker.keys import Keyspace, Partition
-from worker.logs import get_logger
+from worker.logs import fingerprint, get_logger
 from worker.models import Claimed, Credential, CredentialInput, Status
 from worker.redisio import Scripts, guard, load_scripts
 
@@ -133,9 +135,21 @@ class Store:
         res = await guard(
             self.scripts.upsert(
                 keys=[part.cred(cred.id), part.due, part.stats],
-                args=[cred.id, "replace" if replace else "create", due_ms, cred.profile, *fields],
+                args=[
+                    cred.id,
+                    "replace" if replace else "create",
+                    due_ms,
+                    cred.profile,
+                    fingerprint(cred.refresh_token) if cred.refresh_token else "",
+                    *fields,
+                ],
             )
         )
+        if res[0] == "spent":
+            raise Conflict(
+                f"credential {cred.id}: this refresh_token was already spent (a refresh "
+                "replaced it); import the credential's current tokens or re-authorize"
+            )
         if res[0] == "exists":
             raise Conflict(f"credential {cred.id} already exists (use replace to overwrite)")
         if res[0] == "busy":

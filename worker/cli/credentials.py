@@ -8,7 +8,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -26,7 +26,7 @@ from worker.scheduling import Schedule
 from worker.store import Store
 from worker.transport import make_http_client
 
-__all__ = ["import_lines", "register"]
+__all__ = ["MAX_LINE_BYTES", "bounded_lines", "import_lines", "register"]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,6 +72,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 _BATCH = 256
+#: longest import line: three 16 KiB secrets and their JSON fit many times
+MAX_LINE_BYTES = 256 * 1024
+
+
+def bounded_lines(stream: BinaryIO | TextIO) -> Iterator[str | bytes]:
+    """The stream's lines, each cut to ``MAX_LINE_BYTES + 1``: an overlong
+    line (a 5 GB token) is reported by number, never read whole."""
+    while True:
+        line: str | bytes = stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not _ends_line(line):
+            while (rest := stream.readline(MAX_LINE_BYTES)) and not _ends_line(rest):
+                pass  # the rest of the overlong line
+        yield line
+
+
+def _ends_line(chunk: str | bytes) -> bool:
+    return chunk.endswith(b"\n") if isinstance(chunk, bytes) else chunk.endswith("\n")
 
 
 async def import_lines(
@@ -127,6 +146,10 @@ class _Importer:
         self.errors.append({"line": number, "error": message})
 
     def parse(self, number: int, raw: str | bytes) -> CredentialInput | None:
+        if len(raw) > MAX_LINE_BYTES:
+            self.lines += 1
+            self.fail(number, f"line is longer than {MAX_LINE_BYTES:,} bytes")
+            return None
         if isinstance(raw, bytes):
             try:
                 raw = raw.decode("utf-8")
@@ -142,6 +165,9 @@ class _Importer:
             data = json.loads(line)
         except ValueError:
             self.fail(number, "not valid JSON")
+            return None
+        except RecursionError:  # 100,000 nested arrays: a line, not the import, fails
+            self.fail(number, "JSON nested too deeply")
             return None
         try:
             return CredentialInput.from_json(data, now_ms=int(time.time() * 1000))
@@ -230,7 +256,8 @@ async def _import(args: argparse.Namespace) -> int:
     try:
         async with open_store(settings) as store:
             summary = await import_lines(
-                store, stream, schedule=schedule_from(settings), replace=args.replace,
+                store, bounded_lines(stream), schedule=schedule_from(settings),
+                replace=args.replace,
                 progress=sys.stderr.isatty(),
             )  # fmt: skip
     finally:

@@ -14,7 +14,10 @@ ARGV[7]  id       credential id (member of due)
 ARGV[8]  reason   failure reason ("" on success); kept in `reason`, and the
                   partition counters `failing:<reason>` count credentials by
                   their current failure, so `status` needs no scan
-ARGV[9..] field, value pairs to write into the credential record
+ARGV[9..] field, value pairs to write into the credential record; on
+          `refreshed` they are applied after `failures` is reset and the
+          ambiguous mark cleared, so they may set those again, and a
+          `spent_rt` value joins the spent list (record.lua)
 
 Ownership: `refreshed` needs our open spend intent, not the lock: the
 provider already answered, so these are the newest tokens and must land even
@@ -55,6 +58,12 @@ end
 
 local now = now_ms()
 local old_reason, new_reason = rec_get(rec, 'reason') or '', ARGV[8]
+if outcome == 'refreshed' then
+  -- before the caller's fields, which may set them again (a partial answer
+  -- keeps counting failures; an unconfirmed refresh token sets ambiguous_at)
+  rec_set(rec, 'failures', 0)
+  rec_del(rec, 'ambiguous_token', 'ambiguous_at')
+end
 rec_set_pairs(rec, ARGV, 9)
 if outcome ~= 'release' and old_reason ~= new_reason then
   if old_reason ~= '' then redis.call('HINCRBY', stats, 'failing:' .. old_reason, -1) end
@@ -76,9 +85,7 @@ if outcome == 'refreshed' then
     body['version'] = new_version
     event = cjson.encode(body)
   end
-  rec_set(rec, 'failures', 0)
   rec_set(rec, 'refreshed_at', now)
-  rec_del(rec, 'ambiguous_token', 'ambiguous_at')
   new_status = 'active'
 elseif outcome == 'retry' then
   rec_incr(rec, 'failures', 1)

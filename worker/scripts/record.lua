@@ -21,7 +21,7 @@ local REC_KEYS = {
   failures = 'f', last_error = 'le', last_error_at = 'la', reason = 'rs',
   created_at = 'c', updated_at = 'u', refreshed_at = 'ra',
   intent = 'i', intent_rt = 'ir', intent_deadline = 'id', intent_at = 'ia',
-  ambiguous_token = 'at', ambiguous_at = 'aa',
+  ambiguous_token = 'at', ambiguous_at = 'aa', spent_rt = 'sr',
 }
 local REC_NUMBERS = {
   version = true, expires_at = true, refresh_expires_at = true, failures = true,
@@ -62,9 +62,39 @@ local function rec_set(rec, name, value)
   end
 end
 
--- field, value, field, value ... (as HSET takes them)
+-- spent_rt: fingerprints of the last SPENT_KEEP refresh tokens a rotation
+-- replaced, newest first, SPENT_LEN hex digits each (a few bytes per record,
+-- and only once a credential has rotated), so that an import can never
+-- write a spent token back.
+local SPENT_LEN, SPENT_KEEP = 8, 2
+
+local function rec_push_spent(rec, fp)
+  local short = string.sub(fp, 1, SPENT_LEN)
+  if #short < SPENT_LEN then return end
+  local old = rec_get(rec, 'spent_rt') or ''
+  if string.sub(old, 1, SPENT_LEN) == short then return end
+  rec_set(rec, 'spent_rt', string.sub(short .. old, 1, SPENT_LEN * SPENT_KEEP))
+end
+
+local function rec_is_spent(rec, fp)
+  local short = string.sub(fp, 1, SPENT_LEN)
+  local spent = rec_get(rec, 'spent_rt') or ''
+  for i = 1, #spent, SPENT_LEN do
+    if string.sub(spent, i, i + SPENT_LEN - 1) == short then return true end
+  end
+  return false
+end
+
+-- field, value, field, value ... (as HSET takes them); a `spent_rt` value
+-- is added to the spent list rather than replacing it
 local function rec_set_pairs(rec, list, first)
-  for i = first, #list, 2 do rec_set(rec, list[i], list[i + 1]) end
+  for i = first, #list, 2 do
+    if list[i] == 'spent_rt' then
+      rec_push_spent(rec, list[i + 1])
+    else
+      rec_set(rec, list[i], list[i + 1])
+    end
+  end
 end
 
 local function rec_del(rec, ...)
