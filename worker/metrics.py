@@ -102,5 +102,13 @@ class Metrics:
         self.redis_up = Gauge(
             "refreshd_redis_up", "1 when the last Redis call succeeded.", registry=r
         )
+        self.redis_unsafe = Gauge(
+            "refreshd_redis_unsafe",
+            "1 while the last check of the Redis server found this hazard (not_durable, "
+            "no_waitaof, eviction, policy_unknown); accepted=true when REFRESHD_UNSAFE_REDIS "
+            "names it. Re-checked every few seconds: CONFIG SET can change it at runtime.",
+            ["hazard", "accepted"],
+            registry=r,
+        )
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         ProcessCollector(registry=r)
