@@ -36,7 +36,8 @@ class Settings:
         metadata=_doc(
             "REFRESHD_REDIS_URL",
             "Redis/Valkey URL (redis://, rediss://, unix://, or "
-            "redis+sentinel://host:port[,host:port]/service). Unset: start or join the "
+            "redis+sentinel://host:port[,host:port]/service, rediss+sentinel:// for TLS). "
+            "Unset: start or join the "
             "embedded Valkey server under REFRESHD_DATA_DIR.",
         ),
     )
