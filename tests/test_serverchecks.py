@@ -21,6 +21,7 @@ import anyio
 import pytest
 
 from tests.cli_helpers import Result, run_refreshd, write_jsonl
+from tests.faultkit import captured_logs, log_events
 from tests.harness import make_settings, seed, wait_for
 from tests.redis_server import RedisServer
 from worker.app import _watch_server, open_store
@@ -221,14 +222,38 @@ async def test_a_running_worker_notices_a_policy_changed_at_runtime(
 ) -> None:
     settings = make_settings(fresh_redis.url)
     metrics = Metrics()
+    with captured_logs("info") as logs:
+        async with open_store(settings) as store, anyio.create_task_group() as tg:
+            await tg.start(_watch_server, store, settings, metrics, 0.05)
+            assert gauge(metrics, "eviction", "false") == 0
+            assert gauge(metrics, "not_durable", "false") == 0
+            await store.client.config_set("maxmemory-policy", "volatile-lru")
+            await wait_for(lambda: gauge(metrics, "eviction", "false") == 1, within=5, what="set")
+            await store.client.config_set("maxmemory-policy", "noeviction")
+            await wait_for(lambda: gauge(metrics, "eviction", "false") == 0, within=5, what="clear")
+            tg.cancel_scope.cancel()
+    found = [e for e in log_events(logs) if e["event"] == "redis.unsafe_config"]
+    assert [(e["level"], e["hazard"]) for e in found] == [("error", "eviction")]
+
+
+@pytest.mark.parametrize("accepted", [False, True], ids=["refused", "accepted"])
+async def test_aof_switched_off_at_runtime_does_not_make_spends_undurable(
+    fresh_redis: RedisServer, accepted: bool
+) -> None:
+    """A worker keeps waiting for the fsync it can no longer get (its spends
+    are refused and retried, not sent undurably) unless `not_durable` is
+    accepted; either way the gauge says so."""
+    unsafe = frozenset({"not_durable"}) if accepted else frozenset()
+    settings = make_settings(fresh_redis.url, unsafe_redis=unsafe)
+    metrics = Metrics()
+    label = str(accepted).lower()
     async with open_store(settings) as store, anyio.create_task_group() as tg:
         await tg.start(_watch_server, store, settings, metrics, 0.05)
-        assert gauge(metrics, "eviction", "false") == 0
-        assert gauge(metrics, "not_durable", "false") == 0
-        await store.client.config_set("maxmemory-policy", "volatile-lru")
-        await wait_for(lambda: gauge(metrics, "eviction", "false") == 1, within=5, what="gauge")
-        await store.client.config_set("maxmemory-policy", "noeviction")
-        await wait_for(lambda: gauge(metrics, "eviction", "false") == 0, within=5, what="clear")
+        assert store.durability.fsync is True
+        await store.client.config_set("appendonly", "no")
+        await wait_for(lambda: gauge(metrics, "not_durable", label) == 1, within=5, what="gauge")
+        await anyio.sleep(0.2)  # a few more checks
+        assert store.durability.fsync is not accepted
         tg.cancel_scope.cancel()
 
 

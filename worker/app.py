@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import gc
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import aiohttp
 import anyio
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from worker.codec import PlainCodec
 from worker.embedded import ensure_embedded
@@ -29,6 +30,7 @@ from worker.runner import Worker, WorkerConfig
 from worker.scheduling import Schedule
 from worker.serverchecks import (
     Hazard,
+    ServerFacts,
     check_hazards,
     durability_for,
     find_hazards,
@@ -215,43 +217,57 @@ async def _watch_server(
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """The start check, repeated: ``CONFIG SET`` can switch the eviction
-    policy or the AOF at any time. Each hazard is exported as
-    ``refreshd_redis_unsafe`` (an alert watches the ones not accepted) and
-    logged when it appears. In ``auto`` mode what a commit waits for also
-    follows the server: after a failover the promoted primary may have no
-    replica yet, and waiting for one that does not exist would stop every
-    refresh."""
+    policy or the AOF at any time, and a failover changes the replicas.
+    Each hazard is exported as ``refreshd_redis_unsafe`` (an alert watches
+    the ones not accepted) and logged when it appears."""
     reported: set[Hazard] | None = None  # None: the start check already spoke
     started = False
     while True:
         try:
             facts = await inspect_server(store.client)
-        except StoreUnavailable:
-            facts = None
-        if facts is not None:
+        except (StoreUnavailable, RedisError) as exc:
+            log.debug("redis.check_failed", error=type(exc).__name__)
+        else:
             found = find_hazards(facts, settings.durability)
-            for hazard in Hazard:
-                accepted = is_accepted(hazard, settings.unsafe_redis, settings.durability)
-                metrics.redis_unsafe.labels(str(hazard), str(accepted).lower()).set(
-                    int(hazard in found)
-                )
-                if reported is not None and hazard in found and hazard not in reported:
-                    (log.warning if accepted else log.error)(
-                        "redis.unsafe_config", hazard=str(hazard), risk=found[hazard],
-                        accepted=accepted,
-                    )  # fmt: skip
+            _report_hazards(found, reported, settings, metrics)
             reported = set(found)
             if settings.durability == "auto":
-                current = durability_for(facts, "auto")
-                if current != store.durability:
-                    log.warning(
-                        "redis.durability_changed", fsync=current.fsync, replicas=current.replicas
-                    )
-                    store.durability = current
+                _follow_durability(store, facts, settings)
         if not started:
             started = True
             task_status.started()
         await anyio.sleep(interval_s)
+
+
+def _report_hazards(
+    found: Mapping[Hazard, str],
+    reported: set[Hazard] | None,
+    settings: Settings,
+    metrics: Metrics,
+) -> None:
+    for hazard in Hazard:
+        accepted = is_accepted(hazard, settings.unsafe_redis, settings.durability)
+        metrics.redis_unsafe.labels(str(hazard), str(accepted).lower()).set(int(hazard in found))
+        if reported is not None and hazard in found and hazard not in reported:
+            (log.warning if accepted else log.error)(
+                "redis.unsafe_config", hazard=str(hazard), risk=found[hazard], accepted=accepted
+            )
+
+
+def _follow_durability(store: Store, facts: ServerFacts, settings: Settings) -> None:
+    """In ``auto`` mode what a spend and a commit wait for follows the
+    server: after a failover the promoted primary may have no replica yet
+    but an AOF, and waiting for a replica that does not exist would stop
+    every refresh. It never drops to waiting for nothing unless
+    ``not_durable`` is accepted: spends that cannot be made durable are
+    then refused (retried later), not sent."""
+    current = durability_for(facts, "auto")
+    waits = current.fsync or current.replicas
+    if not waits and not is_accepted(Hazard.NOT_DURABLE, settings.unsafe_redis, "auto"):
+        return
+    if current != store.durability:
+        log.warning("redis.durability_changed", fsync=current.fsync, replicas=current.replicas)
+        store.durability = current
 
 
 async def _stop_on_signal(worker: Worker) -> None:
