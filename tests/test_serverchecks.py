@@ -319,6 +319,16 @@ async def test_a_connected_replica_makes_an_rdb_only_primary_durable(
             assert (store.durability.fsync, store.durability.replicas) == (False, 1)
 
 
+async def test_an_explicit_durability_the_server_cannot_keep_is_named_first(
+    rdb_only: RedisServer,
+) -> None:
+    for mode, message in [("replica", "needs at least one connected replica"),
+                          ("fsync", "needs appendonly yes")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=f"REFRESHD_DURABILITY={mode} {message}"):
+            async with open_store(make_settings(rdb_only.url, durability=mode)):
+                pass
+
+
 async def test_durability_none_is_its_own_opt_out(fresh_redis: RedisServer) -> None:
     async with open_store(make_settings(fresh_redis.url, durability="none")) as store:
         facts = await inspect_server(store.client)

@@ -75,6 +75,9 @@ async def probe_durability(
     ``worker.serverchecks``) unless the operator accepted each hazard by
     name; each accepted one is logged at warning level on every start."""
     facts = await inspect_server(client)
+    # An explicit REFRESHD_DURABILITY the server cannot keep is named first:
+    # no hazard setting could make it work.
+    durability = durability_for(facts, settings.durability)
     found = find_hazards(facts, settings.durability)
     if refuse:
         check_hazards(found, settings.unsafe_redis, settings.durability)
@@ -85,7 +88,7 @@ async def probe_durability(
             risk=risk,
             accepted=is_accepted(hazard, settings.unsafe_redis, settings.durability),
         )
-    return durability_for(facts, settings.durability)
+    return durability
 
 
 @asynccontextmanager
