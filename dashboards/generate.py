@@ -286,6 +286,30 @@ ALERTS: list[Rule] = [
         "while others may still work.",
     ),
     _alert(
+        "RefreshdRedisUnsafe",
+        f"max by ({BY}, hazard) "
+        '(refreshd_redis_unsafe{accepted="false", hazard=~"eviction|policy_unknown"}) == 1',
+        "1m",
+        "critical",
+        "Redis may evict refreshd's credentials ({{ $labels.hazard }})",
+        f"{WHERE}: the Redis server's maxmemory-policy is no longer noeviction (or can no "
+        "longer be read), changed while the workers run: under memory pressure Redis deletes "
+        "credentials. REFRESHD_UNSAFE_REDIS does not accept it, so a worker restarting now "
+        "would refuse to start.",
+    ),
+    _alert(
+        "RefreshdRedisUnsafe",
+        f"max by ({BY}, hazard) "
+        '(refreshd_redis_unsafe{accepted="false", hazard=~"not_durable|no_waitaof"}) == 1',
+        "5m",
+        "warning",
+        "Redis cannot make refreshd's spends durable ({{ $labels.hazard }})",
+        f"{WHERE}: for 5 minutes the Redis server has offered neither an AOF with WAITAOF nor "
+        "a connected replica to wait for (hazard {{ $labels.hazard }}): a crash now could make "
+        "refreshd send a refresh token twice. REFRESHD_UNSAFE_REDIS does not accept it, so a "
+        "worker restarting now would refuse to start.",
+    ),
+    _alert(
         "RefreshdCommitRejected",
         _events('refreshd_commit_failures_total{reason="stale"}', BY),
         "0m",
@@ -938,10 +962,16 @@ def dashboard() -> dict[str, Any]:
     )
     lay.add(
         timeseries(
-            "Redis reachable and draining per worker",
-            "1 = the worker's last Redis call succeeded / the worker is draining.",
+            "Redis reachable, unsafe, draining per worker",
+            "1 = the worker's last Redis call succeeded / the server has a hazard that "
+            "REFRESHD_UNSAFE_REDIS does not accept (see the RefreshdRedisUnsafe runbook) / "
+            "the worker is draining.",
             [
                 (f"refreshd_redis_up{{{SEL}}}", "redis up {{instance}}"),
+                (
+                    f'max by (hazard) (refreshd_redis_unsafe{{{SEL}, accepted="false"}})',
+                    "unsafe {{hazard}}",
+                ),
                 (f"refreshd_draining{{{SEL}}}", "draining {{instance}}"),
             ],
             max_=1,

@@ -19,13 +19,16 @@ from pathlib import Path
 import anyio
 import pytest
 import redis
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 
 from tests.harness import make_settings, seed, wait_for
 from tests.redis_server import RedisServer, free_port, server_binary
 from worker.app import open_store
+from worker.errors import ConfigError, StoreUnavailable
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
 from worker.models import Status
-from worker.redisio import parse_sentinel_url
+from worker.redisio import connect, guard, parse_sentinel_url
 
 pytestmark = pytest.mark.anyio
 
@@ -98,13 +101,91 @@ def cluster(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, Sentinel
 
 
 def test_parse_sentinel_url() -> None:
-    hosts, service, auth, sentinel_auth = parse_sentinel_url(
+    target = parse_sentinel_url(
         "redis+sentinel://app:p%40ss@10.0.0.1:26379,10.0.0.2:26380/main?sentinel_password=s"
     )
-    assert hosts == [("10.0.0.1", 26379), ("10.0.0.2", 26380)]
-    assert service == "main"
-    assert auth == {"username": "app", "password": "p@ss"}
-    assert sentinel_auth == {"password": "s"}
+    assert target.hosts == [("10.0.0.1", 26379), ("10.0.0.2", 26380)]
+    assert target.service == "main"
+    assert target.auth == {"username": "app", "password": "p@ss"}
+    assert target.sentinel_auth == {"password": "s"}
+    assert target.tls == {}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss+sentinel://10.0.0.1:26379/main",
+        "redis+sentinel://10.0.0.1:26379/main?ssl=true",
+        "rediss+sentinel://10.0.0.1:26379/main?ssl=yes",
+    ],
+)
+def test_sentinel_url_asks_for_tls(url: str) -> None:
+    assert parse_sentinel_url(url).tls == {"ssl": True}
+
+
+def test_sentinel_url_tls_options() -> None:
+    target = parse_sentinel_url(
+        "rediss+sentinel://s1:26379/main?ssl_ca_certs=/etc/ca.pem&ssl_certfile=/c.pem"
+        "&ssl_keyfile=/k.pem&ssl_cert_reqs=optional&ssl_check_hostname=false&sentinel_username=u"
+    )
+    assert target.tls == {
+        "ssl": True,
+        "ssl_ca_certs": "/etc/ca.pem",
+        "ssl_certfile": "/c.pem",
+        "ssl_keyfile": "/k.pem",
+        "ssl_cert_reqs": "optional",
+        "ssl_check_hostname": False,
+    }
+    assert target.sentinel_auth == {"username": "u"}
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+sentinel://s1:26379/main?tls=true", r"unknown option\(s\) .*: tls"),
+        ("redis+sentinel://s1:26379/main?ssl=maybe", "true or false"),
+        ("rediss+sentinel://s1:26379/main?ssl=false", "contradicts"),
+        ("redis+sentinel://s1:26379/main?ssl_ca_certs=/ca.pem", "use rediss\\+sentinel://"),
+        ("rediss+sentinel://s1:26379/main?ssl_cert_reqs=always", "ssl_cert_reqs is one of"),
+    ],
+)
+def test_sentinel_url_refuses_what_it_would_ignore(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_sentinel_url(url)
+
+
+async def test_tls_reaches_the_sentinels_and_the_primary() -> None:
+    """The options land where redis-py uses them: TLS connections to every
+    sentinel and to the primary it names, with the operator's CA, and the
+    sentinels keep the socket timeouts (nothing is connected here)."""
+    url = "rediss+sentinel://127.0.0.1:1,127.0.0.1:2/main?ssl_ca_certs=/etc/refreshd/ca.pem"
+    async with connect(url, socket_timeout=3.0) as client:
+        pool = client.connection_pool
+        assert isinstance(pool, SentinelConnectionPool)
+        assert issubclass(pool.connection_class, SentinelManagedSSLConnection)
+        assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/refreshd/ca.pem"
+        for node in pool.sentinel_manager.sentinels:
+            node_pool = node.connection_pool
+            assert issubclass(node_pool.connection_class, SSLConnection)
+            assert node_pool.connection_kwargs["ssl_ca_certs"] == "/etc/refreshd/ca.pem"
+            assert node_pool.connection_kwargs["socket_timeout"] == 3.0
+
+
+async def test_ssl_true_is_not_ignored_against_a_real_sentinel(
+    cluster: tuple[RedisServer, RedisServer, SentinelProcess],
+) -> None:
+    """This sentinel speaks plain TCP (the bundled Valkey has no TLS, and no
+    certificate tooling is installed): the plain URL works, and with
+    ``?ssl=true`` or ``rediss+sentinel://`` the TLS handshake is really
+    attempted, so the connection fails instead of silently going in clear."""
+    _, _, sentinel = cluster
+    plain = f"redis+sentinel://127.0.0.1:{sentinel.port}/{SERVICE}"
+    async with open_store(make_settings(plain)) as store:
+        assert await store.ping()
+    for url in (f"{plain}?ssl=true", plain.replace("redis+", "rediss+", 1)):
+        async with connect(url, socket_connect_timeout=1.0, socket_timeout=1.0) as client:
+            with pytest.raises(StoreUnavailable):
+                await guard(client.ping())
 
 
 async def test_worker_follows_a_failover_without_reuse_or_loss(

@@ -22,7 +22,8 @@ def test_defaults_without_any_variable() -> None:
     assert settings.redis_url is None
     assert settings.partitions == 16
     assert settings.lease_s == 30.0
-    assert settings.strict_server is False
+    assert settings.strict_server is True
+    assert settings.unsafe_redis == frozenset()  # refuse an unsafe Redis
 
 
 def test_variables_are_parsed_to_their_types() -> None:
@@ -61,7 +62,13 @@ def test_overrides_win_over_the_environment() -> None:
     ],
 )
 def test_boolean_spellings(raw: str, value: bool) -> None:
-    assert Settings.from_env({"REFRESHD_STRICT_SERVER": raw}).strict_server is value
+    # the one boolean setting left only accepts true (false would opt out of
+    # the server check, which now takes the hazards by name)
+    if value:
+        assert Settings.from_env({"REFRESHD_STRICT_SERVER": raw}).strict_server is True
+    else:
+        with pytest.raises(ConfigError, match="REFRESHD_STRICT_SERVER=false no longer"):
+            Settings.from_env({"REFRESHD_STRICT_SERVER": raw})
 
 
 def test_an_unknown_variable_is_refused_by_name() -> None:

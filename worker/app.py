@@ -8,25 +8,35 @@ from __future__ import annotations
 
 import gc
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 import aiohttp
 import anyio
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from worker.codec import PlainCodec
 from worker.embedded import ensure_embedded
-from worker.errors import ConfigError, StoreUnavailable
+from worker.errors import StoreUnavailable
 from worker.health import HealthServer, Heartbeat
 from worker.keys import Keyspace
 from worker.logs import get_logger
 from worker.metrics import Metrics
 from worker.profiles import ProfileCache, ProfileStore
-from worker.redisio import connect, guard
+from worker.redisio import connect
 from worker.refresher import Refresher, RefreshTiming
 from worker.runner import Worker, WorkerConfig
 from worker.scheduling import Schedule
+from worker.serverchecks import (
+    Hazard,
+    ServerFacts,
+    check_hazards,
+    durability_for,
+    find_hazards,
+    inspect_server,
+    is_accepted,
+)
 from worker.settings import Settings
 from worker.store import Durability, Store
 from worker.transport import make_http_client
@@ -58,48 +68,44 @@ async def resolve_redis_url(settings: Settings, *, announce: bool = True) -> str
 
 
 async def probe_durability(
-    client: aioredis.Redis, settings: Settings, *, announce: bool = True
+    client: aioredis.Redis, settings: Settings, *, refuse: bool = True
 ) -> Durability:
-    """Decide what a commit waits for, and warn (or refuse) when the server
-    could lose credentials: eviction or no persistence breaks integrations."""
-    persistence = await guard(client.info("persistence"))
-    replication = await guard(client.info("replication"))
-    aof = int(persistence.get("aof_enabled", 0)) == 1
-    replicas = int(replication.get("connected_slaves", 0))
-    problems: list[str] = []
-    try:
-        policy = (await guard(client.config_get("maxmemory-policy"))).get("maxmemory-policy")
-    except aioredis.ResponseError:
-        policy = None  # managed services often forbid CONFIG; say so below
-    if policy is not None and policy != "noeviction":
-        problems.append(f"maxmemory-policy is {policy!r}; credentials may be evicted")
-    if not aof and not persistence.get("rdb_last_save_time"):
-        problems.append("persistence looks off; a restart would lose every credential")
-    if not aof:
-        problems.append("appendonly is off: commits cannot wait for fsync (WAITAOF)")
-    for problem in problems:
-        if settings.strict_server:
-            raise ConfigError(f"refusing to start (REFRESHD_STRICT_SERVER): {problem}")
-        # the worker says it loudly; operator commands would only add noise
-        (log.warning if announce else log.debug)("redis.unsafe_config", problem=problem)
-    mode = settings.durability
-    if mode == "fsync" and not aof:
-        raise ConfigError("REFRESHD_DURABILITY=fsync needs appendonly yes on the server")
-    if mode == "replica" and not replicas:
-        raise ConfigError("REFRESHD_DURABILITY=replica needs at least one connected replica")
-    return Durability(
-        fsync=mode == "fsync" or (mode == "auto" and aof),
-        replicas=1 if mode == "replica" or (mode == "auto" and replicas) else 0,
-    )
+    """Decide what a spend and a commit wait for, after refusing a server
+    that could send a refresh token twice or lose credentials (see
+    ``worker.serverchecks``) unless the operator accepted each hazard by
+    name; each accepted one is logged at warning level on every start."""
+    facts = await inspect_server(client)
+    # An explicit REFRESHD_DURABILITY the server cannot keep is named first:
+    # no hazard setting could make it work.
+    durability = durability_for(facts, settings.durability)
+    found = find_hazards(facts, settings.durability)
+    if refuse:
+        check_hazards(found, settings.unsafe_redis, settings.durability)
+    for hazard, risk in found.items():
+        log.warning(
+            "redis.unsafe_accepted" if refuse else "redis.unsafe_config",
+            hazard=str(hazard),
+            risk=risk,
+            accepted=is_accepted(hazard, settings.unsafe_redis, settings.durability),
+        )
+    return durability
 
 
 @asynccontextmanager
 async def open_store(
-    settings: Settings, *, pool_size: int = 32, announce: bool = False
+    settings: Settings,
+    *,
+    pool_size: int = 32,
+    announce: bool = False,
+    refuse_unsafe: bool = True,
 ) -> AsyncIterator[Store]:
+    """Every command that writes goes through the same server check as the
+    worker (an import under an evicting policy would report records that
+    are gone); ``refuse_unsafe=False`` is for read-only commands, which
+    warn instead so that an operator can still look at an unsafe Redis."""
     url = await resolve_redis_url(settings, announce=announce)
     async with connect(url, max_connections=pool_size) as client:
-        durability = await probe_durability(client, settings, announce=announce)
+        durability = await probe_durability(client, settings, refuse=refuse_unsafe)
         store = Store(client, Keyspace(settings.prefix, settings.partitions), PlainCodec(),
                       durability)  # fmt: skip
         await store.check_layout()
@@ -187,8 +193,7 @@ async def run_worker(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(heartbeat.run)
-            if settings.durability == "auto":
-                tg.start_soon(_follow_durability, store, settings)
+            await tg.start(_watch_server, store, settings, metrics)
             if settings.http_port:
                 health = HealthServer(
                     settings.http_host,
@@ -206,19 +211,66 @@ async def run_worker(
             tg.cancel_scope.cancel()
 
 
-async def _follow_durability(store: Store, settings: Settings, interval_s: float = 5.0) -> None:
-    """In ``auto`` mode, what a commit waits for follows the server: after a
-    failover the promoted primary may have no replica yet, and waiting for
-    one that does not exist would stop every refresh."""
+async def _watch_server(
+    store: Store,
+    settings: Settings,
+    metrics: Metrics,
+    interval_s: float = 5.0,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """The start check, repeated: ``CONFIG SET`` can switch the eviction
+    policy or the AOF at any time, and a failover changes the replicas.
+    Each hazard is exported as ``refreshd_redis_unsafe`` (an alert watches
+    the ones not accepted) and logged when it appears."""
+    reported: set[Hazard] | None = None  # None: the start check already spoke
+    started = False
     while True:
-        await anyio.sleep(interval_s)
         try:
-            current = await probe_durability(store.client, settings, announce=False)
-        except StoreUnavailable:
-            continue
-        if current != store.durability:
-            log.warning("redis.durability_changed", fsync=current.fsync, replicas=current.replicas)
-            store.durability = current
+            facts = await inspect_server(store.client)
+        except (StoreUnavailable, RedisError) as exc:
+            log.debug("redis.check_failed", error=type(exc).__name__)
+        else:
+            found = find_hazards(facts, settings.durability)
+            _report_hazards(found, reported, settings, metrics)
+            reported = set(found)
+            if settings.durability == "auto":
+                _follow_durability(store, facts, settings)
+        if not started:
+            started = True
+            task_status.started()
+        await anyio.sleep(interval_s)
+
+
+def _report_hazards(
+    found: Mapping[Hazard, str],
+    reported: set[Hazard] | None,
+    settings: Settings,
+    metrics: Metrics,
+) -> None:
+    for hazard in Hazard:
+        accepted = is_accepted(hazard, settings.unsafe_redis, settings.durability)
+        metrics.redis_unsafe.labels(str(hazard), str(accepted).lower()).set(int(hazard in found))
+        if reported is not None and hazard in found and hazard not in reported:
+            (log.warning if accepted else log.error)(
+                "redis.unsafe_config", hazard=str(hazard), risk=found[hazard], accepted=accepted
+            )
+
+
+def _follow_durability(store: Store, facts: ServerFacts, settings: Settings) -> None:
+    """In ``auto`` mode what a spend and a commit wait for follows the
+    server: after a failover the promoted primary may have no replica yet
+    but an AOF, and waiting for a replica that does not exist would stop
+    every refresh. It never drops to waiting for nothing unless
+    ``not_durable`` is accepted: spends that cannot be made durable are
+    then refused (retried later), not sent."""
+    current = durability_for(facts, "auto")
+    waits = current.fsync or current.replicas
+    if not waits and not is_accepted(Hazard.NOT_DURABLE, settings.unsafe_redis, "auto"):
+        return
+    if current != store.durability:
+        log.warning("redis.durability_changed", fsync=current.fsync, replicas=current.replicas)
+        store.durability = current
 
 
 async def _stop_on_signal(worker: Worker) -> None:

@@ -102,12 +102,20 @@ class Metrics:
         self.redis_up = Gauge(
             "refreshd_redis_up", "1 when the last Redis call succeeded.", registry=r
         )
-        # issue 10: odd provider answers are stored with fallbacks, and counted
+        # odd provider answers are stored with fallbacks, and counted
         self.answer_warnings = Counter(
             "refreshd_answer_warnings_total",
             "Provider answers stored with a fallback for an odd field, by warning "
             "(a fixed vocabulary: worker/answer_fields.py).",
             ["profile", "warning"],
+            registry=r,
+        )
+        self.redis_unsafe = Gauge(
+            "refreshd_redis_unsafe",
+            "1 while the last check of the Redis server found this hazard (not_durable, "
+            "no_waitaof, eviction, policy_unknown); accepted=true when REFRESHD_UNSAFE_REDIS "
+            "names it. Re-checked every few seconds: CONFIG SET can change it at runtime.",
+            ["hazard", "accepted"],
             registry=r,
         )
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...

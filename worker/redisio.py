@@ -27,7 +27,9 @@ from worker.errors import ConfigError, StoreUnavailable
 
 __all__ = [
     "REDIS_UNAVAILABLE",
+    "SENTINEL_SCHEMES",
     "Scripts",
+    "SentinelTarget",
     "connect",
     "guard",
     "load_scripts",
@@ -94,8 +96,8 @@ async def connect(
     half-open connections after a failover.
 
     ``redis+sentinel://[user:password@]host:port[,host:port...]/service`` asks
-    Sentinel for the current primary and follows failovers (``?sentinel_password=``
-    when the sentinels have their own)."""
+    Sentinel for the current primary and follows failovers; see
+    ``parse_sentinel_url`` for TLS (``rediss+sentinel://``) and the options."""
     options: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": kwargs.pop("socket_timeout", 10.0),
@@ -108,14 +110,22 @@ async def connect(
     pool_timeout = kwargs.pop("pool_timeout", 10.0)
     options.update(kwargs)
     sentinel: Sentinel | None = None
-    if url.startswith("redis+sentinel://"):
-        hosts, service, auth, sentinel_auth = parse_sentinel_url(url)
+    if url.startswith(SENTINEL_SCHEMES):
+        target = parse_sentinel_url(url)
+        # The sentinels get the same timeouts, retries (none: discovery already
+        # tries each sentinel in turn) and TLS as the primary; redis-py would
+        # give them none of it once sentinel_kwargs is passed.
+        timeouts = {k: v for k, v in options.items() if k.startswith("socket_") or k == "retry"}
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, sentinel_kwargs=sentinel_auth, **options, **auth
+            target.hosts,
+            sentinel_kwargs={**timeouts, **target.sentinel_auth, **target.tls},
+            **options,
+            **target.auth,
+            **target.tls,
         )
         # Sentinel pools do not block when full: size them past the busiest
         # moment instead of queueing (a full pool would read as an outage).
-        client = sentinel.master_for(service, max_connections=max_connections * 4)
+        client = sentinel.master_for(target.service, max_connections=max_connections * 4)
     else:
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=pool_timeout, **options
@@ -132,10 +142,39 @@ async def connect(
                 await node.aclose()
 
 
-def parse_sentinel_url(
-    url: str,
-) -> tuple[list[tuple[str, int]], str, dict[str, str], dict[str, str]]:
-    """(sentinel hosts, service name, primary auth, sentinel auth)."""
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_CERT_REQS = ("required", "optional", "none")
+_SENTINEL_OPTIONS = frozenset(
+    {"sentinel_password", "sentinel_username", "ssl", *_TLS_FILES, "ssl_cert_reqs",
+     "ssl_check_hostname"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """What a Sentinel URL says: where the sentinels are, which service,
+    credentials for the primary and for the sentinels, and the TLS options
+    (empty when plain) used for both."""
+
+    hosts: list[tuple[str, int]]
+    service: str
+    auth: dict[str, str]
+    sentinel_auth: dict[str, str]
+    tls: dict[str, Any]
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """``redis+sentinel://`` (plain) or ``rediss+sentinel://`` (TLS to the
+    sentinels and the primary, like ``rediss://``)
+    ``[user:password@]host:port[,host:port...]/service`` with the options
+    ``sentinel_password``, ``sentinel_username``, ``ssl=true`` (the same as
+    ``rediss+``), ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile`` (paths),
+    ``ssl_cert_reqs`` (required, optional, none) and ``ssl_check_hostname``.
+    An unknown option, or a TLS option on a plain URL, is an error: a
+    silently ignored ``ssl=true`` would send the password in clear."""
     parts = urlsplit(url)
     creds, _, hostlist = parts.netloc.rpartition("@")
     hosts: list[tuple[str, int]] = []
@@ -154,8 +193,46 @@ def parse_sentinel_url(
             auth["username"] = unquote(user)
         if password:
             auth["password"] = unquote(password)
-    query = parse_qs(parts.query)
-    sentinel_auth = (
-        {"password": query["sentinel_password"][0]} if "sentinel_password" in query else {}
-    )
-    return hosts, service, auth, sentinel_auth
+    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    unknown = sorted(set(query) - _SENTINEL_OPTIONS)
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) in the sentinel URL: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(_SENTINEL_OPTIONS))})"
+        )
+    sentinel_auth = {
+        key: query[f"sentinel_{key}"]
+        for key in ("username", "password")
+        if f"sentinel_{key}" in query
+    }
+    return SentinelTarget(hosts, service, auth, sentinel_auth, _tls_options(parts.scheme, query))
+
+
+def _tls_options(scheme: str, query: dict[str, str]) -> dict[str, Any]:
+    ssl = scheme == "rediss+sentinel"
+    if "ssl" in query:
+        raw = query["ssl"].lower()
+        if raw not in _TRUE | _FALSE:
+            raise ConfigError(f"ssl= in the sentinel URL is true or false, not {query['ssl']!r}")
+        if ssl and raw in _FALSE:
+            raise ConfigError("rediss+sentinel:// is TLS; ssl=false contradicts it")
+        ssl = raw in _TRUE
+    given = sorted(k for k in query if k.startswith("ssl_"))
+    if not ssl:
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} in a plain sentinel URL: use rediss+sentinel:// for TLS"
+            )
+        return {}
+    tls: dict[str, Any] = {"ssl": True}
+    tls.update({k: query[k] for k in _TLS_FILES if k in query})
+    if "ssl_cert_reqs" in query:
+        if query["ssl_cert_reqs"] not in _CERT_REQS:
+            raise ConfigError(f"ssl_cert_reqs is one of {', '.join(_CERT_REQS)}")
+        tls["ssl_cert_reqs"] = query["ssl_cert_reqs"]
+    if "ssl_check_hostname" in query:
+        raw = query["ssl_check_hostname"].lower()
+        if raw not in _TRUE | _FALSE:
+            raise ConfigError("ssl_check_hostname is true or false")
+        tls["ssl_check_hostname"] = raw in _TRUE
+    return tls

@@ -19,7 +19,10 @@ from typing import Any
 
 from worker.errors import ConfigError
 
-__all__ = ["SETTINGS_DOC", "Settings"]
+__all__ = ["SETTINGS_DOC", "UNSAFE_REDIS_HAZARDS", "Settings"]
+
+#: The names REFRESHD_UNSAFE_REDIS accepts (``worker.serverchecks.Hazard``).
+UNSAFE_REDIS_HAZARDS = frozenset({"not_durable", "no_waitaof", "eviction", "policy_unknown"})
 
 
 def _doc(env: str, help_: str) -> dict[str, str]:
@@ -33,7 +36,8 @@ class Settings:
         metadata=_doc(
             "REFRESHD_REDIS_URL",
             "Redis/Valkey URL (redis://, rediss://, unix://, or "
-            "redis+sentinel://host:port[,host:port]/service). Unset: start or join the "
+            "redis+sentinel://host:port[,host:port]/service, rediss+sentinel:// for TLS). "
+            "Unset: start or join the "
             "embedded Valkey server under REFRESHD_DATA_DIR.",
         ),
     )
@@ -111,12 +115,23 @@ class Settings:
             "appendonly on, plus WAIT when it has replicas), 'fsync', 'replica', 'none'.",
         ),
     )
+    unsafe_redis: frozenset[str] = field(
+        default=frozenset(),
+        metadata=_doc(
+            "REFRESHD_UNSAFE_REDIS",
+            "Empty: refuse to start on a Redis that could send a refresh token twice or lose "
+            "credentials. To run anyway, list the hazards you accept (comma-separated): "
+            "not_durable (no AOF and no replica), no_waitaof (server older than 7.2), "
+            "eviction (maxmemory-policy is not noeviction), policy_unknown (CONFIG GET "
+            "refused); each start then logs a warning per hazard.",
+        ),
+    )
     strict_server: bool = field(
-        default=False,
+        default=True,
         metadata=_doc(
             "REFRESHD_STRICT_SERVER",
-            "Refuse to start (instead of warning) when Redis may evict keys or has "
-            "persistence off.",
+            "Deprecated: refusing an unsafe Redis is the default now. 'true' is accepted and "
+            "changes nothing; 'false' is refused (name the hazards in REFRESHD_UNSAFE_REDIS).",
         ),
     )
     lead_min_s: float = field(
@@ -184,6 +199,16 @@ class Settings:
                 self.durability in {"auto", "fsync", "replica", "none"},
                 "REFRESHD_DURABILITY must be one of auto, fsync, replica, none",
             ),
+            (
+                self.unsafe_redis <= UNSAFE_REDIS_HAZARDS,
+                "REFRESHD_UNSAFE_REDIS takes a comma-separated list of "
+                + ", ".join(sorted(UNSAFE_REDIS_HAZARDS)),
+            ),
+            (
+                self.strict_server,
+                "REFRESHD_STRICT_SERVER=false no longer lets refreshd run on an unsafe Redis: "
+                "name the hazards you accept in REFRESHD_UNSAFE_REDIS instead",
+            ),
             (0 < self.lead_fraction < 1, "REFRESHD_LEAD_FRACTION must be between 0 and 1"),
             (self.lead_min_s >= 0, "REFRESHD_LEAD_MIN_SECONDS must not be negative"),
             (self.lead_max_s >= self.lead_min_s, "REFRESHD_LEAD_MAX_SECONDS must be >= min"),
@@ -241,6 +266,11 @@ def _bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
+def _names(raw: str) -> frozenset[str]:
+    """A comma-separated list; the values are checked in ``__post_init__``."""
+    return frozenset(item.strip() for item in raw.split(",") if item.strip())
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": str,
     "data_dir": Path,
@@ -255,6 +285,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "http_host": str,
     "http_port": int,
     "durability": str,
+    "unsafe_redis": _names,
     "strict_server": _bool,
     "lead_min_s": float,
     "lead_fraction": float,
@@ -269,7 +300,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 SETTINGS_DOC: list[tuple[str, str, str]] = [
     (
         f.metadata["env"],
-        "" if f.name in {"worker_id"} else str(f.default if f.default is not None else ""),
+        ""
+        if f.name in {"worker_id", "unsafe_redis"}
+        else str(f.default if f.default is not None else ""),
         f.metadata["help"],
     )
     for f in fields(Settings)
