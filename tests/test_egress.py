@@ -448,3 +448,32 @@ async def test_every_refused_address_of_a_name_is_still_one_egress_refusal() -> 
         with pytest.raises(Permanent, match="egress_refused"):
             await send(http, request_to(url), timeout_s=5)
     assert server.connections == 0
+
+
+async def test_a_stored_profile_the_new_rules_refuse_stops_its_credentials(store: Store) -> None:
+    """A profile stored by an earlier release with a token host these rules
+    refuse (here loopback without ``allow_private_network``) fails to load.
+    Before, that ConfigError escaped the refresh and the credential came
+    back as ``refresh.crashed`` every lease; now it waits for an operator as
+    ``needs_reauth`` / ``config_error``, its refresh token kept."""
+    await ProfileStore(store).create(
+        {"id": "old", "token_url": "http://127.0.0.1:9/token", "auth_method": "none",
+         "client_id": "app", "allow_http": True, "allow_private_network": True}
+    )  # fmt: skip
+    line = {"id": "c1", "profile": "old", "refresh_token": "rt-1", "expires_in": 600}
+    await import_lines(store, [json.dumps(line)], schedule=Schedule(), replace=False)
+    # what an earlier release could store: no allowance
+    await store.client.hset(store.keys.profile("old"), "allow_private_network", "false")
+    _, _, claimed = await store.claim(
+        store.keys.partition_of("c1"), limit=1, lease_ms=30_000, token="t:1", ids=["c1"]
+    )
+    settings = make_settings("redis://unused", prefix="unused:")
+    async with make_http_client() as http:
+        outcome = await build_refresher(settings, store, http, Metrics()).refresh(claimed[0])
+    cred = await store.get("c1")
+    assert (outcome, cred.status, cred.last_error) == (
+        "needs_reauth",
+        "needs_reauth",
+        "config_error",
+    )
+    assert cred.refresh_token == "rt-1"

@@ -135,6 +135,11 @@ class Refresher:
         except NotFound:
             failure = Permanent("profile_missing", f"profile {c.profile!r} does not exist")
             return await self._finish_failure(c, None, failure, "needs_reauth", spent=False)
+        except ConfigError as exc:
+            # stored by an earlier release, refused by today's rules (a
+            # private token host, say): the operator must fix the profile
+            broken = Permanent("config_error", str(exc))
+            return await self._finish_failure(c, None, broken, "needs_reauth", spent=False)
         if c.ambiguous_at_ms is not None and not blind_retry_allowed(
             profile, first_send_ms=c.ambiguous_at_ms, now_ms=now_ms
         ):
