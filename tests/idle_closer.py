@@ -9,7 +9,10 @@ whole, so a test can tell a request the server never read (the client may
 say "not sent") from one it did (the client must say "unknown" or have the
 answer).
 
-``GET /seen`` answers the refresh tokens read so far, one per line.
+A request whose refresh token starts with ``swallow`` is read and then
+answered by a close (a server that crashed after reading it): the client
+must call that an unknown outcome. ``GET /seen`` answers the refresh
+tokens read so far, one per line.
 Prints ``PORT <n>`` once bound.
 """
 
@@ -78,7 +81,11 @@ class _Closer(asyncio.Protocol):
             payload = "\n".join(self.seen).encode()
         else:
             form = dict(parse_qsl(body.decode()))
-            self.seen.append(form.get("refresh_token", ""))
+            token = form.get("refresh_token", "")
+            self.seen.append(token)
+            if token.startswith("swallow"):
+                self.transport.close()
+                return
             payload = b'{"access_token": "at", "token_type": "Bearer", "expires_in": 3600}'
         self.transport.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"

@@ -18,25 +18,21 @@ exactly the distinction above (every connection error became
 from __future__ import annotations
 
 import asyncio
-import select
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 import aiohttp
-from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict
 
 from worker import __version__
-from worker.egress import EgressRefused, GuardedConnector, allow_private_network
+from worker.connpool import KEEPALIVE_S, PoolConnector, ServerClosedFirst
+from worker.egress import EgressRefused, allow_private_network
 from worker.errors import Ambiguous, NotSent, Permanent
 
 __all__ = [
-    "KEEPALIVE_S",
     "MAX_BODY_BYTES",
     "HttpAnswer",
-    "PoolConnector",
     "TokenRequest",
     "make_http_client",
     "send",
@@ -44,14 +40,9 @@ __all__ = [
 
 MAX_BODY_BYTES = 64 * 1024
 USER_AGENT = f"refreshd/{__version__}"
-#: Longest idle time after which a pooled connection is still reused: under
-#: the shortest idle timeout common servers use (gunicorn 2 s; Node.js,
-#: Apache and uvicorn 5 s), so a server's own idle close never races a request.
-KEEPALIVE_S = 1.5
 #: aiohttp's words when a request's first write finds the connection already
 #: closing: nothing of the request left this process.
 _CLOSED_BEFORE_WRITE = "Cannot write to closing transport"
-_HUNG_UP = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
 
 _NOT_SENT: tuple[type[BaseException], ...] = (
     aiohttp.ClientConnectorError,  # DNS, refused, TLS handshake: no request bytes sent
@@ -79,45 +70,6 @@ class HttpAnswer:
     headers: Mapping[str, str]  # case-insensitive
     body: bytes
     truncated: bool
-
-
-def _still_open(protocol: ResponseHandler) -> bool:
-    """Has the server hung up on this idle connection, in a way our event
-    loop has not read yet? An idle HTTP/1.1 connection has nothing to read:
-    anything there (a FIN, a reset, a parting "408") means the server is
-    closing it, and a request written now would cross that close and read
-    as an unknown outcome. One ``poll`` with no wait: about a microsecond."""
-    transport = protocol.transport
-    sock = None if transport is None else transport.get_extra_info("socket")
-    if sock is None:
-        return protocol.is_connected()
-    poller = select.poll()
-    poller.register(sock.fileno(), _HUNG_UP)
-    return not poller.poll(0)
-
-
-class PoolConnector(GuardedConnector):
-    """The egress-guarded connector (``worker.egress``), reusing connections
-    so that a request is not
-    written onto one the server is closing (``send`` says why that matters
-    more here than anywhere): the most recently used connection first, not
-    the longest idle one (aiohttp's queue order), none idle past
-    ``KEEPALIVE_S``, and each checked for a pending hang-up just before it
-    is handed out. The two overrides are aiohttp internals, pinned in
-    constraints.txt and covered by tests/test_keepalive.py."""
-
-    async def _get(self, key: Any, traces: Any) -> aiohttp.connector.Connection | None:
-        while True:
-            conn = await super()._get(key, traces)
-            if conn is None or conn.protocol is None or _still_open(conn.protocol):
-                return conn
-            conn.close()  # and try the next idle one
-
-    def _release(self, key: Any, protocol: ResponseHandler, *, should_close: bool = False) -> None:
-        super()._release(key, protocol, should_close=should_close)
-        idle = self._conns.get(key)
-        if idle and idle[-1][0] is protocol:
-            idle.rotate(1)  # most recently used first
 
 
 def make_http_client(*, max_connections: int = 256) -> aiohttp.ClientSession:
@@ -167,6 +119,8 @@ def _classify(exc: aiohttp.ClientError) -> NotSent | Ambiguous | Permanent:
         return refused
     if isinstance(exc, _NOT_SENT):
         return NotSent("connect_error", type(exc).__name__)
+    if isinstance(exc, ServerClosedFirst):
+        return NotSent("connection_closed", "the server closed before the request reached it")
     if _closed_before_write(exc):
         return NotSent("connection_closed", "closed before the request was written")
     if isinstance(exc, aiohttp.ServerTimeoutError):
