@@ -356,12 +356,15 @@ class Store:
         fields: Mapping[str, str | int],
         event: str,
         reason: str = "",
+        wait_durable: bool = False,
     ) -> CommitResult:
         """Apply an outcome atomically with its event. When durability is
         configured, the same round trip waits for the fsync (WAITAOF) and/or
         a replica (WAIT); ``durable=False`` tells the caller to keep the new
         tokens and re-apply them. Inside a running worker the batch owns
-        that wait and the re-apply, and the call returns with the result."""
+        that wait and the re-apply, and the call returns with the result,
+        unless ``wait_durable`` asks for the acknowledgement itself (a
+        pending commit that must not be forgotten before it is durable)."""
         part = self.keys.partition(c.partition)
         flat: list[Any] = []
         for name, value in fields.items():
@@ -370,7 +373,7 @@ class Store:
             flat += [name, value]
         res, durable = await self._run_durably(
             self.scripts.commit,
-            wait_durable=False,
+            wait_durable=wait_durable,
             keys=[part.cred(c.id), part.lock(c.id), part.due, part.stats],
             args=[
                 c.token,
