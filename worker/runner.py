@@ -9,7 +9,9 @@ Shape::
 The claim loop only claims what it can start soon (free consumers), so
 leases are not burnt in a queue. On stop it claims nothing more; consumers
 finish what they hold; claimed-but-unstarted credentials are handed back
-(due now) so another worker takes them at once.
+(due now) so another worker takes them at once. Commits still waiting for
+Redis at the drain deadline stop retrying: they are in the local spool,
+which the next start replays before it claims (``worker.spool``).
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ class Worker:
     async def _drain_deadline(self, scope: anyio.CancelScope) -> None:
         await anyio.sleep(self.config.drain_grace_s)
         log.warning("worker.drain_timeout", still_running=self._busy)
+        # commits still waiting for Redis end here: they are in the spool
+        self.refresher.give_up_pending()
         scope.cancel()
 
     def _next_token(self) -> str:
