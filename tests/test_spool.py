@@ -380,3 +380,16 @@ async def test_a_replay_with_redis_away_keeps_every_entry(
         await wait_for(lambda: store.ping(), within=10, what="the client back")
         assert await replay_spool(spool, store, Metrics()) == 0
         assert (await store.get("cred-00000")).version == 1
+
+
+async def test_an_unwritable_spool_is_reported_at_start(redis_url: str, tmp_path: Path) -> None:
+    settings = make_settings(redis_url)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    spool = Spool(blocker / "spool", MarkingCodec())
+    async with open_store(settings) as store:
+        with captured_logs("info") as stream:
+            assert await replay_spool(spool, store, Metrics()) == 0
+    [warning] = [e for e in log_events(stream) if e["event"] == "spool.unavailable"]
+    assert warning["level"] == "warning"
+    assert "REFRESHD_SPOOL_DIR" in warning["note"]

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import anyio
+
 from worker.codec import SecretCodec
 from worker.errors import NotFound, RefreshdError
 from worker.logs import fingerprint, get_logger
@@ -141,6 +143,19 @@ class Spool:
     def path_for(self, commit: PendingCommit) -> Path:
         name = f"{commit.credential_id}\0{commit.claim_token}".encode()
         return self.directory / f"commit-{hashlib.sha256(name).hexdigest()[:32]}.json"
+
+    def prepare(self) -> str | None:
+        """Create the directory (0700) now, at start: a spool that cannot be
+        written is better found before an outage than during one. Returns
+        what is wrong, or None."""
+        try:
+            self._ensure_directory()
+            probe = self.directory / f".probe.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return f"{exc.strerror or exc}"
+        return None
 
     def entries(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -271,6 +286,15 @@ async def replay_spool(spool: Spool, store: Store, metrics: Metrics) -> int:
     (a claim would read an expired intent as an unknown outcome). Returns
     how many entries are left. ``StoreUnavailable`` propagates: the entries
     stay for the next start."""
+    problem = await anyio.to_thread.run_sync(spool.prepare)
+    if problem is not None:
+        log.warning(
+            "spool.unavailable",
+            path=str(spool.directory),
+            error=problem,
+            note="tokens received during a Redis outage would be lost if the worker stops "
+            "before Redis is back; set REFRESHD_SPOOL_DIR to a writable directory",
+        )
     for path in spool.entries():
         try:
             pending = spool.load(path)
