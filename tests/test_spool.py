@@ -9,6 +9,8 @@ Redis is back. The other tests drive the spool and its replay directly.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import signal
 import stat
@@ -30,7 +32,8 @@ from tests.harness import (
 )
 from tests.redis_server import RedisServer
 from tests.test_process import worker_process
-from worker.app import open_store
+from worker.app import build_refresher, open_store
+from worker.batcher import ScriptBatcher, _Call
 from worker.errors import StoreUnavailable
 from worker.events import EventType, build_event
 from worker.fakeprovider import FakeProvider, Fault
@@ -393,3 +396,55 @@ async def test_an_unwritable_spool_is_reported_at_start(redis_url: str, tmp_path
     [warning] = [e for e in log_events(stream) if e["event"] == "spool.unavailable"]
     assert warning["level"] == "warning"
     assert "REFRESHD_SPOOL_DIR" in warning["note"]
+
+
+async def test_commits_never_acknowledged_are_spooled_when_the_batcher_stops(
+    fresh_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A commit whose script ran but whose acknowledgement died with the
+    connection may be lost by the server: the batch re-applies it for as
+    long as it runs (was: 30 s), and hands it to the spool when it stops."""
+    settings = make_settings(fresh_redis.url)
+    spool = Spool(tmp_path / "spool", MarkingCodec())
+    async with (
+        FakeProvider() as provider,
+        open_store(settings) as store,
+        make_http_client() as http,
+    ):
+        grants = await seed(store, provider, 1)
+        claimed, tokens = await _answered(store, provider, "cred-00000", "A")
+        pending = _pending(claimed, tokens)
+        keys, args = store.commit_call(
+            claimed, "refreshed", next_due=pending.next_due, fields=pending.fields,
+            event=pending.event,
+        )  # fmt: skip
+        assert _timeless(PendingCommit.from_commit_args(args, store.codec)) == _timeless(pending)
+        refresher = build_refresher(settings, store, http, Metrics())
+        refresher.spool = spool
+        batcher = ScriptBatcher(store, on_unconfirmed=refresher.keep_unconfirmed)
+        fresh_redis.kill()
+        with captured_logs("info") as stream:
+            async with anyio.create_task_group() as tg:
+                await tg.start(batcher.run)
+                future = asyncio.get_running_loop().create_future()
+                batcher._reapplying += 1  # as a batch that lost its acknowledgement does
+                tg.start_soon(
+                    batcher._reapply, [_Call(store.scripts.commit, keys, args, False, future)]
+                )
+                await anyio.sleep(1.0)  # several attempts, all refused
+                assert spool.entries() == []  # kept in memory while the process runs
+                tg.cancel_scope.cancel()  # the worker stops
+        [path] = spool.entries()
+        assert _timeless(spool.load(path)) == _timeless(pending)
+        [spooled] = [e for e in log_events(stream) if e["event"] == "commit.spooled"]
+        assert spooled["refresh_token_fp"] == fingerprint(tokens.refresh_token)
+
+        await anyio.to_thread.run_sync(fresh_redis.start)
+        await wait_for(lambda: store.ping(), within=10, what="the client back")
+        assert await replay_spool(spool, store, Metrics()) == 0
+        assert await is_current(store, provider, "cred-00000", grants["cred-00000"])
+
+
+def _timeless(commit: PendingCommit | None) -> PendingCommit:
+    assert commit is not None
+    return dataclasses.replace(commit, received_ms=0)

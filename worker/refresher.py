@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -192,6 +192,35 @@ class Refresher:
         self._giving_up = True
         if self._give_up is not None:
             self._give_up.set()
+
+    def keep_unconfirmed(self, commit_args: list[Sequence[Any]]) -> None:
+        """The batcher stops with commits it could not confirm (their
+        connection died before the acknowledgement, and Redis has not come
+        back): the server may have lost them, so they go to the spool like
+        any other pending commit. Runs while the worker shuts down, hence
+        synchronously; the next start replays them (one that did land is
+        recognised as landed)."""
+        for args in commit_args:
+            pending = PendingCommit.from_commit_args(args, self.store.codec)
+            if pending is None:
+                continue
+            path = None
+            if self.spool is not None:
+                try:
+                    path = self.spool.write(pending)
+                    self.metrics.spool_writes.labels("written").inc()
+                except SpoolError as exc:
+                    self.metrics.spool_writes.labels("failed").inc()
+                    log.error("spool.write_failed", credential_id=pending.credential_id,  # noqa: TRY400
+                              error=str(exc))  # fmt: skip
+            fp = fingerprint(pending.refresh_token) if pending.refresh_token else None
+            (log.warning if path else log.critical)(
+                "commit.spooled" if path else "commit.abandoned",
+                credential_id=pending.credential_id,
+                outcome=pending.outcome,
+                refresh_token_fp=fp,
+                unconfirmed=True,
+            )
 
     def begin_drain(self) -> None:
         """Refreshes still waiting for a rate-limit slot give their claims back."""

@@ -108,6 +108,7 @@ class Worker:
                 self.store,
                 connections=max(2, min(16, pool_size // 2)),
                 on_not_durable=self._not_durable,
+                on_unconfirmed=self.refresher.keep_unconfirmed,
             )
             await tg.start(batcher.run)
             self.store.batcher = batcher

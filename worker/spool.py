@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -53,6 +53,8 @@ log = get_logger("refreshd.spool")
 
 SPOOL_FORMAT = "refreshd-spool-1"
 _OUTCOMES = frozenset({"refreshed", "retry", "needs_reauth", "quarantined"})
+#: where the field/value pairs start in the commit script's ARGV (ARGV[9..])
+_PAIRS_AT = 8
 
 
 class SpoolError(RefreshdError):
@@ -85,6 +87,21 @@ class PendingCommit:
     ) -> PendingCommit:
         return cls(c.id, c.token, c.version, outcome, next_due, dict(fields), event, reason,
                    int(time.time() * 1000))  # fmt: skip
+
+    @classmethod
+    def from_commit_args(cls, args: Sequence[Any], codec: SecretCodec) -> PendingCommit | None:
+        """The commit a commit script call (``Store.commit_call``'s ARGV)
+        was making; None for a release, which carries nothing to keep."""
+        token, version, outcome, next_due, _channel, event, cred_id, reason = args[:_PAIRS_AT]
+        if outcome not in _OUTCOMES:
+            return None
+        flat = args[_PAIRS_AT:]
+        fields = {
+            str(name): codec.decode(str(value)) if name in SECRET_FIELDS else value
+            for name, value in zip(flat[0::2], flat[1::2], strict=True)
+        }
+        return cls(str(cred_id), str(token), str(version), outcome, next_due, fields, str(event),
+                   str(reason), int(time.time() * 1000))  # fmt: skip
 
     @property
     def refresh_token(self) -> str:
