@@ -10,6 +10,7 @@ Redis is back. The other tests drive the spool and its replay directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import signal
@@ -42,6 +43,7 @@ from worker.metrics import Metrics
 from worker.models import Claimed, Status
 from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
 from worker.profiles import ProfileStore
+from worker.redisio import guard
 from worker.spool import SPOOL_FORMAT, PendingCommit, Spool, replay_spool
 from worker.store import Store
 from worker.transport import make_http_client, send
@@ -148,30 +150,51 @@ async def test_commits_are_retried_and_counted_while_redis_is_away(
     fresh_redis: RedisServer,
 ) -> None:
     """The retry is observable: a gauge of pending commits, a counter of
-    attempts, one ``commit.retrying`` per commit and no line per attempt."""
+    attempts, one ``commit.retrying`` per commit and no line per attempt.
+    Redis stays away past the spend deadlines and the leases; once it is
+    back the pending commits land at once (not at the end of their backoff)
+    and before this worker claims anything, although wake-ups ask it to:
+    a claim first would read their intents as unknown outcomes."""
     settings = make_settings(fresh_redis.url)
     async with FakeProvider() as provider, open_store(settings) as store:
-        grants = await seed(store, provider, 3, profile={"timeout_s": 5})
+        grants = await seed(store, provider, 3, profile={"timeout_s": 2})
         provider.inject(*[Fault("delay", delay_s=1.0)] * 3)
+        events = Events()
         with captured_logs("info") as stream:
             async with worker_running(settings) as [w]:
+                # a long backoff: Redis is back long before the next try
+                refresher, timing = w.worker.refresher, w.worker.refresher.timing
+                refresher.timing = dataclasses.replace(timing, commit_retry_max_delay_s=60)
                 await wait_for(lambda: provider.stats.requests >= 3, within=10, what="sent")
                 fresh_redis.kill()
                 pending = w.metrics.commits_pending
                 await wait_for(lambda: _value(pending) == 3, within=10, what="3 pending")
-                await anyio.sleep(3)
-                retries = w.metrics.commit_retries._value.get()
-                assert retries >= 6  # several attempts each ...
+                # past the intents' deadlines (2.5 s), the leases (5 s) and the
+                # retry 6.35 s after the first one: the next would be 6.4 s later
+                await anyio.sleep(7.5)
+                assert w.metrics.commit_retries._value.get() >= 9  # several attempts each ...
                 await anyio.to_thread.run_sync(fresh_redis.start)
-                await wait_for(lambda: _value(pending) == 0, within=15, what="landed")
-                await wait_for(
-                    lambda: all_current(store, provider, grants), within=10, what="current"
-                )
+                back = time.monotonic()
+                async with anyio.create_task_group() as tg:
+                    await wait_for(lambda: store.ping(), within=10, what="the test's client back")
+                    await tg.start(events.listen, store)
+                    while _value(pending) and time.monotonic() - back < 5:
+                        with contextlib.suppress(StoreUnavailable):  # stale pooled connections
+                            await guard(store.client.publish(store.keys.wake, "test"))
+                        await anyio.sleep(0.05)
+                    landed_after = time.monotonic() - back
+                    await wait_for(
+                        lambda: all_current(store, provider, grants), within=10, what="current"
+                    )
+                    await anyio.sleep(0.3)
+                    tg.cancel_scope.cancel()
+        assert landed_after < 3, f"pending commits landed {landed_after:.1f}s after Redis was back"
         names = [e["event"] for e in log_events(stream)]
         assert names.count("commit.retrying") == 3  # ... but one line each
         assert names.count("commit.recovered") == 3
         assert "commit.abandoned" not in names
         assert names.count("commit.retry_round") <= 1
+        assert events.of(QUARANTINED) == []
         assert max(provider.send_counts.values()) == 1
 
 

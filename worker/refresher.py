@@ -74,7 +74,7 @@ class RefreshTiming:
     lease_ms: int
     margin_ms: int
     #: longest wait between two attempts of a commit Redis could not take
-    commit_retry_max_delay_s: float = 5.0
+    commit_retry_max_delay_s: float = 2.0
     #: at most one ``commit.retry_round`` summary per this many seconds
     commit_round_log_s: float = 30.0
 
@@ -111,7 +111,7 @@ class Refresher:
         self.spool = spool
         self._pending: dict[object, PendingCommit] = {}
         self._giving_up = False
-        self._give_up: anyio.Event | None = None  # created in the event loop, when needed
+        self._nudge: anyio.Event | None = None  # wakes the retries (created when needed)
         self._last_round_log = 0.0
         metrics.commits_pending.set_function(lambda: len(self._pending))
 
@@ -186,12 +186,23 @@ class Refresher:
                 self._waiting.discard(scope)
         return None
 
+    @property
+    def pending_commits(self) -> int:
+        """Commits waiting for Redis (the claim loop lets them land first)."""
+        return len(self._pending)
+
     def give_up_pending(self) -> None:
         """The worker is stopping for good: commits still waiting for Redis
         stop retrying (their spool entries are replayed at the next start)."""
         self._giving_up = True
-        if self._give_up is not None:
-            self._give_up.set()
+        self.nudge_pending()
+
+    def nudge_pending(self) -> None:
+        """Redis answers again: pending commits try now rather than at the
+        end of their backoff (the claim loop waits for them)."""
+        if self._nudge is not None:
+            self._nudge.set()
+            self._nudge = None
 
     def keep_unconfirmed(self, commit_args: list[Sequence[Any]]) -> None:
         """The batcher stops with commits it could not confirm (their
@@ -505,10 +516,11 @@ class Refresher:
             )
             delay = 0.05
             while not self._giving_up:
-                if self._give_up is None:
-                    self._give_up = anyio.Event()
+                if self._nudge is None:
+                    self._nudge = anyio.Event()
+                nudge = self._nudge
                 with anyio.move_on_after(delay):
-                    await self._give_up.wait()
+                    await nudge.wait()
                 if self._giving_up:
                     break
                 delay = min(delay * 2, self.timing.commit_retry_max_delay_s)
@@ -585,7 +597,7 @@ class Refresher:
         if path is None or self.spool is None or (result.ok and not result.durable):
             return  # not durable yet: the next start's replay settles it
         try:
-            if result.ok or pending.outcome != "refreshed":
+            if result.ok or pending.outcome != "refreshed" or result.reason != "stale":
                 await anyio.to_thread.run_sync(self.spool.remove, path)
             else:
                 kept = await anyio.to_thread.run_sync(self.spool.set_aside, path)

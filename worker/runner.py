@@ -155,6 +155,15 @@ class Worker:
         failures = 0
         while not self.draining:
             self._wake = anyio.Event()
+            if self.refresher.pending_commits:
+                # Commits Redis could not take land first: a claim before
+                # them could read their expired spend intents as unknown
+                # outcomes (a quarantine, under strict rotation).
+                if await self.store.ping():
+                    self.metrics.redis_up.set(1)
+                    self.refresher.nudge_pending()
+                await self._sleep(0.25)
+                continue
             free = cfg.concurrency - self._busy
             claimed = 0
             try:
