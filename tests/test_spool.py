@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import stat
 import time
@@ -471,3 +472,21 @@ async def test_commits_never_acknowledged_are_spooled_when_the_batcher_stops(
 def _timeless(commit: PendingCommit | None) -> PendingCommit:
     assert commit is not None
     return dataclasses.replace(commit, received_ms=0)
+
+
+async def test_a_write_cut_short_is_removed_at_start(redis_url: str, tmp_path: Path) -> None:
+    """A temporary file left by a crash mid-write is incomplete and holds
+    secrets: the next start removes it (a fresh one may be another
+    process's write in progress)."""
+    settings = make_settings(redis_url)
+    spool = Spool(tmp_path / "spool", MarkingCodec())
+    spool.directory.mkdir(mode=0o700)
+    old = spool.directory / ".commit-0123.json.99.tmp"
+    fresh = spool.directory / ".commit-4567.json.98.tmp"
+    for path in (old, fresh):
+        path.write_text('{"format": "refreshd-spool-1", "fie')
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    async with open_store(settings) as store:
+        assert await replay_spool(spool, store, Metrics()) == 0
+    assert not old.exists()
+    assert fresh.exists()

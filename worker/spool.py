@@ -170,6 +170,10 @@ class Spool:
             probe = self.directory / f".probe.{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
+            # a write cut short by a crash: incomplete, and it holds secrets
+            for tmp in self.directory.glob(".commit-*.tmp"):
+                if time.time() - tmp.stat().st_mtime > 60:
+                    tmp.unlink(missing_ok=True)
         except OSError as exc:
             return f"{exc.strerror or exc}"
         return None
