@@ -38,6 +38,7 @@ from worker.serverchecks import (
     is_accepted,
 )
 from worker.settings import Settings
+from worker.spool import Spool, replay_spool
 from worker.store import Durability, Store
 from worker.transport import make_http_client
 
@@ -184,7 +185,10 @@ async def run_worker(
         open_store(settings, pool_size=pool) as store,
         make_http_client(max_connections=settings.concurrency) as http,
     ):
+        spool = Spool(settings.spool_path, store.codec)  # commits a stopped worker left
+        await replay_spool(spool, store, metrics)  # before any claim: see worker.spool
         refresher = build_refresher(settings, store, http, metrics)
+        refresher.spool = spool
         worker = build_worker(settings, store, refresher, metrics)
         heartbeat = Heartbeat()
 

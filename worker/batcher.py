@@ -85,8 +85,9 @@ class ScriptBatcher:
         connections: int = 16,
         max_batch: int = 256,
         ack_attempts: int = 3,
-        reapply_patience_s: float = 30.0,
+        reapply_patience_s: float = math.inf,
         on_not_durable: Callable[[str, int], None] | None = None,
+        on_unconfirmed: Callable[[list[Sequence[Any]]], None] | None = None,
     ) -> None:
         self._store = store  # worker.store.Store (not imported: it imports us)
         self._connections = connections
@@ -95,6 +96,10 @@ class ScriptBatcher:
         self._reapply_patience_s = reapply_patience_s
         #: told (reason, count) when commits could not be confirmed durable
         self.on_not_durable = on_not_durable
+        #: given the arguments of commits still waiting to be re-applied when
+        #: the batcher stops (or gives up): they may hold the only copy of new
+        #: tokens, and the worker keeps them in its spool (``worker.spool``)
+        self.on_unconfirmed = on_unconfirmed
         self._queue: deque[_Call] = deque()
         self._in_flight: set[_Call] = set()
         self._ready = asyncio.Event()
@@ -309,27 +314,35 @@ class ScriptBatcher:
             self._note_progress()
 
     async def _reapply_until_done(self, commits: list[_Call]) -> None:
+        """For as long as the batcher runs (by default): the server may have
+        lost these commits, and they may carry the only copy of new tokens.
+        Whatever is still unconfirmed when it stops goes to
+        ``on_unconfirmed``."""
         pending = commits
         delay = 0.05
-        with anyio.move_on_after(self._reapply_patience_s):
-            while pending:
-                failed: list[_Call] = []
-                for item in pending:
-                    try:
-                        await self.call(item.script, item.keys, item.args, wait_durable=True)
-                    except StoreUnavailable:
-                        failed.append(item)
-                    except Exception:  # a script error: nothing more to try
-                        log.exception("commit.reapply_failed")
-                if not failed:
-                    log.info("commit.reapplied", commits=len(commits))
-                    return
-                pending = failed
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        if self.on_not_durable is not None:
-            self.on_not_durable("unavailable", len(pending))
-        log.error("commit.not_durable", commits=len(pending), reason="redis unavailable")
+        try:
+            with anyio.move_on_after(self._reapply_patience_s):
+                while pending:
+                    failed: list[_Call] = []
+                    for item in pending:
+                        try:
+                            await self.call(item.script, item.keys, item.args, wait_durable=True)
+                        except StoreUnavailable:
+                            failed.append(item)
+                        except Exception:  # a script error: nothing more to try
+                            log.exception("commit.reapply_failed")
+                    pending = failed
+                    if not failed:
+                        log.info("commit.reapplied", commits=len(commits))
+                        return
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            if self.on_not_durable is not None:
+                self.on_not_durable("unavailable", len(pending))
+            log.error("commit.not_durable", commits=len(pending), reason="redis unavailable")
+        finally:
+            if pending and self.on_unconfirmed is not None:
+                self.on_unconfirmed([item.args for item in pending])
 
 
 def _acknowledged(replies: list[Any], durability: Any) -> bool:

@@ -118,5 +118,31 @@ class Metrics:
             ["hazard", "accepted"],
             registry=r,
         )
+        # commits Redis could not take (worker.refresher, worker.spool)
+        self.commits_pending = Gauge(
+            "refreshd_commits_pending",
+            "Commits held in memory because Redis could not take them; retried until "
+            "they land (new tokens a provider issued are among them).",
+            registry=r,
+        )
+        self.commit_retries = Counter(
+            "refreshd_commit_retries_total",
+            "Attempts to write a pending commit again after Redis was unreachable.",
+            registry=r,
+        )
+        self.spool_writes = Counter(
+            "refreshd_spool_writes_total",
+            "Pending commits written to the local spool (REFRESHD_SPOOL_DIR), by result "
+            "(written, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.spool_replays = Counter(
+            "refreshd_spool_replays_total",
+            "Spooled commits replayed at start, by result (landed, already_landed, "
+            "superseded, refused, not_durable, unreadable).",
+            ["result"],
+            registry=r,
+        )
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         ProcessCollector(registry=r)

@@ -15,8 +15,9 @@ or inside its reuse grace window counted from the first unanswered send.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
@@ -41,6 +42,7 @@ from worker.models import Claimed, Profile, Rotation
 from worker.profiles import ProfileCache
 from worker.ratelimit import ProfileLimits
 from worker.scheduling import Schedule
+from worker.spool import PendingCommit, Spool, SpoolError
 from worker.store import CommitResult, Outcome, Store
 from worker.strategies import build_request
 from worker.transport import TokenRequest, send
@@ -71,7 +73,10 @@ def blind_retry_allowed(profile: Profile, *, first_send_ms: int, now_ms: int) ->
 class RefreshTiming:
     lease_ms: int
     margin_ms: int
-    commit_patience_s: float = 30.0
+    #: longest wait between two attempts of a commit Redis could not take
+    commit_retry_max_delay_s: float = 2.0
+    #: at most one ``commit.retry_round`` summary per this many seconds
+    commit_round_log_s: float = 30.0
 
 
 class Refresher:
@@ -85,6 +90,7 @@ class Refresher:
         metrics: Metrics,
         timing: RefreshTiming,
         on_scheduled: Callable[[int], None] | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.store = store
         self.profiles = profiles
@@ -101,6 +107,13 @@ class Refresher:
         self._in_flight = 0
         metrics.in_flight.set_function(lambda: self._in_flight)  # read at scrape time
         self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        #: where commits Redis could not take are kept across a stop (None: memory only)
+        self.spool = spool
+        self._pending: dict[object, PendingCommit] = {}
+        self._giving_up = False
+        self._nudge: anyio.Event | None = None  # wakes the retries (created when needed)
+        self._last_round_log = 0.0
+        metrics.commits_pending.set_function(lambda: len(self._pending))
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: labels() was a few percent
@@ -177,6 +190,53 @@ class Refresher:
             finally:
                 self._waiting.discard(scope)
         return None
+
+    @property
+    def pending_commits(self) -> int:
+        """Commits waiting for Redis (the claim loop lets them land first)."""
+        return len(self._pending)
+
+    def give_up_pending(self) -> None:
+        """The worker is stopping for good: commits still waiting for Redis
+        stop retrying (their spool entries are replayed at the next start)."""
+        self._giving_up = True
+        self.nudge_pending()
+
+    def nudge_pending(self) -> None:
+        """Redis answers again: pending commits try now rather than at the
+        end of their backoff (the claim loop waits for them)."""
+        if self._nudge is not None:
+            self._nudge.set()
+            self._nudge = None
+
+    def keep_unconfirmed(self, commit_args: list[Sequence[Any]]) -> None:
+        """The batcher stops with commits it could not confirm (their
+        connection died before the acknowledgement, and Redis has not come
+        back): the server may have lost them, so they go to the spool like
+        any other pending commit. Runs while the worker shuts down, hence
+        synchronously; the next start replays them (one that did land is
+        recognised as landed)."""
+        for args in commit_args:
+            pending = PendingCommit.from_commit_args(args, self.store.codec)
+            if pending is None:
+                continue
+            path = None
+            if self.spool is not None:
+                try:
+                    path = self.spool.write(pending)
+                    self.metrics.spool_writes.labels("written").inc()
+                except SpoolError as exc:
+                    self.metrics.spool_writes.labels("failed").inc()
+                    log.error("spool.write_failed", credential_id=pending.credential_id,  # noqa: TRY400
+                              error=str(exc))  # fmt: skip
+            fp = fingerprint(pending.refresh_token) if pending.refresh_token else None
+            (log.warning if path else log.critical)(
+                "commit.spooled" if path else "commit.abandoned",
+                credential_id=pending.credential_id,
+                outcome=pending.outcome,
+                refresh_token_fp=fp,
+                unconfirmed=True,
+            )
 
     def begin_drain(self) -> None:
         """Refreshes still waiting for a rate-limit slot give their claims back."""
@@ -386,20 +446,26 @@ class Refresher:
         hold a cancel shield: once the provider has answered, its tokens must
         land even if the process is being shut down (the open spend intent
         keeps every other worker away meanwhile). The first attempt runs
-        without a deadline: arming the patience timer (and a scope of its
-        own) on every commit was a few percent of the CPU per refresh, and
-        only a retry needs it."""
+        with nothing armed around it (a timer and a scope on every commit
+        were a few percent of the CPU per refresh): only a retry needs them."""
 
-        def attempt() -> Awaitable[CommitResult]:
+        def attempt(wait_durable: bool = False) -> Awaitable[CommitResult]:
             return self.store.commit(
-                c, outcome, next_due=next_due, fields=fields, event=event, reason=reason
+                c,
+                outcome,
+                next_due=next_due,
+                fields=fields,
+                event=event,
+                reason=reason,
+                wait_durable=wait_durable,
             )
 
         try:
             result = await attempt()
         except StoreUnavailable:
             self.metrics.commit_failures.labels("unavailable").inc()
-            retried = await self._commit_retrying(attempt, c, outcome, tokens)
+            pending = PendingCommit.of(c, outcome, next_due, fields, event, reason)
+            retried = await self._commit_retrying(attempt, pending)
             if retried is None:
                 return None
             result = retried
@@ -415,42 +481,115 @@ class Refresher:
         return result
 
     async def _commit_retrying(
-        self,
-        attempt: Callable[[], Awaitable[CommitResult]],
-        c: Claimed,
-        outcome: Outcome,
-        tokens: TokenSet | None,
+        self, attempt: Callable[[bool], Awaitable[CommitResult]], pending: PendingCommit
     ) -> CommitResult | None:
-        """The first commit found Redis away: try again with backoff, for
-        ``commit_patience_s`` at most (the caller's shield holds)."""
-        delay = 0.05
-        with anyio.move_on_after(self.timing.commit_patience_s):
-            while True:
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        """The first commit found Redis away. Its outcome (for a refresh,
+        tokens the provider issued and nobody else knows) now lives only
+        here: write it to the spool, so a stop or a crash does not lose it,
+        then try again with capped backoff for as long as the process lives
+        (the caller's shield holds, and the open spend intent keeps every
+        other worker away). Only a stopping worker gives up, at the end of
+        its drain; the spool entry is replayed at the next start. Returns
+        None when it gave up."""
+        key = object()
+        self._pending[key] = pending
+        spooled: Path | None = None
+        try:
+            spooled = await self._spool_write(pending)
+            log.warning(
+                "commit.retrying",
+                credential_id=pending.credential_id,
+                outcome=pending.outcome,
+                spooled=spooled is not None,
+            )
+            delay = 0.05
+            while not self._giving_up:
+                if self._nudge is None:
+                    self._nudge = anyio.Event()
+                nudge = self._nudge
+                with anyio.move_on_after(delay):
+                    await nudge.wait()
+                if self._giving_up:
+                    break
+                delay = min(delay * 2, self.timing.commit_retry_max_delay_s)
+                self.metrics.commit_retries.inc()
                 try:
-                    result = await attempt()
+                    # durable before the spool entry goes
+                    result = await attempt(True)
+                    if not result.ok and await pending.landed(self.store):
+                        result = CommitResult(True, durable=result.durable)  # its reply was lost
                 except StoreUnavailable:
                     self.metrics.commit_failures.labels("unavailable").inc()
+                    self._log_retry_round()
                     continue
-                if not result.ok and tokens is not None:
-                    # its reply may have been lost on an earlier attempt
-                    result = await self._landed_earlier(c, tokens, result)
+                await self._spool_settle(spooled, pending, result)
+                log.info(
+                    "commit.recovered",
+                    credential_id=pending.credential_id,
+                    ok=result.ok,
+                    pending_s=round(time.time() - pending.received_ms / 1000, 1),
+                )
                 return result
-        log.critical(
-            "commit.abandoned",
-            credential_id=c.id,
-            outcome=outcome,
-            refresh_token_fp=fingerprint(tokens.refresh_token) if tokens else None,
-        )
+        finally:
+            del self._pending[key]
+        fp = fingerprint(pending.refresh_token) if pending.refresh_token else None
+        if spooled is not None:
+            log.warning(
+                "commit.spooled",
+                credential_id=pending.credential_id,
+                outcome=pending.outcome,
+                refresh_token_fp=fp,
+            )
+        else:
+            log.critical(
+                "commit.abandoned",
+                credential_id=pending.credential_id,
+                outcome=pending.outcome,
+                refresh_token_fp=fp,
+            )
         return None
 
-    async def _landed_earlier(
-        self, c: Claimed, tokens: TokenSet, result: CommitResult
-    ) -> CommitResult:
-        """A commit whose reply was lost may have run: if the stored state is
-        exactly what it would have written, it did."""
-        stored = await self.store.get(c.id)
-        if stored.version > int(c.version) and stored.refresh_token == tokens.refresh_token:
-            return CommitResult(True, durable=result.durable)
-        return result
+    def _log_retry_round(self) -> None:
+        """One summary line per round of retries, not one per attempt."""
+        now = time.monotonic()
+        if now - self._last_round_log < self.timing.commit_round_log_s:
+            return
+        self._last_round_log = now
+        oldest_ms = min((p.received_ms for p in self._pending.values()), default=_now_ms())
+        log.warning(
+            "commit.retry_round",
+            pending=len(self._pending),
+            oldest_s=round((_now_ms() - oldest_ms) / 1000, 1),
+            spool=self.spool is not None,
+        )
+
+    async def _spool_write(self, pending: PendingCommit) -> Path | None:
+        if self.spool is None:
+            return None
+        try:
+            path = await anyio.to_thread.run_sync(self.spool.write, pending)
+        except SpoolError as exc:
+            self.metrics.spool_writes.labels("failed").inc()
+            # an expected condition (disk full, read-only): one line, no traceback
+            log.error("spool.write_failed", credential_id=pending.credential_id, error=str(exc))  # noqa: TRY400
+            return None
+        self.metrics.spool_writes.labels("written").inc()
+        return path
+
+    async def _spool_settle(
+        self, path: Path | None, pending: PendingCommit, result: CommitResult
+    ) -> None:
+        """A retried commit got its answer: its spool entry goes once the
+        commit is durable; new tokens the store refused are set aside, not
+        deleted (they may still be the only valid ones)."""
+        if path is None or self.spool is None or (result.ok and not result.durable):
+            return  # not durable yet: the next start's replay settles it
+        try:
+            if result.ok or pending.outcome != "refreshed" or result.reason != "stale":
+                await anyio.to_thread.run_sync(self.spool.remove, path)
+            else:
+                kept = await anyio.to_thread.run_sync(self.spool.set_aside, path)
+                log.error("spool.commit_refused", credential_id=pending.credential_id,
+                          kept=str(kept))  # fmt: skip
+        except OSError as exc:
+            log.error("spool.settle_failed", path=str(path), error=type(exc).__name__)  # noqa: TRY400

@@ -9,7 +9,9 @@ Shape::
 The claim loop only claims what it can start soon (free consumers), so
 leases are not burnt in a queue. On stop it claims nothing more; consumers
 finish what they hold; claimed-but-unstarted credentials are handed back
-(due now) so another worker takes them at once.
+(due now) so another worker takes them at once. Commits still waiting for
+Redis at the drain deadline stop retrying: they are in the local spool,
+which the next start replays before it claims (``worker.spool``).
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class Worker:
                 self.store,
                 connections=max(2, min(16, pool_size // 2)),
                 on_not_durable=self._not_durable,
+                on_unconfirmed=self.refresher.keep_unconfirmed,
             )
             await tg.start(batcher.run)
             self.store.batcher = batcher
@@ -136,6 +139,8 @@ class Worker:
     async def _drain_deadline(self, scope: anyio.CancelScope) -> None:
         await anyio.sleep(self.config.drain_grace_s)
         log.warning("worker.drain_timeout", still_running=self._busy)
+        # commits still waiting for Redis end here: they are in the spool
+        self.refresher.give_up_pending()
         scope.cancel()
 
     def _next_token(self) -> str:
@@ -150,6 +155,15 @@ class Worker:
         failures = 0
         while not self.draining:
             self._wake = anyio.Event()
+            if self.refresher.pending_commits:
+                # Commits Redis could not take land first: a claim before
+                # them could read their expired spend intents as unknown
+                # outcomes (a quarantine, under strict rotation).
+                if await self.store.ping():
+                    self.metrics.redis_up.set(1)
+                    self.refresher.nudge_pending()
+                await self._sleep(0.25)
+                continue
             free = cfg.concurrency - self._busy
             claimed = 0
             try:

@@ -45,6 +45,15 @@ class Settings:
         default=Path(".refreshd"),
         metadata=_doc("REFRESHD_DATA_DIR", "Directory for the embedded server's data."),
     )
+    spool_dir: Path | None = field(
+        default=None,
+        metadata=_doc(
+            "REFRESHD_SPOOL_DIR",
+            "Directory (created 0700) where new tokens Redis could not take are kept "
+            "(files 0600) until a commit lands; the next start replays them before it "
+            "claims. Unset: REFRESHD_DATA_DIR/spool.",
+        ),
+    )
     prefix: str = field(
         default="refreshd:",
         metadata=_doc("REFRESHD_PREFIX", "Prefix of every key and channel name."),
@@ -173,6 +182,11 @@ class Settings:
         metadata=_doc("REFRESHD_LOG_FORMAT", "'json' (one object per line) or 'console'."),
     )
 
+    @property
+    def spool_path(self) -> Path:
+        """Where pending commits are spooled (``REFRESHD_SPOOL_DIR`` or its default)."""
+        return self.spool_dir if self.spool_dir is not None else self.data_dir / "spool"
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -274,6 +288,7 @@ def _names(raw: str) -> frozenset[str]:
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": str,
     "data_dir": Path,
+    "spool_dir": Path,
     "prefix": str,
     "partitions": int,
     "concurrency": int,

@@ -370,39 +370,48 @@ class Store:
         fields: Mapping[str, str | int],
         event: str,
         reason: str = "",
+        wait_durable: bool = False,
     ) -> CommitResult:
         """Apply an outcome atomically with its event. When durability is
         configured, the same round trip waits for the fsync (WAITAOF) and/or
         a replica (WAIT); ``durable=False`` tells the caller to keep the new
         tokens and re-apply them. Inside a running worker the batch owns
-        that wait and the re-apply, and the call returns with the result."""
-        part = self.keys.partition(c.partition)
-        flat: list[Any] = []
-        for name, value in fields.items():
-            if name in SECRET_FIELDS:
-                value = self.codec.encode(str(value))
-            flat += [name, value]
+        that wait and the re-apply, and the call returns with the result,
+        unless ``wait_durable`` asks for the acknowledgement itself (a
+        pending commit that must not be forgotten before it is durable)."""
+        keys, args = self.commit_call(
+            c, outcome, next_due=next_due, fields=fields, event=event, reason=reason
+        )
         res, durable = await self._run_durably(
-            self.scripts.commit,
-            wait_durable=False,
-            keys=[part.cred(c.id), part.lock(c.id), part.due, part.stats],
-            args=[
-                c.token,
-                c.version,
-                outcome,
-                next_due,
-                self.keys.events,
-                event,
-                c.id,
-                reason,
-                *flat,
-            ],
+            self.scripts.commit, wait_durable=wait_durable, keys=keys, args=args
         )
         if res[0] != "ok":
             return CommitResult(False, res[0])
         return CommitResult(
             True, lease_lost=res[1] == 1, durable=durable, server_now_ms=int(res[2])
         )
+
+    def commit_call(
+        self,
+        c: Claimed,
+        outcome: Outcome,
+        *,
+        next_due: int | Literal["now", ""],
+        fields: Mapping[str, str | int],
+        event: str,
+        reason: str = "",
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the commit script (``worker/scripts/commit.lua``);
+        ``worker.spool`` reads the ARGV back, so keep the two in step."""
+        part = self.keys.partition(c.partition)
+        flat: list[Any] = []
+        for name, value in fields.items():
+            if name in SECRET_FIELDS:
+                value = self.codec.encode(str(value))
+            flat += [name, value]
+        keys = [part.cred(c.id), part.lock(c.id), part.due, part.stats]
+        args = [c.token, c.version, outcome, next_due, self.keys.events, event, c.id, reason, *flat]
+        return keys, args
 
     async def _run_durably(
         self,

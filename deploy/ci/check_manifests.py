@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from worker.errors import ConfigError  # noqa: E402
-from worker.refresher import RefreshTiming  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -64,8 +63,11 @@ PRIVATE_RANGES = {
     "100.64.0.0/10",
 }
 
-#: Seconds of shielded commit retries after the drain grace (worker.refresher).
-COMMIT_PATIENCE_S = RefreshTiming(lease_ms=30_000, margin_ms=2_000).commit_patience_s
+
+#: Seconds a stopping worker may still need after the drain grace: a request
+#: already sent runs to its answer (a profile's timeout_s, 10 s by default, at
+#: most 30 s here) and its commit lands or goes to the spool (worker.spool).
+COMMIT_TAIL_S = 30.0
 
 Obj = dict[str, Any]
 
@@ -291,12 +293,12 @@ def check_refreshd(where: str, objs: list[Obj], report: Report) -> None:
 
     # -- graceful shutdown
     grace = pod.get("terminationGracePeriodSeconds", 30)
-    floor = settings.drain_grace_s + COMMIT_PATIENCE_S
+    floor = settings.drain_grace_s + COMMIT_TAIL_S
     report.check(
         grace > floor,
         w,
         f"terminationGracePeriodSeconds {grace} must exceed drain grace "
-        f"{settings.drain_grace_s:g} s + {COMMIT_PATIENCE_S:g} s of commit retries",
+        f"{settings.drain_grace_s:g} s + {COMMIT_TAIL_S:g} s for a request out and its commit",
     )
 
     # -- probes
