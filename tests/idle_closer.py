@@ -29,8 +29,9 @@ __all__ = ["serve"]
 
 
 class _Closer(asyncio.Protocol):
-    def __init__(self, seen: list[str], max_idle_s: float) -> None:
+    def __init__(self, seen: list[str], min_idle_s: float, max_idle_s: float) -> None:
         self.seen = seen
+        self.min_idle_s = min_idle_s
         self.max_idle_s = max_idle_s
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
@@ -44,7 +45,7 @@ class _Closer(asyncio.Protocol):
     def _arm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        delay = random.uniform(0, self.max_idle_s)
+        delay = random.uniform(self.min_idle_s, self.max_idle_s)
         self.timer = asyncio.get_running_loop().call_later(delay, self._close)
 
     def _close(self) -> None:
@@ -94,10 +95,12 @@ class _Closer(asyncio.Protocol):
         )
 
 
-async def serve(port: int, max_idle_s: float) -> None:
+async def serve(port: int, min_idle_s: float, max_idle_s: float) -> None:
     seen: list[str] = []
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Closer(seen, max_idle_s), "127.0.0.1", port)
+    server = await loop.create_server(
+        lambda: _Closer(seen, min_idle_s, max_idle_s), "127.0.0.1", port
+    )
     print("PORT", server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -108,9 +111,10 @@ async def serve(port: int, max_idle_s: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--min-idle", type=float, default=0.0)
     parser.add_argument("--max-idle", type=float, default=0.3)
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.max_idle))
+    asyncio.run(serve(args.port, args.min_idle, args.max_idle))
     sys.exit(0)
 
 

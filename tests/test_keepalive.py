@@ -11,6 +11,7 @@ process), which closes idle connections at random times.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import socket
 import subprocess
@@ -29,6 +30,8 @@ from multidict import CIMultiDict
 
 from worker.connpool import KEEPALIVE_S, _tcp_says_closed_first
 from worker.errors import Ambiguous, NotSent
+from worker.profile import AuthMethod, Profile
+from worker.strategies import build_request
 from worker.transport import TokenRequest, _classify, make_http_client, send
 
 pytestmark = pytest.mark.anyio
@@ -174,19 +177,26 @@ def test_a_write_refused_by_a_closing_connection_is_not_sent() -> None:
     assert isinstance(_classify(aiohttp.ServerDisconnectedError()), Ambiguous)
 
 
+@contextmanager
+def _idle_closer(min_idle_s: float) -> Iterator[int]:
+    with subprocess.Popen(
+        [sys.executable, "-m", "tests.idle_closer", "--min-idle", str(min_idle_s),
+         "--max-idle", "0.2"],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        yield int(proc.stdout.readline().split()[1])
+        proc.terminate()
+
+
 @pytest.fixture
 def idle_closer() -> Iterator[int]:
     """``tests.idle_closer`` in its own process: every idle connection is
     closed within 200 ms, at a random moment."""
-    with subprocess.Popen(
-        [sys.executable, "-m", "tests.idle_closer", "--max-idle", "0.2"],
-        cwd=Path(__file__).resolve().parent.parent,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as proc:
-        assert proc.stdout is not None
-        yield int(proc.stdout.readline().split()[1])
-        proc.terminate()
+    with _idle_closer(0.0) as port:
+        yield port
 
 
 def _seen(port: int) -> set[str]:
@@ -194,14 +204,9 @@ def _seen(port: int) -> set[str]:
         return set(reply.read().decode().split("\n"))
 
 
-async def test_against_a_server_closing_idle_connections_at_random_times(idle_closer: int) -> None:
-    """The safety direction first: a request the server read is never
-    reported as not sent (it would be retried: a double send). Then the
-    other: a request the server never read is rarely reported as an unknown
-    outcome (each one quarantines a credential under strict rotation).
-    The closes here cross requests in flight far more often than any real
-    server's would; the crossings that remain cannot be told apart from a
-    lost answer over HTTP/1.1 (see the README)."""
+async def _race(port: int, *, fresh: bool) -> tuple[list[str], list[str], set[str]]:
+    """30 flows of 40 requests at random moments: (unknown, not sent, read
+    by the server). Every tenth request is one the server swallows."""
     unknown: list[str] = []
     not_sent: list[str] = []
     async with make_http_client(max_connections=64) as http:
@@ -210,24 +215,74 @@ async def test_against_a_server_closing_idle_connections_at_random_times(idle_cl
             for i in range(40):
                 await asyncio.sleep(random.uniform(0, 0.25))
                 token = f"{'swallow' if i % 10 == 9 else 'rt'}-{n}-{i}"
-                body = f"grant_type=refresh_token&refresh_token={token}"
+                request = _request(port, f"grant_type=refresh_token&refresh_token={token}")
+                if fresh:
+                    request.headers["Connection"] = "close"
+                    request = dataclasses.replace(request, fresh_connection=True)
                 try:
-                    await send(http, _request(idle_closer, body), timeout_s=5)
+                    await send(http, request, timeout_s=5)
                 except Ambiguous:
                     unknown.append(token)
                 except NotSent:
                     not_sent.append(token)
 
         await asyncio.gather(*(flow(n) for n in range(30)))
-    seen = await anyio.to_thread.run_sync(_seen, idle_closer)
-    assert [t for t in not_sent if t in seen] == []
+    seen = await anyio.to_thread.run_sync(_seen, port)
+    assert [t for t in not_sent if t in seen] == []  # a request read is never "not sent"
     swallowed = [t for t in seen if t.startswith("swallow")]
     assert len(swallowed) >= 100
     assert set(swallowed) <= set(unknown)
+    return unknown, not_sent, seen
+
+
+async def test_against_a_server_closing_idle_connections_at_random_times(idle_closer: int) -> None:
+    """The safety direction first: a request the server read is never
+    reported as not sent (it would be retried: a double send), and one it
+    read and then hung up on is an unknown outcome. Then the other: a
+    request the server never read is rarely reported as an unknown outcome
+    (each one quarantines a credential under strict rotation). The closes
+    here cross requests in flight far more often than any real server's
+    would; the crossings that remain (bare resets) cannot be told apart
+    from a lost answer over HTTP/1.1 (see the README)."""
+    unknown, _, seen = await _race(idle_closer, fresh=False)
     false_unknown = [t for t in unknown if t not in seen]
     # measured over 4,000 requests: 8-16 before, 1-4 after (bare resets) on a
     # quiet machine; a loaded one stretches every race window
     assert len(false_unknown) <= 12, f"{len(false_unknown)} of 1200 requests read as unknown"
+
+
+async def test_fresh_connections_leave_no_false_unknown_outcome() -> None:
+    """A profile with ``fresh_connection``: no request ever rides on a
+    connection a server may be closing, so every unknown outcome is a
+    request the server really read. (This server closes even brand-new
+    idle connections, but not within 50 ms of opening them.)"""
+    with _idle_closer(0.05) as port:
+        unknown, _, seen = await _race(port, fresh=True)
+    assert [t for t in unknown if t not in seen] == []
+
+
+def test_a_fresh_connection_profile_asks_for_one() -> None:
+    profile = Profile(
+        id="p", token_url="https://idp.example/token", auth_method=AuthMethod.NONE, client_id="app",
+        fresh_connection=True,
+    )  # fmt: skip
+    request = build_request(profile, secret="rt")
+    assert request.fresh_connection
+    assert request.headers["Connection"] == "close"
+    assert not build_request(
+        dataclasses.replace(profile, fresh_connection=False), secret="rt"
+    ).fresh_connection
+
+
+async def test_a_fresh_connection_request_never_reuses_one() -> None:
+    with threaded_server() as server:
+        async with make_http_client(max_connections=4) as http:
+            await send(http, _request(server.port), timeout_s=5)  # pooled
+            for _ in range(3):
+                request = dataclasses.replace(_request(server.port), fresh_connection=True)
+                request.headers["Connection"] = "close"
+                await send(http, request, timeout_s=5)
+    assert [number for number, _ in server.requests] == [1, 2, 3, 4]
 
 
 class _SocketOnly:

@@ -19,7 +19,12 @@ the proven cases into "not sent":
   that reached a closed socket), was sent before the request arrived, so
   no server read it. Then the failure is ``ServerClosedFirst``.
 
-What stays unknown is a bare reset (a server that read the request may
+A profile can rule out even those: with ``fresh_connection`` each of its
+requests goes out on a new connection that is closed after the answer
+(``Connection: close``), so no server's close can cross it, at the cost of
+a TCP (and TLS) handshake per refresh.
+
+What stays unknown otherwise is a bare reset (a server that read the request may
 also abort) and any close whose FIN acknowledged the request: those cannot
 be told apart from a lost answer over HTTP/1.1.
 
@@ -30,6 +35,7 @@ tests/test_keepalive.py covers each one.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import select
 import socket
@@ -41,12 +47,18 @@ from aiohttp.client_proto import ResponseHandler
 
 from worker.egress import GuardedConnector
 
-__all__ = ["KEEPALIVE_S", "PoolConnector", "ServerClosedFirst"]
+__all__ = ["KEEPALIVE_S", "PoolConnector", "ServerClosedFirst", "fresh_connection"]
 
 #: Longest idle time after which a pooled connection is still reused: under
 #: the shortest idle timeout common servers use (gunicorn 2 s; Node.js,
 #: Apache and uvicorn 5 s), so a server's own idle close never races a request.
 KEEPALIVE_S = 1.5
+
+#: Set per request (``transport.send``): this request takes no pooled
+#: connection (its ``Connection: close`` keeps its own out of the pool).
+fresh_connection: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "refreshd_fresh_connection", default=False
+)
 
 _HUNG_UP = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
 # Linux ``struct tcp_info``: u8 state, then (after 8 bytes) u32 rto, ato,
@@ -113,6 +125,8 @@ class PoolConnector(GuardedConnector):
         self._factory = functools.partial(_Handler, loop=self._loop)  # type: ignore[assignment]
 
     async def _get(self, key: Any, traces: Any) -> aiohttp.connector.Connection | None:
+        if fresh_connection.get():
+            return None  # aiohttp then opens a new one
         while True:
             conn = await super()._get(key, traces)
             if conn is None or conn.protocol is None or _still_open(conn.protocol):

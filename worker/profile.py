@@ -268,6 +268,7 @@ class Profile:
     error_rules: tuple[ErrorRule, ...] = ()
     allow_http: bool = False
     allow_private_network: bool = False
+    fresh_connection: bool = False
     preset: str = ""
     name: str = ""
 
@@ -281,7 +282,13 @@ class Profile:
         set_(self, "auth_method", _enum(AuthMethod, "auth_method", self.auth_method))
         set_(self, "body_format", _enum(BodyFormat, "body_format", self.body_format))
         set_(self, "rotation", _enum(Rotation, "rotation", self.rotation))
-        flags = ("basic_form_encode", "client_id_in_body", "allow_http", "allow_private_network")
+        flags = (
+            "basic_form_encode",
+            "client_id_in_body",
+            "allow_http",
+            "allow_private_network",
+            "fresh_connection",
+        )
         for name in flags:
             set_(self, name, _flag(name, getattr(self, name)))
         for name, low, high in (

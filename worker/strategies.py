@@ -146,6 +146,8 @@ def build_request(
         content = _form(body, secret_name=profile.effective_token_param).encode()
     if query:
         url = f"{url}{'&' if '?' in url else '?'}{urlencode(query)}"
+    if profile.fresh_connection:
+        headers["Connection"] = "close"  # and never pooled afterwards (worker.connpool)
     _refuse_unsafe_headers(headers, url)
     return TokenRequest(
         profile.method,
@@ -153,4 +155,5 @@ def build_request(
         CIMultiDict(headers),
         content,
         allow_private_network=profile.allow_private_network,
+        fresh_connection=profile.fresh_connection,
     )

@@ -26,7 +26,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from worker import __version__
-from worker.connpool import KEEPALIVE_S, PoolConnector, ServerClosedFirst
+from worker.connpool import KEEPALIVE_S, PoolConnector, ServerClosedFirst, fresh_connection
 from worker.egress import EgressRefused, allow_private_network
 from worker.errors import Ambiguous, NotSent, Permanent
 
@@ -62,6 +62,9 @@ class TokenRequest:
     #: the profile's ``allow_private_network``: may the connection go to a
     #: loopback, private or link-local address (``worker.egress``)
     allow_private_network: bool = False
+    #: the profile's ``fresh_connection``: a new connection, closed after
+    #: the answer (``worker.connpool``)
+    fresh_connection: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +157,7 @@ async def send(
     egress guard refused the address (nothing sent); never a foreign error."""
     req = request
     allow_private_network.set(req.allow_private_network)  # read by the connector
+    fresh_connection.set(req.fresh_connection)  # likewise
     try:
         # the whole exchange - connect, send, read the body - fits in timeout_s
         async with (
