@@ -137,11 +137,14 @@ async def test_stopped_credentials_raise_typed_errors(redis_url: str) -> None:
 
 async def test_min_ttl_refreshes_through_the_workers(redis_url: str) -> None:
     async with world(redis_url, expires_in=30) as (settings, _store, fake, grants):
-        async with worker_running(settings, count=2), connect(settings) as client:
+        # re-reads only every 5 s: a quicker answer is the commit's event
+        async with worker_running(settings, count=2), connect(settings, poll_interval=5) as client:
             before = await client.get("cred-00000", min_ttl=10)  # 30 s left: no refresh
             assert before.version == 0
             assert fake.stats.refreshed == 0
+            started = time.monotonic()
             token = await client.get("cred-00000", min_ttl=60, timeout=10)
+            assert time.monotonic() - started < 2
             again = await client.get("cred-00000", min_ttl=60)
         state = fake.grant_state(grants["cred-00000"].grant_id)
         assert token.version == 1
@@ -150,6 +153,30 @@ async def test_min_ttl_refreshes_through_the_workers(redis_url: str) -> None:
         assert again == token  # fresh enough: read, not refreshed again
         assert fake.stats.refreshed == 1
         assert max(fake.send_counts.values()) == 1
+
+
+async def test_without_pubsub_the_rereads_still_deliver(redis_url: str) -> None:
+    """A Redis user that may not SUBSCRIBE: the periodic re-read is the
+    safety net under the events subscription."""
+    async with world(redis_url, expires_in=30) as (settings, store, fake, grants):
+        await store.client.acl_setuser(
+            "nosub", enabled=True, passwords=["+pw"], keys=["~*"], channels=["*"],
+            categories=["+@all"], commands=["-subscribe", "-psubscribe", "-ssubscribe"],
+        )  # fmt: skip
+        consumer = dataclasses.replace(
+            settings, redis_url=redis_url.replace("redis://", "redis://nosub:pw@")
+        )
+        try:
+            async with worker_running(settings), connect(consumer, poll_interval=0.3) as client:
+                started = time.monotonic()
+                token = await client.get("cred-00000", min_ttl=60, timeout=5)
+                elapsed = time.monotonic() - started
+        finally:
+            await store.client.acl_deluser("nosub")
+    assert token.version == 1
+    assert token.access_token == fake.grant_state(grants["cred-00000"].grant_id).access_token
+    assert 0.3 <= elapsed < 2  # the commit could only be seen by the next re-read
+    assert fake.stats.refreshed == 1
 
 
 async def test_an_expired_token_is_refreshed_before_it_is_returned(redis_url: str) -> None:

@@ -60,6 +60,7 @@ class EventWatch:
         self._waiters: dict[str, set[Waiter]] = {}
         self._wanted = anyio.Event()  # set while some call waits
         self._live = anyio.Event()  # set while the subscription is confirmed
+        self._settled = anyio.Event()  # this attempt went live, or failed
 
     @property
     def live(self) -> bool:
@@ -69,16 +70,16 @@ class EventWatch:
     async def watching(self, credential_id: str, *, within: float) -> AsyncIterator[Waiter]:
         """Register a waiter and wait (at most ``within`` seconds) for the
         subscription to be confirmed by the server: only then can a re-read
-        not miss a commit. If it cannot be confirmed in time (Redis down),
-        the caller still gets its waiter and relies on re-reads."""
+        not miss a commit. If the subscription fails (Redis down, or an ACL
+        that denies SUBSCRIBE), the caller gets its waiter at once and
+        relies on re-reads."""
         waiter = Waiter()
         self._waiters.setdefault(credential_id, set()).add(waiter)
         self._wanted.set()
         try:
-            live = self._live
-            if not live.is_set():
+            if not self._live.is_set():
                 with anyio.move_on_after(max(within, 0.0)):
-                    await live.wait()
+                    await self._settled.wait()
             yield waiter
         finally:
             group = self._waiters.get(credential_id)
@@ -91,10 +92,13 @@ class EventWatch:
         task_status.started()
         while True:
             await self._wanted.wait()
+            if self._settled.is_set():  # a new attempt: new waiters wait for it
+                self._settled = anyio.Event()
             try:
                 await self._listen()
             except (RedisError, *REDIS_UNAVAILABLE) as exc:
                 log.debug("client.events_unavailable", error=type(exc).__name__)
+                self._settled.set()  # waiters go on with re-reads alone
                 await anyio.sleep(self._retry_s)
             finally:
                 if self._live.is_set():
@@ -110,6 +114,7 @@ class EventWatch:
                 if message is not None and message["type"] == "subscribe":
                     break
             self._live.set()
+            self._settled.set()
             while self._waiters:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None:
