@@ -96,7 +96,7 @@ async def connect(
         watch = EventWatch(redis, keys.events)
         client = Client(redis, keys, codec or PlainCodec(), settings, watch,
                         poll_interval=poll_interval)  # fmt: skip
-        await client.check_layout()
+        await client._check_layout()
         async with anyio.create_task_group() as tg:
             await tg.start(watch.run)
             try:
@@ -282,7 +282,7 @@ class Client:
 
     # ------------------------------------------------------------ checks
 
-    async def check_layout(self) -> None:
+    async def _check_layout(self) -> None:
         """Read-only: a client that only reads may run as a Redis user that
         cannot write, so the layout is recorded by the first write, not here."""
         try:
