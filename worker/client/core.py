@@ -26,9 +26,11 @@ from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from worker.client.errors import (
     ClientConfigError,
+    ClientError,
     CredentialConflict,
     CredentialNotFound,
     Disabled,
@@ -211,8 +213,8 @@ class Client:
                     args=[credential_id, "" if seen is None else seen, self._keys.wake],
                 )
             )
-        except StoreUnavailable as exc:
-            raise StoreUnreachable(str(exc)) from exc
+        except (StoreUnavailable, ResponseError) as exc:
+            raise _translated(exc) from exc
         if not reply:
             raise CredentialNotFound(credential_id)
         return parse_view(credential_id, reply, self._codec)
@@ -246,8 +248,8 @@ class Client:
             raise InvalidCredential(str(exc)) from exc
         except Conflict as exc:
             raise CredentialConflict(str(exc)) from exc
-        except StoreUnavailable as exc:
-            raise StoreUnreachable(str(exc)) from exc
+        except (StoreUnavailable, ResponseError) as exc:
+            raise _translated(exc) from exc
         return created
 
     async def _upsert(self, cred: CredentialInput, now_ms: int) -> bool:
@@ -277,8 +279,8 @@ class Client:
             raise CredentialNotFound(credential_id) from exc
         except Conflict as exc:
             raise CredentialConflict(str(exc)) from exc
-        except StoreUnavailable as exc:
-            raise StoreUnreachable(str(exc)) from exc
+        except (StoreUnavailable, ResponseError) as exc:
+            raise _translated(exc) from exc
 
     # ------------------------------------------------------------ checks
 
@@ -289,8 +291,8 @@ class Client:
             stored, record = await guard(
                 self._redis.hmget(self._keys.layout, ["partitions", "record"])
             )
-        except StoreUnavailable as exc:
-            raise StoreUnreachable(str(exc)) from exc
+        except (StoreUnavailable, ResponseError) as exc:
+            raise _translated(exc) from exc
         if stored is not None and int(stored) != self._keys.partitions:
             raise ClientConfigError(
                 f"this Redis holds data written with {stored} partitions; "
@@ -315,8 +317,8 @@ class Client:
             await self._store.check_layout()
         except (ConfigError, Conflict) as exc:
             raise ClientConfigError(str(exc)) from exc
-        except StoreUnavailable as exc:
-            raise StoreUnreachable(str(exc)) from exc
+        except (StoreUnavailable, ResponseError) as exc:
+            raise _translated(exc) from exc
         self._write_checked = True
 
     def _schedule(self) -> Schedule:
@@ -372,6 +374,15 @@ def _failed(view: RecordView, what: str) -> RefreshFailed:
         current=view.still_valid(),
         retry_at_ms=view.due_ms or 0,
     )
+
+
+def _translated(exc: Exception) -> ClientError:
+    """Redis errors, once, at the client's boundary: down (retry later), or
+    a refusal, which for these calls means a setup problem (a Redis user
+    whose ACL lacks what the call needs, a server without ZADD LT)."""
+    if isinstance(exc, ResponseError):
+        return ClientConfigError(f"Redis refused the call: {exc}")
+    return StoreUnreachable(str(exc))
 
 
 def _timed_out(credential_id: str, timeout: float, *, heard: int, taken: bool) -> RefreshTimeout:
