@@ -408,3 +408,22 @@ def test_sync_client(redis_url: str) -> None:
         with pytest.raises(CredentialNotFound):
             client.get("app-1")
     client.close()  # idempotent
+
+
+async def test_a_wait_ends_with_tokens_put_meanwhile(redis_url: str) -> None:
+    """No worker runs; the consent flow puts new tokens while a caller waits."""
+    async with (
+        world(redis_url, expires_in=30) as (settings, _, fake, _),
+        connect(settings) as client,
+    ):
+        consent = fake.issue_grant()
+
+        async def put_soon() -> None:
+            await anyio.sleep(0.3)
+            await client.put(grant_line(consent, "cred-00000"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(put_soon)
+            token = await client.get("cred-00000", min_ttl=60, timeout=5)
+    assert (token.access_token, token.version) == (consent.access_token, 1)
+    assert fake.stats.requests == 0

@@ -181,28 +181,30 @@ class Client:
                 # renews the request (a wake-up lost by a worker that was
                 # reconnecting is sent again)
                 view = await self._view(credential_id, seen=seen)
+                left = deadline - anyio.current_time()
                 if view.action == "moved":
                     token = _usable(view)
                     if view.valid_for(min_ttl):
                         return token
                     _check_reachable(view, min_ttl)
-                    seen, failures = view.token.version, view.failures  # a put: ask again
-                    continue
-                _usable(view)
-                left = deadline - anyio.current_time()
-                if view.failures > failures:
-                    raise _failed(view, "the refresh failed")
-                if view.action == "backoff":
-                    retry_in = (view.due_ms or 0) / 1000 - time.time()
-                    if retry_in > left:
-                        raise _failed(view, f"in backoff; the next attempt is in {retry_in:.1f}s")
-                elif view.action == "in_flight":
-                    taken = True
-                elif view.action == "asked":
-                    heard = view.receivers
+                    # a put with another short-lived token: ask again, at once
+                    seen, failures = view.token.version, view.failures
+                else:
+                    _usable(view)
+                    if view.failures > failures:
+                        raise _failed(view, "the refresh failed")
+                    if view.action == "backoff":
+                        retry_in = (view.due_ms or 0) / 1000 - time.time()
+                        if retry_in > left:
+                            raise _failed(view, f"in backoff; next attempt in {retry_in:.1f}s")
+                    elif view.action == "in_flight":
+                        taken = True
+                    elif view.action == "asked":
+                        heard = view.receivers
                 if left <= 0:
                     raise _timed_out(credential_id, timeout_s, heard=heard, taken=taken)
-                await waiter.wait(min(self._poll_s, left))
+                if view.action != "moved":
+                    await waiter.wait(min(self._poll_s, left))
 
     async def _view(self, credential_id: str, *, seen: int | None = None) -> RecordView:
         part = self._keys.partition_of(credential_id)
