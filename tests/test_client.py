@@ -408,6 +408,8 @@ def test_sync_client(redis_url: str) -> None:
         with pytest.raises(CredentialNotFound):
             client.get("app-1")
     client.close()  # idempotent
+    with pytest.raises(ClientConfigError, match="REFRESHD_PARTITIONS=16"):
+        connect_sync(make_settings(redis_url, partitions=3))  # its loop thread is stopped
 
 
 async def test_a_wait_ends_with_tokens_put_meanwhile(redis_url: str) -> None:
