@@ -8,7 +8,8 @@ controls a profile). Two layers:
 - ``check_token_host`` refuses the obvious cases when a profile is
   written (literal private IPs, ``localhost``, ``*.svc``,
   ``*.cluster.local``, ``metadata.google.internal``, single-label names
-  that a cluster's DNS search path would complete).
+  that a cluster's DNS search path would complete). It lives in
+  ``worker.tokenhosts`` (re-exported here), which needs no aiohttp.
 - At run time, the connector's socket factory checks every address a
   new connection is about to connect to, whatever produced it (a literal
   IP, a cached or fresh DNS answer): a name that resolves, or later
@@ -26,17 +27,15 @@ A refused address raises ``EgressRefused`` before anything is sent.
 from __future__ import annotations
 
 import contextvars
-import ipaddress
 import socket
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any
 
 import aiohttp
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.tracing import Trace
 
-from worker.errors import ConfigError
+from worker.tokenhosts import HINT, check_token_host, refused_address
 
 __all__ = [
     "EgressRefused",
@@ -53,20 +52,7 @@ allow_private_network: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "refreshd_allow_private_network", default=False
 )
 
-_METADATA = {
-    ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, OpenStack, ...
-    ipaddress.ip_address("fd00:ec2::254"),  # AWS over IPv6
-    ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
-    ipaddress.ip_address("192.0.0.192"),  # Oracle Cloud
-}
 SocketFactory = Callable[[Any], socket.socket]
-
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_PRIVATE_SUFFIXES = (
-    ".localhost", ".svc", ".cluster.local", ".local", ".internal", ".home.arpa", ".lan",
-)  # fmt: skip
-_HINT = "set allow_private_network: true on the profile if this endpoint is really yours"
 
 
 class EgressRefused(OSError):
@@ -81,67 +67,7 @@ class EgressRefused(OSError):
 
     @property
     def reason(self) -> str:
-        return f"the token host resolves to a {self.kind} address ({_HINT})"
-
-
-@lru_cache(maxsize=4096)
-def refused_address(address: str) -> str | None:
-    """The kind of a non-public address (``loopback``, ``private``, ...), or
-    None for a public one. IPv4 inside IPv6 (mapped, 6to4, NAT64) is judged
-    as the IPv4 address it carries."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return "unparsable"
-    if isinstance(ip, ipaddress.IPv6Address):
-        # an IPv4 address carried inside IPv6 is judged as that address
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            ip = embedded
-    if ip in _METADATA:
-        return "cloud metadata"
-    kinds = (
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("unspecified", ip.is_unspecified),
-        ("multicast", ip.is_multicast),
-        ("shared (CGNAT)", isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT),
-        ("private", ip.is_private),
-        ("reserved", ip.is_reserved or not ip.is_global),
-    )
-    return next((kind for kind, hit in kinds if hit), None)
-
-
-def check_token_host(host: str) -> None:
-    """Refuse, when a profile is written, a token host that is obviously not
-    a public provider. The connector checks the real address at run time."""
-    host = host.lower().rstrip(".")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        kind = refused_address(host)
-        if kind is not None:
-            raise ConfigError(f"token_url host {host} is a {kind} address; {_HINT}")
-        return
-    last_label = host.rsplit(".", 1)[-1]
-    if last_label.isdigit() or last_label.startswith("0x"):
-        raise ConfigError(
-            f"token_url host {host} is an IP address in a non-canonical form; write a DNS name "
-            f"or a dotted address ({_HINT})"
-        )
-    if host in {"localhost", "metadata", "metadata.google.internal"} or host.endswith(
-        _PRIVATE_SUFFIXES
-    ):
-        raise ConfigError(f"token_url host {host} is a local or cluster-internal name; {_HINT}")
-    if "." not in host:
-        raise ConfigError(
-            f"token_url host {host} is a single-label name (a cluster's DNS search path "
-            f"would complete it); {_HINT}"
-        )
+        return f"the token host resolves to a {self.kind} address ({HINT})"
 
 
 def check_connect_address(addr_info: Any) -> None:

@@ -17,8 +17,8 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from worker.egress import check_token_host
 from worker.errors import ConfigError
+from worker.tokenhosts import check_token_host
 from worker.urltemplate import parse_url_template
 
 __all__ = [

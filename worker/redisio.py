@@ -32,6 +32,7 @@ __all__ = [
     "SentinelTarget",
     "connect",
     "guard",
+    "load_script",
     "load_scripts",
     "parse_sentinel_url",
 ]
@@ -85,6 +86,14 @@ def load_scripts(client: aioredis.Redis) -> Scripts:
         resume=load("resume"),
         get=load("get"),
     )
+
+
+def load_script(client: aioredis.Redis, name: str) -> AsyncScript:
+    """One credential script outside ``Scripts`` (``worker.client`` loads its
+    own): ``record.lua`` in front, as for the others."""
+    folder = resources.files("worker") / "scripts"
+    source = (folder / "record.lua").read_text() + (folder / f"{name}.lua").read_text()
+    return client.register_script(source)
 
 
 @asynccontextmanager

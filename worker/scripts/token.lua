@@ -1,0 +1,64 @@
+--[[ token: a consumer's read of one credential (worker.client), and on
+request the nudge that makes a worker refresh it now.
+
+KEYS[1]  cred   credential record
+KEYS[2]  due    partition due set
+KEYS[3]  lock   credential lock
+ARGV[1]  id       credential id
+ARGV[2]  seen     "" to only read; else the version the caller found too
+                  close to expiry: ask for a refresh of that version
+ARGV[3]  wake     wake channel (published to when a refresh was asked for)
+
+Never returns the refresh token, the spend intent or the spent list: only
+what a consumer may see.
+
+Returns {} when there is no such credential, else
+  { status, profile, version, access_token, token_type, expires_at, scope, extra,
+    failures, reason, refreshed_at, due_ms, action, receivers }
+where `action` says what the request did ("" when only reading):
+  "moved"     the version is no longer `seen`: a refresh (or a put) landed
+  "stopped"   the credential is not active: nothing to ask for
+  "in_flight" a worker holds it (lock, or a spend intent still running):
+              its commit is coming, nothing is moved
+  "backoff"   the last attempt failed and the retry is scheduled at due_ms:
+              the nudge never overrides a backoff (nor a Retry-After)
+  "asked"     its due time is now (ZADD LT: only ever earlier; an active
+              credential missing from the due set is scheduled again) and
+              the wake channel was told; `receivers` = workers that heard it
+The claim/spend/commit path does the rest, as for any due credential: this
+script never locks or refreshes, so any number of callers cause one refresh.
+]]
+local ck, due_key, lk = KEYS[1], KEYS[2], KEYS[3]
+local id, seen, wake = ARGV[1], ARGV[2], ARGV[3]
+local rec = rec_load(ck)
+if not rec then return {} end
+local status = rec_get(rec, 'status') or 'active'
+local version = rec_get(rec, 'version') or '0'
+local failures = tonumber(rec_get(rec, 'failures') or '0')
+local due = redis.call('ZSCORE', due_key, id)
+local action, receivers = '', 0
+if seen ~= '' then
+  local now = now_ms()
+  local deadline = tonumber(rec_get(rec, 'intent_deadline') or '0')
+  if version ~= seen then
+    action = 'moved'
+  elseif status ~= 'active' then
+    action = 'stopped'
+  elseif redis.call('EXISTS', lk) == 1 or (rec_get(rec, 'intent') and deadline > now) then
+    action = 'in_flight'
+  elseif failures > 0 and due and tonumber(due) > now then
+    action = 'backoff'
+  else
+    redis.call('ZADD', due_key, 'LT', now, id)
+    due = redis.call('ZSCORE', due_key, id)
+    receivers = redis.call('PUBLISH', wake, id)
+    action = 'asked'
+  end
+end
+return {
+  status, rec_get(rec, 'profile') or '', version,
+  rec_get(rec, 'access_token') or '', rec_get(rec, 'token_type') or '',
+  rec_get(rec, 'expires_at') or '0', rec_get(rec, 'scope') or '', rec_get(rec, 'extra') or '',
+  tostring(failures), rec_get(rec, 'reason') or '', rec_get(rec, 'refreshed_at') or '',
+  due or '', action, receivers,
+}
