@@ -57,12 +57,14 @@ async def resolve_redis_url(settings: Settings, *, announce: bool = True) -> str
     if settings.redis_url:
         return settings.redis_url
     server = await anyio.to_thread.run_sync(ensure_embedded, settings.data_dir)
+    # "started" or "joined": a second process must say it shares the server
     (log.info if announce or server.started else log.debug)(
-        "redis.embedded",
-        data_dir=str(settings.data_dir),
+        "redis.embedded.started" if server.started else "redis.embedded.joined",
+        data_dir=str(server.data_dir),
         started=server.started,
         pid=server.pid,
-        note="REFRESHD_REDIS_URL is not set: using the embedded Valkey server",
+        note="REFRESHD_REDIS_URL is not set: using the embedded Valkey server "
+        "(`refreshd server info` shows how a consumer connects)",
     )
     return server.url
 
@@ -181,7 +183,7 @@ async def run_worker(
     metrics = metrics or Metrics()
     pool = min(max(settings.concurrency // 4, 8), 128)
     async with (
-        open_store(settings, pool_size=pool) as store,
+        open_store(settings, pool_size=pool, announce=True) as store,
         make_http_client(max_connections=settings.concurrency) as http,
     ):
         refresher = build_refresher(settings, store, http, metrics)
