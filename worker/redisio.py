@@ -33,6 +33,7 @@ __all__ = [
     "connect",
     "describe_url",
     "guard",
+    "load_script",
     "load_scripts",
     "parse_sentinel_url",
     "validate_url",
@@ -71,12 +72,16 @@ class Scripts:
     get: AsyncScript
 
 
-def load_scripts(client: aioredis.Redis) -> Scripts:
+def load_script(client: aioredis.Redis, name: str) -> AsyncScript:
+    """One credential script (``worker/scripts/<name>.lua``, behind ``record.lua``)."""
     folder = resources.files("worker") / "scripts"
     record = (folder / "record.lua").read_text()
+    return client.register_script(record + (folder / f"{name}.lua").read_text())
 
+
+def load_scripts(client: aioredis.Redis) -> Scripts:
     def load(name: str) -> AsyncScript:
-        return client.register_script(record + (folder / f"{name}.lua").read_text())
+        return load_script(client, name)
 
     return Scripts(
         claim=load("claim"),

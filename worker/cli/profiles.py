@@ -17,6 +17,7 @@ from worker.cli.common import (
     read_secret,
     table,
 )
+from worker.cli.progress import Progress
 from worker.errors import ConfigError
 from worker.presets import PRESETS
 from worker.profiles import ProfileStore
@@ -250,7 +251,19 @@ async def _get(args: argparse.Namespace) -> int:
 
 async def _delete(args: argparse.Namespace) -> int:
     settings = load_settings()
+    bar: Progress | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(f"deleting {args.id}'s credentials", total, unit="credentials")
+        bar.advance(done)
+
     async with open_store(settings) as store:
-        removed = await ProfileStore(store).delete(args.id, force=args.force)
+        try:
+            removed = await ProfileStore(store).delete(args.id, force=args.force, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
     emit({"deleted": args.id, "credentials_deleted": removed})
     return 0
