@@ -375,7 +375,7 @@ CREATE_ERRORS: list[Any] = [
     pytest.param(["--token-url", HTTPS_URL, *_BASE, "--timeout", "0.1"],
                  "timeout_s must be between", id="timeout-out-of-range"),
     pytest.param(["--token-url", HTTPS_URL, *_BASE, "--allow-http", "maybe"],
-                 "allow_http must be true or false", id="allow-http-not-a-flag"),
+                 "--allow-http: true or false", id="allow-http-not-a-flag"),
     pytest.param(["--token-url", "https://user:pw@auth.example.com/t", *_BASE],
                  "must not carry credentials", id="url-with-credentials"),
     pytest.param(["--token-url", "auth.example.com/token", *_BASE], "absolute",
