@@ -534,3 +534,16 @@ def test_default_data_dir_does_not_depend_on_the_working_directory() -> None:
         "/h/.local/share/refreshd"
     )
     assert Settings.from_env({"HOME": "/h", "REFRESHD_DATA_DIR": "/d"}).data_dir == Path("/d")
+
+
+def test_default_data_dir_without_a_home_is_still_per_user(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A container user with no passwd entry has no home: settings must still load."""
+    from worker.settings import default_data_dir
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert default_data_dir({}).name == f"refreshd-{os.getuid()}"

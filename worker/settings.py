@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,7 +36,16 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
     xdg = env.get("XDG_DATA_HOME", "").strip()
     if xdg and Path(xdg).is_absolute():  # the XDG spec ignores a relative value
         return Path(xdg) / "refreshd"
-    return Path(env.get("HOME") or Path.home()).expanduser() / ".local" / "share" / "refreshd"
+    home = env.get("HOME", "").strip()
+    if not home:
+        try:
+            home = str(Path.home())
+        except (RuntimeError, KeyError):  # a container user with no passwd entry
+            home = ""
+    if not home or not Path(home).is_absolute():
+        # the data dir only matters without REFRESHD_REDIS_URL; still one per user
+        return Path(tempfile.gettempdir()) / f"refreshd-{os.getuid()}"
+    return Path(home) / ".local" / "share" / "refreshd"
 
 
 def _doc(env: str, help_: str) -> dict[str, str]:
