@@ -131,3 +131,34 @@ def test_license_is_an_spdx_string() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["license"] == "Apache-2.0"
     assert "setuptools>=77" in project["build-system"]["requires"]
+
+
+def test_json_examples_parse_and_events_match_what_is_published() -> None:
+    """Every line of a JSON example is a JSON object; the event examples
+    carry exactly the fields refreshd publishes for their type."""
+    from worker.events import EventType, build_event
+
+    examples = [
+        json.loads(line)
+        for block in re.findall(r"```json\n(.*?)```", README, re.S)
+        for line in block.splitlines()
+        if line.strip()
+    ]
+    events = [e for e in examples if "credential_id" in e]
+    assert {e["type"] for e in events} == {"token.refreshed", "token.failed"}
+    for event in events:
+        kind = EventType(event["type"])
+        built = json.loads(
+            build_event(
+                kind,
+                credential_id="c",
+                profile="p",
+                version=1,
+                ts_ms=1,
+                access_token="a",
+                reason="r",
+                retry_at_ms=2,
+                failures=1,
+            )
+        )
+        assert set(event) == set(built), kind
