@@ -547,3 +547,23 @@ def test_default_data_dir_without_a_home_is_still_per_user(
 
     monkeypatch.setattr(Path, "home", staticmethod(no_home))
     assert default_data_dir({}).name == f"refreshd-{os.getuid()}"
+
+
+def test_data_in_the_old_default_directory_is_pointed_at(tmp_path: Path) -> None:
+    """Credentials imported under the old default (./.refreshd) are not in the
+    shared server: the log says where they are and how to reach them."""
+    old = tmp_path / "clone" / ".refreshd"
+    old.mkdir(parents=True)
+    (old / "embedded.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
+    env |= {"REFRESHD_DATA_DIR": str(tmp_path / "data"), "REFRESHD_LOG_LEVEL": "warning"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "worker", "status"], cwd=old.parent, env=env,
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "redis.embedded.legacy_data_dir" in done.stderr
+        assert "REFRESHD_DATA_DIR=.refreshd" in done.stderr
+    finally:
+        run_refreshd("server", "stop", env=env)

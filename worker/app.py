@@ -10,6 +10,7 @@ import gc
 import signal
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import aiohttp
 import anyio
@@ -57,6 +58,7 @@ async def resolve_redis_url(settings: Settings, *, announce: bool = True) -> str
     if settings.redis_url:
         return settings.redis_url
     server = await anyio.to_thread.run_sync(ensure_embedded, settings.data_dir)
+    _warn_of_legacy_data_dir(settings)
     # "started" or "joined": a second process must say it shares the server
     (log.info if announce or server.started else log.debug)(
         "redis.embedded.started" if server.started else "redis.embedded.joined",
@@ -67,6 +69,28 @@ async def resolve_redis_url(settings: Settings, *, announce: bool = True) -> str
         "(`refreshd server info` shows how a consumer connects)",
     )
     return server.url
+
+
+def _warn_of_legacy_data_dir(settings: Settings) -> None:
+    """Before the default data directory was per user it was ``.refreshd``
+    in the working directory: credentials imported there are not lost, but
+    the shared server does not hold them, so say where they are."""
+    legacy = Path(".refreshd")
+    if (legacy / "embedded.json").exists() and not _same_path(legacy, settings.data_dir):
+        log.warning(
+            "redis.embedded.legacy_data_dir",
+            legacy_dir=str(legacy.absolute()),
+            data_dir=str(settings.data_dir),
+            note="data from an earlier release's default (.refreshd in the working directory) "
+            "is not in the shared server; set REFRESHD_DATA_DIR=.refreshd to use it",
+        )
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False
 
 
 async def probe_durability(
