@@ -149,10 +149,6 @@ class _Importer:
         self.replaced = 0
         self.lines = 0
 
-    @property
-    def done(self) -> int:
-        return self.created + self.replaced
-
     def fail(self, number: int, message: str) -> None:
         self.errors.append({"line": number, "error": message})
 
