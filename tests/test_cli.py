@@ -503,6 +503,10 @@ def test_list_pages(cli: Cli) -> None:
         for page in (1, 2, 3, 4)
     }  # fmt: skip
     assert pages == {1: ["p1", "p2", "p3"], 2: ["p4", "p5", "p6"], 3: ["p7"], 4: []}
+    third = cli.ok("profile", "list", "--per-page", "3", "--page", "2")
+    assert (third["total"], third["truncated"]) == (7, True)
+    last = cli.ok("profile", "list", "--per-page", "3", "--page", "3")
+    assert (last["total"], last["truncated"]) == (7, False)
     assert len(cli.ok("profile", "list", "--per-page", "100")["result"]) == 7
 
     assert "per_page" in cli.fails(2, "profile", "list", "--per-page", "101")

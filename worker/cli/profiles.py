@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from worker.cli.progress import Progress
 from worker.errors import ConfigError
 from worker.presets import PRESETS
 from worker.profiles import ProfileStore
+from worker.redisio import guard
 
 __all__ = ["register"]
 
@@ -233,12 +235,17 @@ async def _update(args: argparse.Namespace) -> int:
 
 async def _list(args: argparse.Namespace) -> int:
     settings = load_settings()
-    async with open_store(settings) as store:
+    async with open_store(settings, refuse_unsafe=False) as store:
         rows = await ProfileStore(store).list(page=args.page, per_page=args.per_page)
+        total: int = await guard(store.client.zcard(store.keys.profiles))
+    more = args.page * args.per_page < total
     if args.table:
         table(rows, ["id", "strategy", "token_url", "auth_method", "rotation", "credentials_count"])
+        print(f"page {args.page}: {len(rows)} of {total}" + ("; more on the next page" if more
+              else ""), file=sys.stderr)  # fmt: skip
     else:
-        emit({"result": rows, "page": args.page, "per_page": args.per_page})
+        emit({"result": rows, "page": args.page, "per_page": args.per_page, "total": total,
+              "truncated": more})  # fmt: skip
     return 0
 
 
