@@ -375,7 +375,7 @@ CREATE_ERRORS: list[Any] = [
     pytest.param(["--token-url", HTTPS_URL, *_BASE, "--timeout", "0.1"],
                  "timeout_s must be between", id="timeout-out-of-range"),
     pytest.param(["--token-url", HTTPS_URL, *_BASE, "--allow-http", "maybe"],
-                 "allow_http must be true or false", id="allow-http-not-a-flag"),
+                 "--allow-http: true or false", id="allow-http-not-a-flag"),
     pytest.param(["--token-url", "https://user:pw@auth.example.com/t", *_BASE],
                  "must not carry credentials", id="url-with-credentials"),
     pytest.param(["--token-url", "auth.example.com/token", *_BASE], "absolute",
@@ -503,6 +503,10 @@ def test_list_pages(cli: Cli) -> None:
         for page in (1, 2, 3, 4)
     }  # fmt: skip
     assert pages == {1: ["p1", "p2", "p3"], 2: ["p4", "p5", "p6"], 3: ["p7"], 4: []}
+    third = cli.ok("profile", "list", "--per-page", "3", "--page", "2")
+    assert (third["total"], third["truncated"]) == (7, True)
+    last = cli.ok("profile", "list", "--per-page", "3", "--page", "3")
+    assert (last["total"], last["truncated"]) == (7, False)
     assert len(cli.ok("profile", "list", "--per-page", "100")["result"]) == 7
 
     assert "per_page" in cli.fails(2, "profile", "list", "--per-page", "101")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
+from worker.embedded import stop_embedded
 from worker.settings import SETTINGS_DOC
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,3 +29,136 @@ def test_the_first_two_commands_exist() -> None:
     assert re.search(r"^demo:", makefile, re.M)
     assert re.search(r"^test:", makefile, re.M)
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+# -- the examples run as written ----------------------------------------------
+
+#: a command whose comment says one of these is shown, not run: it runs until
+#: stopped, or it needs the provider's real endpoint
+NOT_RUN = ("runs until Ctrl-C", "needs the real provider")
+
+
+def _section(title: str) -> str:
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end != -1 else None]
+
+
+def _sh_blocks(text: str) -> list[str]:
+    return re.findall(r"```sh\n(.*?)```", text, re.S)
+
+
+def _commands(block: str) -> list[str]:
+    """Each command of a block, continuation lines joined, comments kept
+    (the shell ignores them); the ones marked NOT_RUN left out."""
+    commands: list[str] = []
+    pending = ""
+    for line in block.splitlines():
+        pending += line + "\n"
+        if line.rstrip().endswith("\\"):
+            continue
+        if pending.strip() and not pending.lstrip().startswith("#"):
+            commands.append(pending)
+        pending = ""
+    return [c for c in commands if not any(marker in c for marker in NOT_RUN)]
+
+
+def test_examples_are_one_command_per_json_line() -> None:
+    """A JSON object split over two lines imports nothing (issue 14, finding 7)."""
+    for block in _sh_blocks(_section("Using it")) + _sh_blocks(_section("Providers")):
+        for command in _commands(block):
+            for payload in re.findall(r"echo '(\{.*?)'", command, re.S):
+                assert "\n" not in payload, payload
+                json.loads(payload)
+
+
+def test_using_it_and_provider_examples_run_as_written(tmp_path: Path) -> None:
+    """Pasted into a shell from a fresh clone (``.venv`` in the working
+    directory), against the embedded server: every command but the few
+    marked NOT_RUN succeeds, and the credentials they import are there."""
+    blocks = _sh_blocks(_section("Using it")) + _sh_blocks(_section("Providers"))
+    commands = [c for block in blocks for c in _commands(block)]
+    skipped = sum(len(re.findall("|".join(NOT_RUN), block)) for block in blocks)
+    assert 0 < skipped <= 4, "mark only the commands that cannot run here"
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
+    env |= {"REFRESHD_DATA_DIR": str(tmp_path / "data"), "REFRESHD_LOG_LEVEL": "error"}
+    script = "set -euo pipefail\n" + "".join(commands)
+    try:
+        done = subprocess.run(
+            ["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+            timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        listed = subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "refreshd"), "credential", "list"],
+            env=env, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        ids = [row["id"] for row in json.loads(listed.stdout)["result"]]
+        assert ids == ["acme-42", "ap-321", "csp-org1", "svc-1"]
+    finally:
+        stop_embedded(tmp_path / "data")
+
+
+def test_links_point_inside_the_repository() -> None:
+    for target in re.findall(r"`((?:shared|docs)/[\w./-]+\.md)`", README):
+        assert (ROOT / target).exists(), f"README names {target}, which is not in the repository"
+    for target in re.findall(r"\]\(((?!https?:|#)[^)]+)\)", README):
+        assert (ROOT / target.split("#")[0]).exists(), target
+
+
+def test_events_table_names_every_field_an_event_carries() -> None:
+    """`extra` was missing; `retry_at` was listed for every failure type."""
+    table = _section("Events (for consumers)")
+    rows = {m for m in re.findall(r"^\| `(\w+)`", table, re.M)}
+    assert {"schema", "type", "version", "warnings", "extra", "reason", "retry_at", "ts"} <= rows
+    assert "on `token.failed` only" in table
+    assert "`transport_error`" in table
+
+
+def test_exit_codes_are_documented() -> None:
+    using = _section("Using it")
+    assert "**Exit codes.**" in using
+    assert "`refreshd credential refresh ID` exits `0`" in using
+
+
+def test_license_is_an_spdx_string() -> None:
+    """A TOML table made pip warn three times per install (setuptools >= 77
+    reads the string form, PEP 639)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in project["build-system"]["requires"]
+
+
+def test_json_examples_parse_and_events_match_what_is_published() -> None:
+    """Every line of a JSON example is a JSON object; the event examples
+    carry exactly the fields refreshd publishes for their type."""
+    from worker.events import EventType, build_event
+
+    examples = [
+        json.loads(line)
+        for block in re.findall(r"```json\n(.*?)```", README, re.S)
+        for line in block.splitlines()
+        if line.strip()
+    ]
+    events = [e for e in examples if "credential_id" in e]
+    assert {e["type"] for e in events} == {"token.refreshed", "token.failed"}
+    for event in events:
+        kind = EventType(event["type"])
+        built = json.loads(
+            build_event(
+                kind,
+                credential_id="c",
+                profile="p",
+                version=1,
+                ts_ms=1,
+                access_token="a",
+                reason="r",
+                retry_at_ms=2,
+                failures=1,
+            )
+        )
+        assert set(event) == set(built), kind

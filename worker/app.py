@@ -10,6 +10,7 @@ import gc
 import signal
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import aiohttp
 import anyio
@@ -58,14 +59,39 @@ async def resolve_redis_url(settings: Settings, *, announce: bool = True) -> str
     if settings.redis_url:
         return settings.redis_url
     server = await anyio.to_thread.run_sync(ensure_embedded, settings.data_dir)
+    _warn_of_legacy_data_dir(settings)
+    # "started" or "joined": a second process must say it shares the server
     (log.info if announce or server.started else log.debug)(
-        "redis.embedded",
-        data_dir=str(settings.data_dir),
+        "redis.embedded.started" if server.started else "redis.embedded.joined",
+        data_dir=str(server.data_dir),
         started=server.started,
         pid=server.pid,
-        note="REFRESHD_REDIS_URL is not set: using the embedded Valkey server",
+        note="REFRESHD_REDIS_URL is not set: using the embedded Valkey server "
+        "(`refreshd server info` shows how a consumer connects)",
     )
     return server.url
+
+
+def _warn_of_legacy_data_dir(settings: Settings) -> None:
+    """Before the default data directory was per user it was ``.refreshd``
+    in the working directory: credentials imported there are not lost, but
+    the shared server does not hold them, so say where they are."""
+    legacy = Path(".refreshd")
+    if (legacy / "embedded.json").exists() and not _same_path(legacy, settings.data_dir):
+        log.warning(
+            "redis.embedded.legacy_data_dir",
+            legacy_dir=str(legacy.absolute()),
+            data_dir=str(settings.data_dir),
+            note="data from an earlier release's default (.refreshd in the working directory) "
+            "is not in the shared server; set REFRESHD_DATA_DIR=.refreshd to use it",
+        )
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False
 
 
 async def probe_durability(
@@ -182,7 +208,7 @@ async def run_worker(
     metrics = metrics or Metrics()
     pool = min(max(settings.concurrency // 4, 8), 128)
     async with (
-        open_store(settings, pool_size=pool) as store,
+        open_store(settings, pool_size=pool, announce=True) as store,
         make_http_client(max_connections=settings.concurrency) as http,
     ):
         spool = Spool(settings.spool_path, store.codec)  # commits a stopped worker left

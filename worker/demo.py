@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import signal
 import statistics
 import sys
 import time
@@ -24,7 +25,9 @@ import anyio
 from anyio.abc import TaskStatus
 
 from worker.app import build_refresher, build_worker, open_store, schedule_from
+from worker.cli.common import human_number
 from worker.cli.credentials import import_lines
+from worker.errors import ConfigError, RefreshdError
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
 from worker.metrics import Metrics
 from worker.profiles import ProfileStore
@@ -34,7 +37,17 @@ from worker.settings import Settings
 from worker.store import Store
 from worker.transport import make_http_client
 
-__all__ = ["DemoOptions", "run_demo"]
+__all__ = ["LIMITS", "DemoOptions", "run_demo"]
+
+#: option -> (lowest, highest): named by ``--help`` and checked before anything starts
+LIMITS: dict[str, tuple[float, float]] = {
+    "credentials": (1, 1_000_000),
+    "lifetime_s": (2, 86_400),
+    "duration_s": (1, 86_400),
+    "workers": (1, 64),
+}
+_FLAGS = {"credentials": "--credentials", "lifetime_s": "--lifetime",
+          "duration_s": "--duration", "workers": "--workers"}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +57,14 @@ class DemoOptions:
     duration_s: float = 30.0
     workers: int = 2
     keep: bool = False
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in LIMITS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ConfigError(
+                    f"{_FLAGS[name]} must be between {human_number(low)} and {human_number(high)}"
+                )
 
 
 @dataclass(slots=True)
@@ -104,7 +125,7 @@ async def _seed(
         )
     summary = await import_lines(store, lines, schedule=schedule_from(settings), replace=False)
     if summary["failed"]:
-        raise RuntimeError(f"demo import failed: {summary['errors'][:3]}")
+        raise RefreshdError(f"demo import failed: {summary['errors'][:3]}")
 
 
 async def _count_events(store: Store, tally: _Tally, *, task_status: TaskStatus[None]) -> None:
@@ -140,36 +161,86 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def run_demo(settings: Settings, opts: DemoOptions) -> int:
-    if opts.credentials < 1 or opts.lifetime_s < 2 or opts.duration_s <= 0 or opts.workers < 1:
-        raise ValueError("credentials, workers >= 1, lifetime >= 2 s and duration > 0 please")
+    """Ctrl-C ends the run early, not the demo: the summary is printed and
+    the demo's keys are removed as after a full run (exit 130)."""
     settings = dataclasses.replace(settings, prefix=f"{settings.prefix}demo:", http_port=0)
     config = FakeProviderConfig(lifetime_s=max(int(opts.lifetime_s), 2), rotate=True,
                                 revoke_on_reuse=True, access_token_bytes=800)  # fmt: skip
     tally = _Tally()
-    async with FakeProvider(config) as provider, open_store(settings) as store:
-        await _wipe(store)
-        print(f"seeding {opts.credentials} credentials (lifetime {opts.lifetime_s:g}s)...",
-              file=sys.stderr)  # fmt: skip
-        await _seed(store, provider, settings, opts)
-        workers: list[Worker] = []
-        async with anyio.create_task_group() as tg:
-            await tg.start(_count_events, store, tally)
-            async with anyio.create_task_group() as racing:
-                for n in range(opts.workers):
-                    await racing.start(_one_worker, settings, n, tally, workers)
-                started = time.monotonic()
-                while (elapsed := time.monotonic() - started) < opts.duration_s:
-                    await anyio.sleep(min(1.0, opts.duration_s - elapsed))
-                    _progress(time.monotonic() - started, tally, provider)
-                for worker in workers:
-                    worker.stop()
-            elapsed = time.monotonic() - started
-            await anyio.sleep(0.2)  # let the last events arrive
-            tg.cancel_scope.cancel()
-        _progress(elapsed, tally, provider, final=True)
-        if not opts.keep:
+    stop = anyio.Event()
+    elapsed = 0.0
+    async with (
+        FakeProvider(config) as provider,
+        open_store(settings) as store,
+        anyio.create_task_group() as outer,
+    ):
+        outer.start_soon(_stop_on_interrupt, stop)
+        try:
             await _wipe(store)
-    return _report(opts, elapsed, tally, provider)
+            print(f"seeding {opts.credentials} credentials (lifetime {opts.lifetime_s:g}s)...",
+                  file=sys.stderr)  # fmt: skip
+            with anyio.CancelScope() as seeding:
+                outer.start_soon(_cancel_when, stop, seeding)
+                await _seed(store, provider, settings, opts)
+            if not stop.is_set():
+                elapsed = await _race(settings, store, opts, tally, provider, stop)
+            _progress(elapsed, tally, provider, final=True)
+        finally:
+            if not opts.keep:
+                with anyio.CancelScope(shield=True):
+                    await _wipe(store)
+            outer.cancel_scope.cancel()
+    code = _report(opts, elapsed, tally, provider)
+    if stop.is_set():
+        print("interrupted: the demo's keys were removed" if not opts.keep
+              else "interrupted", file=sys.stderr)  # fmt: skip
+        code = 130
+    if not settings.redis_url:
+        print(
+            f"the embedded Valkey server (data in {settings.data_dir}) keeps running for other "
+            "refreshd commands; `refreshd server stop` stops it",
+            file=sys.stderr,
+        )
+    return code
+
+
+async def _stop_on_interrupt(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            stop.set()
+
+
+async def _cancel_when(stop: anyio.Event, scope: anyio.CancelScope) -> None:
+    await stop.wait()
+    scope.cancel()
+
+
+async def _race(
+    settings: Settings,
+    store: Store,
+    opts: DemoOptions,
+    tally: _Tally,
+    provider: FakeProvider,
+    stop: anyio.Event,
+) -> float:
+    """The workers race for ``duration_s`` (or until Ctrl-C); returns the elapsed time."""
+    workers: list[Worker] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(_count_events, store, tally)
+        async with anyio.create_task_group() as racing:
+            for n in range(opts.workers):
+                await racing.start(_one_worker, settings, n, tally, workers)
+            started = time.monotonic()
+            while (elapsed := time.monotonic() - started) < opts.duration_s and not stop.is_set():
+                with anyio.move_on_after(min(1.0, opts.duration_s - elapsed)):
+                    await stop.wait()
+                _progress(time.monotonic() - started, tally, provider)
+            for worker in workers:
+                worker.stop()
+        elapsed = time.monotonic() - started
+        await anyio.sleep(0.2)  # let the last events arrive
+        tg.cancel_scope.cancel()
+    return elapsed
 
 
 async def _one_worker(

@@ -1,9 +1,12 @@
 """The local Valkey server used when ``REFRESHD_REDIS_URL`` is unset.
 
-There is one server per data directory, shared by every refreshd process
-on the machine (``refreshd run`` in one terminal, ``refreshd status`` in
-another), and it outlives whichever process started it: it is daemonized
-and found again through ``embedded.json``. Starters are serialised by a
+There is one server per data directory, and the default directory is one
+per user and machine (``$XDG_DATA_HOME/refreshd``, else
+``~/.local/share/refreshd``; never relative to the working directory), so
+every refreshd process of that user shares it (``refreshd run`` in one
+terminal, ``refreshd status`` in another, from any directory). It outlives
+whichever process started it: it is daemonized and found again through
+``embedded.json``. ``embedded_info`` tells a consumer how to connect. Starters are serialised by a
 ``flock`` so two processes never start two servers on the same files, which
 would corrupt the append-only file.
 
@@ -33,7 +36,7 @@ from redis.retry import Retry
 
 from worker.errors import ConfigError, StoreUnavailable
 
-__all__ = ["EmbeddedServer", "ensure_embedded", "stop_embedded"]
+__all__ = ["EmbeddedInfo", "EmbeddedServer", "embedded_info", "ensure_embedded", "stop_embedded"]
 
 _HOST = "127.0.0.1"
 _LOCK, _STATE, _CONF = "embedded.lock", "embedded.json", "valkey.conf"
@@ -46,6 +49,40 @@ class EmbeddedServer:
     pid: int
     data_dir: Path
     started: bool  # False: joined a server another process had started
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedInfo:
+    """What a consumer needs to connect to the embedded server."""
+
+    data_dir: Path
+    running: bool
+    pid: int | None
+    port: int | None
+    password: str | None = field(repr=False)
+
+    def public(self, *, show_password: bool = False) -> dict[str, object]:
+        """The password (it grants every token) only when asked for."""
+        url = None
+        if self.port is not None and self.password is not None:
+            secret = self.password if show_password else "********"
+            url = f"redis://:{secret}@{_HOST}:{self.port}/0"
+        return {
+            "running": self.running,
+            "pid": self.pid,
+            "host": _HOST,
+            "port": self.port,
+            "url": url,
+            "password_file": str(self.data_dir / _STATE),
+            "data_dir": str(self.data_dir),
+            "note": (
+                "set REFRESHD_REDIS_URL (or a consumer's Redis URL) to url; the password is "
+                "the 'password' field of password_file, or run `refreshd server info "
+                "--show-password`"
+                if self.running
+                else "not running: the next refreshd command (or `refreshd status`) starts it"
+            ),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +119,17 @@ def ensure_embedded(data_dir: Path, *, start_timeout: float = 10.0) -> EmbeddedS
             if pid is not None:
                 return EmbeddedServer(state.url, pid, data_dir, started=False)
         return _start(binary, data_dir, state, deadline)
+
+
+def embedded_info(data_dir: Path) -> EmbeddedInfo:
+    """Where the data directory's server listens, without starting one."""
+    data_dir = Path(data_dir).expanduser().absolute()
+    state = _read_state(data_dir) if data_dir.is_dir() else None
+    if state is None:
+        return EmbeddedInfo(data_dir, running=False, pid=None, port=None, password=None)
+    pid = _probe(data_dir, state)
+    return EmbeddedInfo(data_dir, running=pid is not None, pid=pid, port=state.port,
+                        password=state.password)  # fmt: skip
 
 
 def stop_embedded(data_dir: Path, *, timeout: float = 10.0) -> bool:

@@ -16,6 +16,7 @@ The server runs inside the worker's task group and stops with it.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Awaitable, Callable
 
@@ -25,6 +26,7 @@ import prometheus_client
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
+from worker.errors import ConfigError
 from worker.logs import get_logger
 
 __all__ = ["HealthServer", "Heartbeat"]
@@ -105,7 +107,10 @@ class HealthServer:
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.host, self.port)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                raise self._bind_error(exc) from None
             port = int(runner.addresses[0][1])
             log.info("health.listening", host=self.host, port=port)
             task_status.started(port)
@@ -115,6 +120,20 @@ class HealthServer:
             # still run to completion to close the listening socket.
             with anyio.CancelScope(shield=True):
                 await runner.cleanup()
+
+    def _bind_error(self, exc: OSError) -> ConfigError:
+        """A second ``refreshd run`` on one machine finds the port taken:
+        say which setting moves it rather than a 40-line traceback."""
+        where = f"{self.host}:{self.port}"
+        if exc.errno == errno.EADDRINUSE:
+            return ConfigError(
+                f"cannot serve /metrics on {where}: the port is in use (another refreshd "
+                "run?); give each process its own REFRESHD_HTTP_PORT, or 0 to serve none"
+            )
+        return ConfigError(
+            f"cannot serve /metrics on {where} ({exc.strerror or exc}); "
+            "check REFRESHD_HTTP_HOST and REFRESHD_HTTP_PORT"
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         # Same negotiation as prometheus_client's own server: OpenMetrics

@@ -123,7 +123,12 @@ class CredentialInput:
             raise ConfigError("params must be an object of string values")
         _refuse_unsafe_values(data, params)
         if ("expires_in" in data) == ("expires_at" in data):
-            raise ConfigError("give exactly one of expires_in (seconds) or expires_at")
+            # a line with nothing but ids: name every missing part at once
+            tokenless = not data.get("access_token") and not data.get("refresh_token")
+            raise ConfigError(
+                "give exactly one of expires_in (seconds) or expires_at"
+                + ("; the line has no access_token or refresh_token either" if tokenless else "")
+            )
         if "expires_in" in data:
             secs = parse_number(
                 "expires_in", data["expires_in"], low=0, high=400 * 86400, echo=False

@@ -42,7 +42,11 @@ _PARAM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 def validate_id(kind: str, value: object) -> str:
     """Ids become parts of Redis keys; keep them printable and bounded."""
-    if not isinstance(value, str) or not _ID.fullmatch(value):
+    if value is None:
+        raise ConfigError(f"{kind} id is missing")
+    if not isinstance(value, str):
+        raise ConfigError(f"{kind} id must be a string, got {type(value).__name__}")
+    if not _ID.fullmatch(value):
         raise ConfigError(
             f"{kind} id must be 1-200 characters of letters, digits and ._:@- "
             f"(starting with a letter or digit), got {value!r}"
@@ -156,9 +160,17 @@ def parse_number(name: str, value: object, *, low: float, high: float, echo: boo
     if not math.isfinite(number):
         raise ConfigError(f"{name} must be a finite number")
     if not low <= number <= high:
-        got = f", got {number:g}" if echo else ""
-        raise ConfigError(f"{name} must be between {low:g} and {high:g}{got}")
+        got = f", got {_plain(number)}" if echo else ""
+        raise ConfigError(f"{name} must be between {_plain(low)} and {_plain(high)}{got}")
     return number
+
+
+def _plain(number: float) -> str:
+    """34,560,000 rather than ``:g``'s 3.456e+07 in a message."""
+    number = float(number)
+    if abs(number) >= 1e18:
+        return f"{number:g}"
+    return f"{int(number):,}" if number.is_integer() else f"{number:,.6g}"
 
 
 def _flag(name: str, value: object) -> bool:

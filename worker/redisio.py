@@ -31,10 +31,12 @@ __all__ = [
     "Scripts",
     "SentinelTarget",
     "connect",
+    "describe_url",
     "guard",
     "load_script",
     "load_scripts",
     "parse_sentinel_url",
+    "validate_url",
 ]
 
 # Errors that mean "the server is not there right now", never "bad input".
@@ -70,12 +72,16 @@ class Scripts:
     get: AsyncScript
 
 
-def load_scripts(client: aioredis.Redis) -> Scripts:
+def load_script(client: aioredis.Redis, name: str) -> AsyncScript:
+    """One credential script (``worker/scripts/<name>.lua``, behind ``record.lua``)."""
     folder = resources.files("worker") / "scripts"
     record = (folder / "record.lua").read_text()
+    return client.register_script(record + (folder / f"{name}.lua").read_text())
 
+
+def load_scripts(client: aioredis.Redis) -> Scripts:
     def load(name: str) -> AsyncScript:
-        return client.register_script(record + (folder / f"{name}.lua").read_text())
+        return load_script(client, name)
 
     return Scripts(
         claim=load("claim"),
@@ -118,6 +124,7 @@ async def connect(
     }
     pool_timeout = kwargs.pop("pool_timeout", 10.0)
     options.update(kwargs)
+    validate_url(url)
     sentinel: Sentinel | None = None
     if url.startswith(SENTINEL_SCHEMES):
         target = parse_sentinel_url(url)
@@ -136,14 +143,26 @@ async def connect(
         # moment instead of queueing (a full pool would read as an outage).
         client = sentinel.master_for(target.service, max_connections=max_connections * 4)
     else:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=pool_timeout, **options
-        )
+        try:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=max_connections, timeout=pool_timeout, **options
+            )
+        except (ValueError, TypeError) as exc:  # a bad port, an unknown option
+            raise ConfigError(f"REFRESHD_REDIS_URL is not a usable Redis URL: {exc}") from None
         # A blocking pool makes bursts of concurrent refreshes queue for a
         # connection instead of failing with "Too many connections".
         client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
     try:
         yield client
+    except StoreUnavailable as exc:
+        raise StoreUnavailable(f"{exc} (at {describe_url(url)})") from exc
+    except redis_errors.InvalidResponse as exc:
+        # an HTTP server or another service on the port: its first byte is
+        # not a RESP reply
+        raise StoreUnavailable(
+            f"the server at {describe_url(url)} does not speak the Redis protocol "
+            "(is REFRESHD_REDIS_URL pointing at another service?)"
+        ) from exc
     finally:
         await client.aclose()
         if sentinel is not None:
@@ -152,6 +171,31 @@ async def connect(
 
 
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+_SCHEMES = ("redis://", "rediss://", "unix://", *SENTINEL_SCHEMES)
+
+
+def validate_url(url: str) -> None:
+    """A URL redis-py would refuse with a ValueError deep in a pool (or
+    misread: ``http://`` is not Redis) is a ConfigError naming the schemes;
+    the message never repeats the URL, which may carry a password."""
+    if not url.lower().startswith(_SCHEMES):
+        scheme = url.partition("://")[0] if "://" in url else "no scheme"
+        raise ConfigError(
+            f"REFRESHD_REDIS_URL must start with {', '.join(_SCHEMES)} (got {scheme[:20]!r})"
+        )
+
+
+def describe_url(url: str) -> str:
+    """Where a URL points, without its password: ``host:port``, the socket
+    path, or the sentinels and service."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path or "a unix socket"
+    hostlist = parts.netloc.rpartition("@")[2] or "localhost"
+    if url.startswith(SENTINEL_SCHEMES):
+        return f"sentinels {hostlist} (service {parts.path.strip('/') or '?'})"
+    return hostlist if ":" in hostlist else f"{hostlist}:6379"
+
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 _TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,10 +20,32 @@ from typing import Any
 
 from worker.errors import ConfigError
 
-__all__ = ["SETTINGS_DOC", "UNSAFE_REDIS_HAZARDS", "Settings"]
+__all__ = ["SETTINGS_DOC", "UNSAFE_REDIS_HAZARDS", "Settings", "default_data_dir"]
 
 #: The names REFRESHD_UNSAFE_REDIS accepts (``worker.serverchecks.Hazard``).
 UNSAFE_REDIS_HAZARDS = frozenset({"not_durable", "no_waitaof", "eviction", "policy_unknown"})
+
+
+#: how SETTINGS_DOC (``--help``, the README table) shows the data directory's default
+DATA_DIR_DEFAULT = "$XDG_DATA_HOME/refreshd or ~/.local/share/refreshd"
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    """One per user and machine, whatever the working directory: a relative
+    default started a second, empty server for a command run elsewhere."""
+    xdg = env.get("XDG_DATA_HOME", "").strip()
+    if xdg and Path(xdg).is_absolute():  # the XDG spec ignores a relative value
+        return Path(xdg) / "refreshd"
+    home = env.get("HOME", "").strip()
+    if not home:
+        try:
+            home = str(Path.home())
+        except (RuntimeError, KeyError):  # a container user with no passwd entry
+            home = ""
+    if not home or not Path(home).is_absolute():
+        # the data dir only matters without REFRESHD_REDIS_URL; still one per user
+        return Path(tempfile.gettempdir()) / f"refreshd-{os.getuid()}"
+    return Path(home) / ".local" / "share" / "refreshd"
 
 
 def _doc(env: str, help_: str) -> dict[str, str]:
@@ -42,8 +65,12 @@ class Settings:
         ),
     )
     data_dir: Path = field(
-        default=Path(".refreshd"),
-        metadata=_doc("REFRESHD_DATA_DIR", "Directory for the embedded server's data."),
+        default_factory=lambda: default_data_dir(os.environ),
+        metadata=_doc(
+            "REFRESHD_DATA_DIR",
+            "Directory for the embedded server's data; the default, one per user and "
+            "machine, is shared by every refreshd process of the user.",
+        ),
     )
     spool_dir: Path | None = field(
         default=None,
@@ -259,6 +286,7 @@ class Settings:
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(f.metadata["env"], raw, _PARSERS[f.name])
+        values.setdefault("data_dir", default_data_dir(env))
         values.update(overrides)
         return cls(**values)
 
@@ -317,6 +345,8 @@ SETTINGS_DOC: list[tuple[str, str, str]] = [
         f.metadata["env"],
         ""
         if f.name in {"worker_id", "unsafe_redis"}
+        else DATA_DIR_DEFAULT
+        if f.name == "data_dir"
         else str(f.default if f.default is not None else ""),
         f.metadata["help"],
     )

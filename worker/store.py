@@ -151,7 +151,9 @@ class Store:
                 "replaced it); import the credential's current tokens or re-authorize"
             )
         if res[0] == "exists":
-            raise Conflict(f"credential {cred.id} already exists (use replace to overwrite)")
+            raise Conflict(
+                f"credential {cred.id} already exists (import with --replace to overwrite)"
+            )
         if res[0] == "busy":
             raise Conflict(f"credential {cred.id} is being refreshed right now; try again")
         return bool(res[1])

@@ -8,17 +8,21 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from worker.errors import ConfigError
 from worker.logs import configure_logging
 from worker.settings import Settings
 
 __all__ = [
+    "CliParser",
     "Command",
     "RefuseInlineSecret",
+    "bounded",
     "emit",
     "fail",
+    "flag_value",
+    "human_number",
     "load_settings",
     "positive_int",
     "read_secret",
@@ -48,6 +52,53 @@ def table(rows: Sequence[dict[str, Any]], columns: Iterable[str]) -> None:
     print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
     for r in cells:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+class CliParser(argparse.ArgumentParser):
+    """Usage errors are one line, like every other error: argparse's own
+    prints the whole usage block first (30 lines for ``profile create``).
+    Subcommand parsers are built from the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"refreshd: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def bounded(kind: Callable[[str], float], low: float, high: float) -> Callable[[str], Any]:
+    """argparse type: a number of ``kind`` between ``low`` and ``high``."""
+
+    def parse(raw: str) -> Any:
+        try:
+            value = kind(raw)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {raw!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be between {human_number(low)} and {human_number(high)}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def human_number(value: float) -> str:
+    """1,000,000 rather than 1e+06 (what ``:g`` prints past six digits)."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,}"
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def flag_value(raw: str) -> bool:
+    """argparse type of a yes/no knob given a value (``--allow-http true``);
+    the bare flag means true."""
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"true or false, not {raw!r}")
 
 
 def positive_int(raw: str) -> int:

@@ -15,9 +15,11 @@ from typing import Any, BinaryIO, TextIO
 import anyio
 
 from worker.app import build_refresher, open_store, schedule_from
-from worker.cli.common import emit, load_settings, positive_int, table
+from worker.cli.common import bounded, emit, load_settings, table
+from worker.cli.progress import Progress
 from worker.errors import ConfigError, Conflict, NotFound, RefreshdError
 from worker.events import mask_event
+from worker.listing import MAX_PAGE, CredentialFilter, list_credentials
 from worker.metrics import Metrics
 from worker.models import CredentialInput, Profile, Status
 from worker.profiles import ProfileStore
@@ -44,10 +46,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--reveal", action="store_true", help="print the tokens too")
     p.set_defaults(handler=_get)
 
-    p = csub.add_parser("list", help="list credentials (tokens never shown)")
-    p.add_argument("--limit", type=positive_int, default=1000)
+    p = csub.add_parser(
+        "list",
+        help="list credentials, sorted by id, filtered over all of them, a page at a time "
+        "(tokens never shown)",
+    )
+    p.add_argument("--limit", type=bounded(int, 1, MAX_PAGE), default=1000,
+                   help=f"rows per page (1 to {MAX_PAGE:,}; default 1000)")  # fmt: skip
+    p.add_argument(
+        "--after", metavar="CURSOR", help="the previous page's next_cursor: the page after it"
+    )
     p.add_argument("--status", choices=[s.value for s in Status], help="only this status")
-    p.add_argument("--table", action="store_true")
+    p.add_argument("--profile", metavar="ID", help="only this profile's credentials")
+    p.add_argument("--table", action="store_true",
+                   help="a table; the total and the next cursor go to stderr")  # fmt: skip
     p.set_defaults(handler=_list)
 
     p = csub.add_parser("delete", help="delete a credential")
@@ -99,13 +111,15 @@ async def import_lines(
     *,
     schedule: Schedule,
     replace: bool,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Import JSON lines; a bad line is reported by number (never by content,
     which holds tokens) and does not stop the others."""
     importer = _Importer(store, schedule, replace=replace)
     batch: dict[str, tuple[int, CredentialInput]] = {}
     for number, raw in enumerate(lines, start=1):
+        if progress is not None:
+            progress.advance()
         cred = importer.parse(number, raw)
         if cred is None:
             continue
@@ -117,12 +131,9 @@ async def import_lines(
         if len(batch) >= _BATCH:  # bounded batches keep memory flat
             await importer.apply(list(batch.values()))
             batch.clear()
-            if progress:
-                print(f"\rimported {importer.done} of {importer.lines} lines", end="",
-                      file=sys.stderr)  # fmt: skip
     await importer.apply(list(batch.values()))
-    if progress:
-        print(file=sys.stderr)
+    if progress is not None:
+        progress.close()
     await guard(store.client.publish(store.keys.wake, "import"))
     return importer.summary()
 
@@ -137,10 +148,6 @@ class _Importer:
         self.created = 0
         self.replaced = 0
         self.lines = 0
-
-    @property
-    def done(self) -> int:
-        return self.created + self.replaced
 
     def fail(self, number: int, message: str) -> None:
         self.errors.append({"line": number, "error": message})
@@ -253,18 +260,35 @@ async def _import(args: argparse.Namespace) -> int:
             stream = Path(args.file).open("rb")  # noqa: SIM115, ASYNC230
         except OSError as exc:
             raise ConfigError(f"cannot open {args.file}: {exc.strerror}") from None
+    total = None if args.file == "-" else _count_lines(stream)
     try:
         async with open_store(settings) as store:
             summary = await import_lines(
                 store, bounded_lines(stream), schedule=schedule_from(settings),
                 replace=args.replace,
-                progress=sys.stderr.isatty(),
+                progress=Progress("importing", total, unit="lines"),
             )  # fmt: skip
     finally:
         if args.file != "-":
             stream.close()
     emit(summary)
     return 1 if summary["failed"] else 0
+
+
+def _count_lines(stream: BinaryIO | TextIO) -> int | None:
+    """The file's line count, for a progress total (a 1 GB file takes about
+    a second); None where the stream cannot be rewound."""
+    try:
+        start = stream.tell()
+        count, last = 0, b""
+        while chunk := stream.read(1 << 20):
+            data = chunk.encode() if isinstance(chunk, str) else chunk
+            count += data.count(b"\n")
+            last = data[-1:]
+        stream.seek(start)
+    except (OSError, ValueError):
+        return None
+    return count + (1 if last and last != b"\n" else 0)
 
 
 async def _get(args: argparse.Namespace) -> int:
@@ -276,17 +300,19 @@ async def _get(args: argparse.Namespace) -> int:
 
 async def _list(args: argparse.Namespace) -> int:
     settings = load_settings()
-    async with open_store(settings) as store:
-        rows = []
-        for cred_id in await store.list_ids(limit=args.limit):
-            with contextlib.suppress(NotFound):  # deleted since the scan
-                rows.append((await store.get(cred_id)).public())
-    if args.status:
-        rows = [row for row in rows if row["status"] == args.status]
+    where = CredentialFilter(
+        status=Status(args.status) if args.status else None, profile=args.profile
+    )
+    async with open_store(settings, refuse_unsafe=False) as store:
+        page = await list_credentials(store, where, after=args.after, limit=args.limit)
+    rows = [cred.public() for cred in page.rows]
     if args.table:
         table(rows, ["id", "profile", "status", "version", "expires_at_ms", "failures"])
+        more = f"; next page: --after {page.next_cursor}" if page.truncated else ""
+        print(f"{len(rows)} of {page.total}{more}", file=sys.stderr)
     else:
-        emit({"result": rows})
+        emit({"result": rows, "total": page.total, "truncated": page.truncated,
+              "next_cursor": page.next_cursor})  # fmt: skip
     return 0
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import anyio
 
 from worker.app import open_store, run_worker, tune_gc
-from worker.cli.common import emit, load_settings
-from worker.embedded import stop_embedded
+from worker.cli.common import bounded, emit, human_number, load_settings, table
+from worker.embedded import embedded_info, stop_embedded
 from worker.events import mask_event
 
 __all__ = ["register"]
@@ -25,17 +25,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "demo",
         help="run the whole system against a built-in strict token endpoint and report",
     )
-    p.add_argument("--credentials", type=int, default=2000, help="how many (default 2000)")
-    p.add_argument("--lifetime", type=float, default=20.0,
-                   help="access token lifetime in seconds (default 20)")  # fmt: skip
-    p.add_argument("--duration", type=float, default=30.0, help="seconds to run (default 30)")
-    p.add_argument(
-        "--workers", type=int, default=2, help="workers racing over the same credentials"
-    )
+    _demo_options(p)
     p.add_argument("--keep", action="store_true", help="keep the demo's data afterwards")
     p.set_defaults(handler=_demo)
 
     p = sub.add_parser("status", help="counts by status, backlog, next due")
+    p.add_argument("--table", action="store_true", help="a table instead of JSON")
     p.set_defaults(handler=_status)
 
     p = sub.add_parser("watch", help="print events as they are published")
@@ -43,9 +38,48 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--count", type=int, default=0, help="exit after this many events")
     p.set_defaults(handler=_watch)
 
-    p = sub.add_parser("server", help="the embedded Valkey server")
-    p.add_argument("action", choices=["stop"])
+    p = sub.add_parser(
+        "server",
+        help="the embedded Valkey server: `info` (how a consumer connects; password "
+        "only with --show-password), `stop`",
+    )
+    p.add_argument("action", choices=["info", "stop"])
+    p.add_argument(
+        "--show-password",
+        action="store_true",
+        help="info: print the URL with its password (it grants every token)",
+    )
     p.set_defaults(handler=_server)
+
+
+def _demo_options(p: argparse.ArgumentParser) -> None:
+    from worker.demo import LIMITS
+
+    def limits(name: str) -> str:
+        low, high = LIMITS[name]
+        return f"{human_number(low)} to {human_number(high)}"
+
+    p.add_argument(
+        "--credentials",
+        type=bounded(int, *LIMITS["credentials"]),
+        default=2000,
+        help=f"how many ({limits('credentials')}; default 2000)",
+    )
+    p.add_argument(
+        "--lifetime",
+        type=bounded(float, *LIMITS["lifetime_s"]),
+        default=20.0,
+        help=f"access token lifetime in seconds ({limits('lifetime_s')}; default 20)",
+    )
+    p.add_argument(
+        "--duration",
+        type=bounded(float, *LIMITS["duration_s"]),
+        default=30.0,
+        help=f"seconds to run ({limits('duration_s')}; default 30)",
+    )
+    p.add_argument("--workers", type=bounded(int, *LIMITS["workers"]), default=2,
+                   help=f"workers racing over the same credentials ({limits('workers')}; "
+                   "default 2)")  # fmt: skip
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -80,8 +114,7 @@ async def _status(args: argparse.Namespace) -> int:
     by_status = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("status:")}
     by_profile = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("profile:")}
     failing = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("failing:")}
-    emit(
-        {
+    summary = {
             "credentials": sum(by_status.values()),
             "by_status": {k: v for k, v in sorted(by_status.items()) if v},
             "by_profile": {k: v for k, v in sorted(by_profile.items()) if v},
@@ -90,8 +123,17 @@ async def _status(args: argparse.Namespace) -> int:
             "backlog": backlog,
             "next_due_ms": earliest,
             "next_due_in_s": None if earliest is None else round((earliest - now_ms) / 1000, 3),
-        }
-    )
+    }  # fmt: skip
+    if args.table:
+        rows = [{"what": "credentials", "value": summary["credentials"]}]
+        for group in ("by_status", "by_profile", "failing_by_reason"):
+            counts: dict[str, int] = summary[group]  # type: ignore[assignment]
+            rows += [{"what": f"{group}.{key}", "value": n} for key, n in counts.items()]
+        rows += [{"what": key, "value": summary[key]}
+                 for key in ("scheduled", "backlog", "next_due_ms", "next_due_in_s")]  # fmt: skip
+        table(rows, ["what", "value"])
+    else:
+        emit(summary)
     return 0
 
 
@@ -114,6 +156,10 @@ async def _watch(args: argparse.Namespace) -> int:
 
 async def _server(args: argparse.Namespace) -> int:
     settings = load_settings()
+    if args.action == "info":
+        info = await anyio.to_thread.run_sync(embedded_info, settings.data_dir)
+        emit(info.public(show_password=args.show_password))
+        return 0
     stopped = await anyio.to_thread.run_sync(stop_embedded, settings.data_dir)
     emit({"stopped": stopped, "data_dir": str(settings.data_dir)})
     return 0

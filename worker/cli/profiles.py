@@ -5,14 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from worker.app import open_store
-from worker.cli.common import add_secret_options, emit, load_settings, read_secret, table
+from worker.cli.common import (
+    add_secret_options,
+    emit,
+    flag_value,
+    load_settings,
+    read_secret,
+    table,
+)
+from worker.cli.progress import Progress
 from worker.errors import ConfigError
 from worker.presets import PRESETS
 from worker.profiles import ProfileStore
+from worker.redisio import guard
 
 __all__ = ["register"]
 
@@ -27,10 +37,10 @@ _KNOBS: list[tuple[str, str, Any, str]] = [
     ("--client-id", "client_id", str, "OAuth client id"),
     ("--auth-method", "auth_method", str,
      "client_secret_basic (default), client_secret_post, none, bearer"),
-    ("--basic-form-encode", "basic_form_encode", str,
-     "true (default): form-encode id and secret before base64 (RFC 6749 2.3.1)"),
-    ("--client-id-in-body", "client_id_in_body", str,
-     "true: also send client_id in the body (SmartThings)"),
+    ("--basic-form-encode", "basic_form_encode", flag_value,
+     "form-encode id and secret before base64 (RFC 6749 2.3.1; default true)"),
+    ("--client-id-in-body", "client_id_in_body", flag_value,
+     "also send client_id in the body (SmartThings)"),
     ("--body-format", "body_format", str, "form (default), json or query"),
     ("--token-param", "token_param", str,
      "name of the parameter carrying the spent token (refresh_token, api_token)"),
@@ -58,10 +68,10 @@ _KNOBS: list[tuple[str, str, Any, str]] = [
      "most requests per second per worker process (0: no limit)"),
     ("--max-concurrency", "max_concurrency", int,
      "most refreshes in flight per worker process (0: no limit)"),
-    ("--allow-http", "allow_http", str,
-     "true to allow a plain http:// token URL (tests only; needs --allow-private-network)"),
-    ("--allow-private-network", "allow_private_network", str,
-     "true to allow a token host on a loopback, private or link-local address"),
+    ("--allow-http", "allow_http", flag_value,
+     "allow a plain http:// token URL (tests only; needs --allow-private-network)"),
+    ("--allow-private-network", "allow_private_network", flag_value,
+     "allow a token host on a loopback, private or link-local address"),
     ("--name", "name", str, "display name"),
 ]  # fmt: skip
 
@@ -73,7 +83,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def knobs(p: argparse.ArgumentParser) -> None:
         p.add_argument("--from-file", metavar="JSON", help="read fields from a JSON file")
         for flag, dest, kind, help_ in _KNOBS:
-            p.add_argument(flag, dest=dest, type=kind, help=help_)
+            if kind is flag_value:  # a yes/no knob: the bare flag is true
+                p.add_argument(flag, dest=dest, type=kind, nargs="?", const=True,
+                               metavar="true|false", help=help_ + "; bare: true")  # fmt: skip
+            else:
+                p.add_argument(flag, dest=dest, type=kind, help=help_)
         p.add_argument(
             "--extra", action="append", default=[], metavar="NAME=VALUE",
             help="extra body parameter sent on every refresh (repeatable)",
@@ -118,6 +132,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_list)
 
     p = psub.add_parser("presets", help="list the built-in presets and their knobs")
+    p.add_argument("--table", action="store_true")
     p.set_defaults(handler=_presets)
 
     p = psub.add_parser("get", help="show one profile (secret never shown)")
@@ -190,7 +205,16 @@ def _pair(flag: str, item: str) -> tuple[str, str]:
 
 
 async def _presets(args: argparse.Namespace) -> int:
-    emit(PRESETS)
+    if args.table:
+        rows = [
+            {"preset": name, "strategy": knobs.get("strategy", "oauth2_refresh_token"),
+             "token_url": knobs.get("token_url", "(you give it)"),
+             "auth_method": knobs.get("auth_method", ""), "rotation": knobs.get("rotation", "")}
+            for name, knobs in sorted(PRESETS.items())
+        ]  # fmt: skip
+        table(rows, ["preset", "strategy", "token_url", "auth_method", "rotation"])
+    else:
+        emit(PRESETS)
     return 0
 
 
@@ -211,12 +235,17 @@ async def _update(args: argparse.Namespace) -> int:
 
 async def _list(args: argparse.Namespace) -> int:
     settings = load_settings()
-    async with open_store(settings) as store:
+    async with open_store(settings, refuse_unsafe=False) as store:
         rows = await ProfileStore(store).list(page=args.page, per_page=args.per_page)
+        total: int = await guard(store.client.zcard(store.keys.profiles))
+    more = args.page * args.per_page < total
     if args.table:
         table(rows, ["id", "strategy", "token_url", "auth_method", "rotation", "credentials_count"])
+        print(f"page {args.page}: {len(rows)} of {total}" + ("; more on the next page" if more
+              else ""), file=sys.stderr)  # fmt: skip
     else:
-        emit({"result": rows, "page": args.page, "per_page": args.per_page})
+        emit({"result": rows, "page": args.page, "per_page": args.per_page, "total": total,
+              "truncated": more})  # fmt: skip
     return 0
 
 
@@ -229,7 +258,19 @@ async def _get(args: argparse.Namespace) -> int:
 
 async def _delete(args: argparse.Namespace) -> int:
     settings = load_settings()
+    bar: Progress | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress(f"deleting {args.id}'s credentials", total, unit="credentials")
+        bar.advance(done)
+
     async with open_store(settings) as store:
-        removed = await ProfileStore(store).delete(args.id, force=args.force)
+        try:
+            removed = await ProfileStore(store).delete(args.id, force=args.force, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
     emit({"deleted": args.id, "credentials_deleted": removed})
     return 0
