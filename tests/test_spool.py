@@ -322,6 +322,26 @@ async def test_replaying_twice_lands_the_tokens_once(redis_url: str, tmp_path: P
     assert replays == {"landed": 1, "already_landed": 1}
 
 
+async def test_a_replay_leaves_another_prefixs_entries_alone(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Deployments with different key prefixes may share one data directory
+    (the default is per user). A worker replays only its own prefix's
+    entries: another's would not apply here and would be dropped as
+    superseded, taking that deployment's tokens with them."""
+    settings = make_settings(redis_url)
+    ours = Spool(tmp_path / "spool", MarkingCodec(), scope=settings.prefix)
+    theirs = Spool(tmp_path / "spool", MarkingCodec(), scope="other:")
+    async with FakeProvider() as provider, open_store(settings) as store:
+        await seed(store, provider, 1)
+        claimed, tokens = await _answered(store, provider, "cred-00000", "A")
+        foreign = theirs.write(_pending(claimed, tokens))
+        assert ours.entries() == []
+        assert await replay_spool(ours, store, Metrics()) == 0
+        assert foreign.exists()
+        assert theirs.entries() == [foreign]
+
+
 async def test_replay_lands_after_another_worker_recovered_the_intent(
     redis_url: str, tmp_path: Path
 ) -> None:
@@ -379,7 +399,7 @@ async def test_an_unreadable_spool_file_is_reported_and_kept(
     settings = make_settings(redis_url)
     spool = Spool(tmp_path / "spool", MarkingCodec())
     spool.directory.mkdir(mode=0o700)
-    broken = spool.directory / "commit-0123.json"
+    broken = spool.directory / f"commit-{spool.tag}-0123.json"
     broken.write_text('{"format": "refreshd-spool-1", "fields": ')
     async with open_store(settings) as store:
         with captured_logs("info") as stream:

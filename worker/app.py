@@ -211,7 +211,8 @@ async def run_worker(
         open_store(settings, pool_size=pool, announce=True) as store,
         make_http_client(max_connections=settings.concurrency) as http,
     ):
-        spool = Spool(settings.spool_path, store.codec)  # commits a stopped worker left
+        # commits a stopped worker left, of this prefix only
+        spool = Spool(settings.spool_path, store.codec, scope=settings.prefix)
         await replay_spool(spool, store, metrics)  # before any claim: see worker.spool
         refresher = build_refresher(settings, store, http, metrics)
         refresher.spool = spool

@@ -73,7 +73,8 @@ class Scripts:
 
 
 def load_script(client: aioredis.Redis, name: str) -> AsyncScript:
-    """One credential script (``worker/scripts/<name>.lua``, behind ``record.lua``)."""
+    """One credential script (``worker/scripts/<name>.lua``, behind
+    ``record.lua``); ``worker.client`` loads its own this way."""
     folder = resources.files("worker") / "scripts"
     record = (folder / "record.lua").read_text()
     return client.register_script(record + (folder / f"{name}.lua").read_text())
@@ -92,14 +93,6 @@ def load_scripts(client: aioredis.Redis) -> Scripts:
         resume=load("resume"),
         get=load("get"),
     )
-
-
-def load_script(client: aioredis.Redis, name: str) -> AsyncScript:
-    """One credential script outside ``Scripts`` (``worker.client`` loads its
-    own): ``record.lua`` in front, as for the others."""
-    folder = resources.files("worker") / "scripts"
-    source = (folder / "record.lua").read_text() + (folder / f"{name}.lua").read_text()
-    return client.register_script(source)
 
 
 @asynccontextmanager

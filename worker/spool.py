@@ -10,8 +10,11 @@ the same commit script: the spend intent the commit names is still open
 land; an entry that already landed is refused as ``stale`` by the script,
 recognised as landed, and removed. Replaying twice is therefore harmless.
 
-Format: one file per pending commit, ``commit-<32 hex>.json`` (a hash of
-the credential id and claim token), a JSON object::
+Format: one file per pending commit, ``commit-<scope>-<32 hex>.json``
+(``scope``: 8 hex digits of a hash of the key prefix, so that deployments
+sharing a data directory - the default one is per user - never replay each
+other's entries; then a hash of the credential id and claim token), a JSON
+object::
 
     {"format": "refreshd-spool-1", "credential_id": str, "claim_token": str,
      "version": str, "outcome": str, "next_due": int | "", "reason": str,
@@ -153,13 +156,18 @@ class PendingCommit:
 class Spool:
     """One directory of pending commits, one file each."""
 
-    def __init__(self, directory: Path, codec: SecretCodec) -> None:
+    def __init__(self, directory: Path, codec: SecretCodec, *, scope: str = "") -> None:
+        """``scope``: the key prefix. Another prefix's entries in the same
+        directory are neither replayed nor touched (its commits are not
+        this store's to apply)."""
         self.directory = directory
         self.codec = codec
+        self.tag = hashlib.sha256(scope.encode()).hexdigest()[:8]
 
     def path_for(self, commit: PendingCommit) -> Path:
         name = f"{commit.credential_id}\0{commit.claim_token}".encode()
-        return self.directory / f"commit-{hashlib.sha256(name).hexdigest()[:32]}.json"
+        digest = hashlib.sha256(name).hexdigest()[:32]
+        return self.directory / f"commit-{self.tag}-{digest}.json"
 
     def prepare(self) -> str | None:
         """Create the directory (0700) now, at start: a spool that cannot be
@@ -181,7 +189,7 @@ class Spool:
     def entries(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
-        return sorted(self.directory.glob("commit-*.json"))
+        return sorted(self.directory.glob(f"commit-{self.tag}-*.json"))
 
     # ----------------------------------------------------------- writing
 
