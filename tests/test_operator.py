@@ -368,10 +368,11 @@ def test_yes_no_knobs_are_bare_flags_and_still_take_values(cli: Cli) -> None:
     created = cli.ok(
         "profile", "create", "local", "--token-url", "http://127.0.0.1:9/token",
         "--client-id", "c", "--client-secret-env", "TEST_CLIENT_SECRET",
-        "--allow-http", "--allow-private-network", "--client-id-in-body",
+        "--allow-http", "--allow-private-network", "--client-id-in-body", "--fresh-connection",
     )  # fmt: skip
     assert (created["allow_http"], created["allow_private_network"]) == (True, True)
     assert created["client_id_in_body"] is True
+    assert created["fresh_connection"] is True
     updated = cli.ok("profile", "update", "local", "--client-id-in-body", "false",
                      "--allow-http", "true")  # fmt: skip
     assert (updated["client_id_in_body"], updated["allow_http"]) == (False, True)

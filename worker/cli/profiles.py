@@ -72,6 +72,8 @@ _KNOBS: list[tuple[str, str, Any, str]] = [
      "allow a plain http:// token URL (tests only; needs --allow-private-network)"),
     ("--allow-private-network", "allow_private_network", flag_value,
      "allow a token host on a loopback, private or link-local address"),
+    ("--fresh-connection", "fresh_connection", flag_value,
+     "a new connection for every refresh, closed after the answer (no keep-alive)"),
     ("--name", "name", str, "display name"),
 ]  # fmt: skip
 
