@@ -284,3 +284,47 @@ async def test_a_group_redelivers_a_crashed_members_events(redis_url: str) -> No
         # another group sees everything again, independently
         other = log.group("audit", "x")
         assert len((await other.read(count=100)).entries) == 10
+
+
+def test_events_start_with_schema_and_type_as_commit_lua_expects() -> None:
+    """commit.lua matches '^{"schema":N,"type":"..."' instead of decoding."""
+    from worker.events import EventType, build_event
+
+    for kind in EventType:
+        raw = build_event(kind, credential_id='a"b', profile="p", version=1, ts_ms=2,
+                          access_token="t", reason="r")  # fmt: skip
+        assert raw.startswith(f'{{"schema":1,"type":"{kind.value}",')
+
+
+async def test_a_grace_retry_landing_on_a_late_answer_logs_the_stored_version(
+    redis_url: str,
+) -> None:
+    """The one path where commit.lua re-encodes the event (a late answer
+    landed first, so the version moved): the log entry's fields still come
+    out right."""
+    from tests.test_scripts import NEW_TOKENS, abandoned_spend, claimed, create
+    from worker.events import EventType, build_event
+
+    async with open_store(make_settings(redis_url)) as store:
+        await create(store, "c1")
+        a, _ = await abandoned_spend(store, "c1")
+        b = await claimed(store, "c1", "B")
+        assert (await store.spend(b, timeout_ms=1000, margin_ms=100, rt_hash="fp",
+                                  grace_ms=60_000)).ok  # fmt: skip
+
+        def event(version: int) -> str:
+            return build_event(EventType.REFRESHED, credential_id="c1", profile="p",
+                               version=version, ts_ms=1, access_token="at")  # fmt: skip
+
+        assert (await store.commit(a, "refreshed", next_due="", fields=NEW_TOKENS,
+                                   event=event(1))).ok  # fmt: skip
+        assert (await store.commit(b, "refreshed", next_due="", fields=NEW_TOKENS,
+                                   event=event(1))).ok  # fmt: skip
+        log = EventLog(store.client, store.keys)
+        entries = await read_all(log)
+        assert [(e.type, e.version, e.event.version) for e in entries] == [
+            ("token.refreshed", 1, 1),
+            ("token.refreshed", 2, 2),
+        ]
+        raw = await store.client.xrange(store.keys.partition_of("c1").log)
+        assert [fields["v"] for _, fields in raw] == ["1", "1"]  # type: ignore[index,union-attr]

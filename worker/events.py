@@ -1,7 +1,9 @@
 """The event schema consumers rely on: one JSON object per refresh outcome.
 
-Published on ``<prefix>events`` by the commit script itself, so a stored
-token and its event never disagree. Bump ``SCHEMA`` on any incompatible
+Published on ``<prefix>events`` and appended to the partition's event log
+(``worker.eventlog``) by the commit script itself, so a stored token and its
+event never disagree. Its JSON Schema is docs/events.schema.json; typed
+classes for consumers are in ``worker.eventmodel``. Bump ``SCHEMA`` on any incompatible
 change; adding a field is compatible (``warnings`` was added so, within
 schema 1). The refresh token is never published.
 """
@@ -46,7 +48,9 @@ def build_event(
 ) -> str:
     """One event as compact JSON. ``warnings`` (any type, only when there
     are some): the fallbacks applied to an odd provider answer, from the
-    fixed vocabulary of ``worker.answer_fields``."""
+    fixed vocabulary of ``worker.answer_fields``. Keep ``schema`` and
+    ``type`` the first two keys: commit.lua reads them by position for the
+    log entry's ``v`` and ``type`` fields instead of decoding the event."""
     body: dict[str, Any] = {
         "schema": SCHEMA,
         "type": kind.value,
