@@ -16,9 +16,10 @@ import pytest
 
 from tests.harness import make_settings, seed, wait_for, worker_running
 from tests.redis_server import RedisServer
-from tests.test_eventlog import refresh_all_once
+from tests.test_eventlog import generate, refresh_all_once
 from worker.app import open_store
-from worker.fakeprovider import FakeProvider, Fault
+from worker.eventlog import EventLog
+from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault
 from worker.logs import fingerprint
 
 pytestmark = pytest.mark.anyio
@@ -158,3 +159,33 @@ async def test_watch_rides_out_a_redis_outage_without_losing_events(
         outage = [x for x in watcher.err if "unavailable" in x]
         assert outage == ["watch: redis unavailable (StoreUnavailable); reconnecting"], watcher.err
         assert not any("Traceback" in x for x in watcher.err), watcher.err
+
+
+async def test_a_trimmed_cursor_is_reported_by_the_group_reader_and_by_watch(
+    redis_url: str,
+) -> None:
+    settings = make_settings(redis_url, partitions=1, event_log_max_length=50)
+    async with (
+        FakeProvider(FakeProviderConfig(lifetime_s=1)) as provider,
+        open_store(settings) as store,
+    ):
+        log = EventLog(store.client, store.keys)
+        group = log.group("g", "m1")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(generate, settings, store, provider, 400)
+            await wait_for(lambda: store.client.xlen(store.keys.partition(0).log), within=10,
+                           what="a first event")  # fmt: skip
+            first = (await log.read(log.beginning(), count=1)).entries[0]
+            early = await group.read(count=1)
+            assert await group.ack(early.entries) == 1
+        later = await group.read(count=1000)
+        assert later.trimmed == (0,)  # the group lost events to retention, and is told
+        assert later.entries  # and goes on with what is kept
+        assert first.cursor is not None
+        old = first.cursor.encode()
+    watcher = Watch(redis_url, "--since", old, partitions=1)
+    assert await anyio.to_thread.run_sync(watcher.finish) == 2
+    notice, line = watcher.err  # "watching ...", then the one error line
+    assert notice.startswith("watching the event log after 1:")
+    assert line.startswith("refreshd: error: events were trimmed from the log before they were")
+    assert line.endswith("to go on from the oldest event kept: --since 1:0")
