@@ -328,3 +328,23 @@ async def test_a_grace_retry_landing_on_a_late_answer_logs_the_stored_version(
         ]
         raw = await store.client.xrange(store.keys.partition_of("c1").log)
         assert [fields["v"] for _, fields in raw] == ["1", "1"]  # type: ignore[index,union-attr]
+
+
+async def test_a_group_survives_its_streams_being_deleted(redis_url: str) -> None:
+    settings = make_settings(redis_url, partitions=2)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        await refresh_all_once(settings, store, provider, 2)
+        log = EventLog(store.client, store.keys)
+        member = log.group("g", "m")
+        assert len((await member.read(count=10)).entries) == 2
+        await store.client.delete(*store.keys.logs())  # e.g. restored from an old backup
+        await store.set_due("cred-00000", 0)
+
+        async def refreshed_again() -> bool:
+            return (await store.get("cred-00000")).version == 2
+
+        async with worker_running(settings):
+            await wait_for(refreshed_again, within=20, what="a second refresh")
+        batch = await member.read(count=10)
+        assert [(e.credential_id, e.version) for e in batch.entries] == [("cred-00000", 2)]
+        assert isinstance(batch.entries[0].event, Refreshed)

@@ -28,10 +28,11 @@ pytestmark = pytest.mark.anyio
 class Watch:
     """`python -m worker watch ...` with its output collected line by line."""
 
-    def __init__(self, redis_url: str, *args: str, partitions: int = 16) -> None:
+    def __init__(self, redis_url: str, *args: str, partitions: int = 16, **settings: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
         env |= {"REFRESHD_REDIS_URL": redis_url, "REFRESHD_LOG_LEVEL": "error",
                 "REFRESHD_PARTITIONS": str(partitions)}  # fmt: skip
+        env |= {f"REFRESHD_{name.upper()}": value for name, value in settings.items()}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "watch", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -189,3 +190,35 @@ async def test_a_trimmed_cursor_is_reported_by_the_group_reader_and_by_watch(
     assert notice.startswith("watching the event log after 1:")
     assert line.startswith("refreshd: error: events were trimmed from the log before they were")
     assert line.endswith("to go on from the oldest event kept: --since 1:0")
+
+
+async def test_with_the_log_off_watch_follows_pub_sub(redis_url: str) -> None:
+    settings = make_settings(redis_url, partitions=2, event_log=False)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        await seed(store, provider, 1)
+        refused = Watch(redis_url, "--since", "start", partitions=2, event_log="false")
+        assert await anyio.to_thread.run_sync(refused.finish) == 2
+        assert refused.err == [
+            "refreshd: error: --since reads the event log, which is off (REFRESHD_EVENT_LOG)"
+        ]
+        watcher = Watch(redis_url, "--count", "1", partitions=2, event_log="false")
+        await watcher.wait_watching()
+        assert watcher.err[0].startswith("watching live events on refreshd:events")
+        async with worker_running(settings):
+            assert await anyio.to_thread.run_sync(watcher.finish) == 0, watcher.err
+        [event] = watcher.events()
+        assert event["credential_id"] == "cred-00000"
+        assert event["access_token"].startswith("[")
+        assert "cursor" not in event
+
+
+async def test_an_entry_not_written_by_refreshd_is_shown_not_fatal(redis_url: str) -> None:
+    settings = make_settings(redis_url, partitions=1)
+    async with open_store(settings) as store:
+        fields = {"v": "1", "type": "odd", "id": "c9", "version": "1", "json": "{not json"}
+        await store.client.xadd(store.keys.partition(0).log, fields)  # type: ignore[arg-type]
+    watcher = Watch(redis_url, "--since", "start", "--count", "1", partitions=1)
+    assert await anyio.to_thread.run_sync(watcher.finish) == 0, watcher.err
+    [event] = watcher.events()
+    assert event["unreadable"] is True
+    assert (event["type"], event["credential_id"]) == ("odd", "c9")

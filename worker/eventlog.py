@@ -21,6 +21,11 @@ yet"). Any language can build and split it. A cursor whose position was
 trimmed away (older than retention) raises ``EventsTrimmed`` instead of
 silently skipping; its ``resume`` cursor continues from the oldest event
 kept, once the consumer has accepted the gap.
+
+Reads cover every partition in one round trip (one XREAD over all streams,
+with the trim check in the same MULTI): that needs all streams on one
+server, as on a single Redis or Sentinel. On Redis Cluster a reader would
+read per node; the commit side already works there unchanged.
 """
 
 from __future__ import annotations
@@ -342,6 +347,16 @@ class GroupReader:
     async def read(self, *, count: int = 100, block_ms: int | None = None) -> Batch:
         """Own pending entries first (after a restart), then entries other
         members left pending too long, then new ones."""
+        try:
+            return await self._read(count, block_ms)
+        except redis_errors.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # the streams were deleted since (FLUSHALL, a restore): create again
+            self._created = False
+            return await self._read(count, block_ms)
+
+    async def _read(self, count: int, block_ms: int | None) -> Batch:
         await self._ensure_groups()
         if self._own is not None:
             batch = await self._read_own(count)

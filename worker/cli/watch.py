@@ -87,7 +87,7 @@ async def watch(args: argparse.Namespace) -> int:
         try:
             async for entry in log.follow(cursor, block_ms=2000):
                 state["cursor"] = entry.cursor
-                if printer.show(json.loads(entry.json), entry.cursor):
+                if printer.show(_body(entry.json, entry.type, entry.credential_id), entry.cursor):
                     return True
         except EventsTrimmed as exc:
             raise _Trimmed(
@@ -108,7 +108,7 @@ async def _follow_pubsub(store: Store, printer: _Printer) -> bool:
         _notice(f"watching live events on {store.keys.events} (the event log is off)")
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None and printer.show(json.loads(message["data"]), None):
+            if message is not None and printer.show(_body(message["data"], "", ""), None):
                 return True
 
 
@@ -135,6 +135,18 @@ async def _store(settings: Settings) -> AsyncIterator[Store]:
     # read-only: an unsafe Redis is named on stderr, not refused
     async with open_store(settings, refuse_unsafe=False) as store:
         yield store
+
+
+def _body(raw: str, kind: str, credential_id: str) -> dict[str, Any]:
+    """The event to print; something not written by refreshd (not a JSON
+    object) is shown as such, never as a traceback."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return {"type": kind, "credential_id": credential_id, "unreadable": True}
+    return body
 
 
 def _notice(line: str) -> None:
