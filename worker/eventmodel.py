@@ -11,10 +11,11 @@ part of an event; the access token and secret extras stay out of ``repr``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from worker.errors import RefreshdError
 from worker.events import SCHEMA, EventType
@@ -103,8 +104,8 @@ def parse_event(raw: str | bytes | Mapping[str, Any]) -> Event:
         body: Any = raw
     else:
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
             raise EventFormatError(f"an event is a JSON object; this is not JSON: {exc}") from None
     if not isinstance(body, Mapping):
         raise EventFormatError(f"an event is a JSON object, not {type(body).__name__}")
