@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from tests.harness import Events, make_settings, seed, wait_for, worker_running
+from tests.redis_server import RedisServer
 from worker.app import open_store
 from worker.errors import ConfigError
 from worker.eventlog import Cursor, CursorError, EventLog, EventsTrimmed, LogEntry, Retention
@@ -348,3 +349,31 @@ async def test_a_group_survives_its_streams_being_deleted(redis_url: str) -> Non
         batch = await member.read(count=10)
         assert [(e.credential_id, e.version) for e in batch.entries] == [("cred-00000", 2)]
         assert isinstance(batch.entries[0].event, Refreshed)
+
+
+async def test_a_caught_up_reader_is_not_told_of_a_trim_after_a_quiet_spell(
+    fresh_redis: RedisServer,
+) -> None:
+    """Age trimming after a long quiet spell must not strand a consumer that
+    had read everything: the entry it sits on stays until the next one is
+    there. (One entry per stream node makes the approximate trim exact.)"""
+    with fresh_redis.client() as raw:
+        raw.config_set("stream-node-max-entries", 1)
+    settings = make_settings(fresh_redis.url, partitions=1, event_log_max_age_s=0.5)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        await refresh_all_once(settings, store, provider, 3)
+        log = EventLog(store.client, store.keys)
+        caught_up = (await read_all(log))[-1].cursor
+        assert caught_up is not None
+        await anyio.sleep(1.0)  # quiet for longer than retention
+        await store.set_due("cred-00000", 0)
+
+        async def refreshed_again() -> bool:
+            return (await store.get("cred-00000")).version == 2
+
+        async with worker_running(settings):
+            await wait_for(refreshed_again, within=20, what="a refresh after the quiet spell")
+        batch = await log.read(caught_up)
+        assert [(e.credential_id, e.version) for e in batch.entries] == [("cred-00000", 2)]
+        # the older entries did go: retention still works
+        assert await store.client.xlen(store.keys.partition(0).log) == 2

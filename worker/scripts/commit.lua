@@ -132,6 +132,14 @@ if event ~= '' then
       event_schema, event_type = string.match(event, '^{"schema":(%d+),"type":"([^"]*)"')
     end
     local max_age, max_len = tonumber(ARGV[10]), tonumber(ARGV[11])
+    -- the age trim never passes the entry before this one: a consumer that
+    -- has read everything sits on it, and after a long quiet spell must
+    -- not see its position trimmed away when nothing was lost
+    local min_id = now - max_age
+    if max_age > 0 then
+      local last = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)[1]
+      if last and tonumber(string.match(last[1], '^(%d+)')) < min_id then min_id = last[1] end
+    end
     if max_len > 0 then
       redis.call('XADD', KEYS[5], 'MAXLEN', '~', max_len, '*', 'v', event_schema or '',
                  'type', event_type or '', 'id', ARGV[7], 'version', event_version, 'json', event)
@@ -139,7 +147,7 @@ if event ~= '' then
       redis.call('XADD', KEYS[5], '*', 'v', event_schema or '', 'type', event_type or '',
                  'id', ARGV[7], 'version', event_version, 'json', event)
     end
-    if max_age > 0 then redis.call('XTRIM', KEYS[5], 'MINID', '~', now - max_age) end
+    if max_age > 0 then redis.call('XTRIM', KEYS[5], 'MINID', '~', min_id) end
   end
 end
 return { 'ok', lease_lost, now }
