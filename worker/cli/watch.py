@@ -52,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 class _Printer:
     def __init__(self, reveal: bool, count: int) -> None:
         self.reveal, self.count, self.seen = reveal, count, 0
+        self.announced = False  # the "watching" notice, once (not again per reconnect)
 
     def show(self, body: dict[str, Any], cursor: Cursor | None) -> bool:
         """Print one event; True when ``--count`` is reached."""
@@ -105,7 +106,9 @@ class _Trimmed(ConfigError):
 async def _follow_pubsub(store: Store, printer: _Printer) -> bool:
     async with store.client.pubsub() as pubsub:
         await pubsub.subscribe(store.keys.events)
-        _notice(f"watching live events on {store.keys.events} (the event log is off)")
+        if not printer.announced:
+            _notice(f"watching live events on {store.keys.events} (the event log is off)")
+            printer.announced = True
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is not None and printer.show(_body(message["data"], "", ""), None):
