@@ -84,6 +84,8 @@ def test_retention_settings_reach_the_commit_script() -> None:
         Settings(event_log_max_length=0, event_log_max_age_s=0)
     with pytest.raises(ConfigError, match="must not be negative"):
         Settings(event_log_max_length=-1)
+    with pytest.raises(ConfigError, match="at least 2 per partition"):
+        Settings(event_log_max_length=31, partitions=16)
     assert Settings.from_env({"REFRESHD_EVENT_LOG": "off"}).event_log is False
 
 

@@ -241,6 +241,11 @@ class Settings:
                 "must not be negative",
             ),
             (
+                self.event_log_max_length == 0 or self.event_log_max_length >= 2 * self.partitions,
+                "REFRESHD_EVENT_LOG_MAX_LENGTH must be 0 or at least 2 per partition "
+                "(each partition keeps its share, and at least the newest two events)",
+            ),
+            (
                 not self.event_log or bool(self.event_log_max_age_s or self.event_log_max_length),
                 "the event log needs a bound: set REFRESHD_EVENT_LOG_MAX_AGE_SECONDS or "
                 "REFRESHD_EVENT_LOG_MAX_LENGTH above 0 (or REFRESHD_EVENT_LOG=false)",
