@@ -1069,13 +1069,16 @@ def test_refresh_refused_by_the_provider_needs_reauth(
 
 
 def _wait_for_subscriber(redis_url: str, watcher: subprocess.Popen[str]) -> None:
-    def subscribed() -> bool:
-        assert watcher.poll() is None, watcher.communicate()
-        with raw_redis(redis_url) as client:
-            counts = client.pubsub_numsub(KEYS.events)
-            return int(counts[0][1]) >= 1
-
-    wait_until(subscribed, within=20, what="watch to subscribe")
+    """`watch` says on stderr when it is following (from the event log:
+    nothing committed after this line is missed)."""
+    assert watcher.stderr is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = watcher.stderr.readline()
+        assert line, watcher.communicate()
+        if line.startswith("watching"):
+            return
+    raise AssertionError("watch never said it was watching")
 
 
 def test_watch_prints_one_masked_event(

@@ -7,6 +7,9 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from worker.embedded import stop_embedded
 from worker.settings import SETTINGS_DOC
@@ -162,3 +165,31 @@ def test_json_examples_parse_and_events_match_what_is_published() -> None:
             )
         )
         assert set(event) == set(built), kind
+
+
+def _python_block(marker: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
+    [block] = [b for b in blocks if marker in b]
+    return str(block)
+
+
+@pytest.mark.anyio
+async def test_the_event_log_example_runs_and_resumes(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README "Event log (durable)": the Python consumer, as written."""
+    from tests.harness import make_settings
+    from tests.test_eventlog import refresh_all_once
+    from worker.app import open_store
+    from worker.fakeprovider import FakeProvider
+
+    settings = make_settings(redis_url)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        await refresh_all_once(settings, store, provider, 3)
+    scope: dict[str, Any] = {}
+    exec(compile(_python_block("async def consume"), "README.md", "exec"), scope)  # noqa: S102
+    cursor = await scope["consume"](redis_url, None)
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(lines) == [f"cred-0000{n} 1 token.refreshed" for n in range(3)]
+    assert await scope["consume"](redis_url, cursor) == cursor  # nothing new after it
+    assert capsys.readouterr().out == ""

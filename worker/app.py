@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from worker.codec import PlainCodec
 from worker.embedded import ensure_embedded
 from worker.errors import StoreUnavailable
+from worker.eventlog import Retention
 from worker.health import HealthServer, Heartbeat
 from worker.keys import Keyspace
 from worker.logs import get_logger
@@ -134,7 +135,7 @@ async def open_store(
     async with connect(url, max_connections=pool_size) as client:
         durability = await probe_durability(client, settings, refuse=refuse_unsafe)
         store = Store(client, Keyspace(settings.prefix, settings.partitions), PlainCodec(),
-                      durability)  # fmt: skip
+                      durability, Retention.from_settings(settings))  # fmt: skip
         await store.check_layout()
         yield store
 

@@ -1,7 +1,9 @@
 """The event schema consumers rely on: one JSON object per refresh outcome.
 
-Published on ``<prefix>events`` by the commit script itself, so a stored
-token and its event never disagree. Bump ``SCHEMA`` on any incompatible
+Published on ``<prefix>events`` and appended to the partition's event log
+(``worker.eventlog``) by the commit script itself, so a stored token and its
+event never disagree. Its JSON Schema is docs/events.schema.json; typed
+classes for consumers are in ``worker.eventmodel``. Bump ``SCHEMA`` on any incompatible
 change; adding a field is compatible (``warnings`` was added so, within
 schema 1). The refresh token is never published.
 """
@@ -46,7 +48,9 @@ def build_event(
 ) -> str:
     """One event as compact JSON. ``warnings`` (any type, only when there
     are some): the fallbacks applied to an odd provider answer, from the
-    fixed vocabulary of ``worker.answer_fields``."""
+    fixed vocabulary of ``worker.answer_fields``. Keep ``schema`` and
+    ``type`` the first two keys: commit.lua reads them by position for the
+    log entry's ``v`` and ``type`` fields instead of decoding the event."""
     body: dict[str, Any] = {
         "schema": SCHEMA,
         "type": kind.value,
@@ -75,13 +79,22 @@ def build_event(
     return orjson.dumps(body).decode()  # compact; non-ASCII as UTF-8, not \u escapes
 
 
-def mask_event(raw: str) -> dict[str, Any]:
-    """For display (``refreshd watch``): the access token becomes a short
-    fingerprint unless the operator asks to reveal it."""
-    from worker.logs import fingerprint
+def mask_event(raw: str | dict[str, Any]) -> dict[str, Any]:
+    """For display (``refreshd watch``): every secret field - the access
+    token, and each kept extra whose name says secret (``id_token``, any
+    ``*_token``, ``*_secret``, password) - becomes a short fingerprint
+    unless the operator asks to reveal it. A refresh token never reaches an
+    event, but one would be masked all the same."""
+    from worker.logs import fingerprint, is_secret_key
 
-    body: dict[str, Any] = json.loads(raw)
-    token = body.get("access_token")
-    if isinstance(token, str) and token:
-        body["access_token"] = f"[{fingerprint(token)}]"
+    def masked(value: Any) -> Any:
+        return f"[{fingerprint(value)}]" if isinstance(value, str) and value else value
+
+    body: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    for name in list(body):
+        if name != "extra" and is_secret_key(name):
+            body[name] = masked(body[name])
+    extra = body.get("extra")
+    if isinstance(extra, dict):
+        body["extra"] = {k: masked(v) if is_secret_key(k) else v for k, v in extra.items()}
     return body

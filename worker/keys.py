@@ -47,6 +47,14 @@ class Partition:
         return f"{self.base}stats"
 
     @property
+    def log(self) -> str:
+        """Stream: the durable event log of this partition, one entry per
+        event the commit script publishes (``worker.eventlog``). One stream
+        per partition, not one in all: the commit script appends in the same
+        atomic step as the write, and a script may touch only one slot."""
+        return f"{self.base}log"
+
+    @property
     def cred_pattern(self) -> str:
         """SCAN pattern of this partition's credentials (operator listings only)."""
         return f"{self.base}cred:*"
@@ -92,6 +100,11 @@ class Keyspace:
     def events(self) -> str:
         """Pub/sub channel: one JSON message per refresh outcome."""
         return f"{self.prefix}events"
+
+    def logs(self) -> list[str]:
+        """Every partition's event log stream, in partition order (a cursor's
+        positions follow the same order)."""
+        return [p.log for p in self.all_partitions()]
 
     @property
     def wake(self) -> str:

@@ -196,6 +196,32 @@ class Settings:
         default=300.0,
         metadata=_doc("REFRESHD_BACKOFF_MAX_SECONDS", "Largest retry delay bound."),
     )
+    event_log: bool = field(
+        default=True,
+        metadata=_doc(
+            "REFRESHD_EVENT_LOG",
+            "Append every event to the durable event log (one Redis Stream per partition) "
+            "in the commit that publishes it, so consumers can resume from a cursor. "
+            "false: pub/sub only.",
+        ),
+    )
+    event_log_max_age_s: float = field(
+        default=86400.0,
+        metadata=_doc(
+            "REFRESHD_EVENT_LOG_MAX_AGE_SECONDS",
+            "Events older than this are trimmed from the log (approximately: whole "
+            "stream nodes at a time, so a few more may stay). 0: no age bound.",
+        ),
+    )
+    event_log_max_length: int = field(
+        default=1_000_000,
+        metadata=_doc(
+            "REFRESHD_EVENT_LOG_MAX_LENGTH",
+            "Most events kept in the log over all partitions (each partition keeps its "
+            "share, approximately): the memory cap, about 400 bytes per event. 0: no "
+            "length bound.",
+        ),
+    )
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         metadata=_doc("REFRESHD_WORKER_ID", "Name of this process in logs and lock values."),
@@ -249,6 +275,21 @@ class Settings:
                 self.strict_server,
                 "REFRESHD_STRICT_SERVER=false no longer lets refreshd run on an unsafe Redis: "
                 "name the hazards you accept in REFRESHD_UNSAFE_REDIS instead",
+            ),
+            (
+                self.event_log_max_age_s >= 0 and self.event_log_max_length >= 0,
+                "REFRESHD_EVENT_LOG_MAX_AGE_SECONDS and REFRESHD_EVENT_LOG_MAX_LENGTH "
+                "must not be negative",
+            ),
+            (
+                self.event_log_max_length == 0 or self.event_log_max_length >= 2 * self.partitions,
+                "REFRESHD_EVENT_LOG_MAX_LENGTH must be 0 or at least 2 per partition "
+                "(each partition keeps its share, and at least the newest two events)",
+            ),
+            (
+                not self.event_log or bool(self.event_log_max_age_s or self.event_log_max_length),
+                "the event log needs a bound: set REFRESHD_EVENT_LOG_MAX_AGE_SECONDS or "
+                "REFRESHD_EVENT_LOG_MAX_LENGTH above 0 (or REFRESHD_EVENT_LOG=false)",
             ),
             (0 < self.lead_fraction < 1, "REFRESHD_LEAD_FRACTION must be between 0 and 1"),
             (self.lead_min_s >= 0, "REFRESHD_LEAD_MIN_SECONDS must not be negative"),
@@ -335,6 +376,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "lead_max_s": float,
     "backoff_base_s": float,
     "backoff_max_s": float,
+    "event_log": _bool,
+    "event_log_max_age_s": float,
+    "event_log_max_length": int,
     "worker_id": str,
     "log_level": str,
     "log_format": str,

@@ -57,7 +57,7 @@ log = get_logger("refreshd.spool")
 SPOOL_FORMAT = "refreshd-spool-1"
 _OUTCOMES = frozenset({"refreshed", "retry", "needs_reauth", "quarantined"})
 #: where the field/value pairs start in the commit script's ARGV (ARGV[9..])
-_PAIRS_AT = 8
+_PAIRS_AT = 11  # after the eight named ones and the event log's three
 
 
 class SpoolError(RefreshdError):
@@ -95,7 +95,7 @@ class PendingCommit:
     def from_commit_args(cls, args: Sequence[Any], codec: SecretCodec) -> PendingCommit | None:
         """The commit a commit script call (``Store.commit_call``'s ARGV)
         was making; None for a release, which carries nothing to keep."""
-        token, version, outcome, next_due, _channel, event, cred_id, reason = args[:_PAIRS_AT]
+        token, version, outcome, next_due, _channel, event, cred_id, reason = args[:8]
         if outcome not in _OUTCOMES:
             return None
         flat = args[_PAIRS_AT:]

@@ -30,6 +30,7 @@ from redis.commands.core import AsyncScript
 from worker.batcher import ScriptBatcher, execute_scripts
 from worker.codec import SecretCodec
 from worker.errors import Conflict, NotFound, StoreUnavailable
+from worker.eventlog import Retention
 from worker.keys import Keyspace, Partition
 from worker.logs import fingerprint, get_logger
 from worker.models import Claimed, Credential, CredentialInput, Status
@@ -89,11 +90,14 @@ class Store:
         keys: Keyspace,
         codec: SecretCodec,
         durability: Durability | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
         self.codec = codec
         self.durability = durability or Durability()
+        self.retention = retention or Retention()
+        self._log_args = self.retention.commit_args(keys.partitions)
         self.scripts: Scripts = load_scripts(client)
         self.batcher: ScriptBatcher | None = None  # set by a running worker
 
@@ -374,7 +378,8 @@ class Store:
         reason: str = "",
         wait_durable: bool = False,
     ) -> CommitResult:
-        """Apply an outcome atomically with its event. When durability is
+        """Apply an outcome atomically with its event (published, and
+        appended to the partition's event log unless it is off). When durability is
         configured, the same round trip waits for the fsync (WAITAOF) and/or
         a replica (WAIT); ``durable=False`` tells the caller to keep the new
         tokens and re-apply them. Inside a running worker the batch owns
@@ -411,8 +416,9 @@ class Store:
             if name in SECRET_FIELDS:
                 value = self.codec.encode(str(value))
             flat += [name, value]
-        keys = [part.cred(c.id), part.lock(c.id), part.due, part.stats]
-        args = [c.token, c.version, outcome, next_due, self.keys.events, event, c.id, reason, *flat]
+        keys = [part.cred(c.id), part.lock(c.id), part.due, part.stats, part.log]
+        args = [c.token, c.version, outcome, next_due, self.keys.events, event, c.id, reason,
+                *self._log_args, *flat]  # fmt: skip
         return keys, args
 
     async def _run_durably(

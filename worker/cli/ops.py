@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from typing import Any
 
 import anyio
 
 from worker.app import open_store, run_worker, tune_gc
 from worker.cli.common import bounded, emit, human_number, load_settings, table
+from worker.cli.watch import add_parser as add_watch_parser
 from worker.embedded import embedded_info, stop_embedded
-from worker.events import mask_event
 
 __all__ = ["register"]
 
@@ -33,10 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--table", action="store_true", help="a table instead of JSON")
     p.set_defaults(handler=_status)
 
-    p = sub.add_parser("watch", help="print events as they are published")
-    p.add_argument("--reveal", action="store_true", help="print access tokens unmasked")
-    p.add_argument("--count", type=int, default=0, help="exit after this many events")
-    p.set_defaults(handler=_watch)
+    add_watch_parser(sub)
 
     p = sub.add_parser(
         "server",
@@ -135,23 +130,6 @@ async def _status(args: argparse.Namespace) -> int:
     else:
         emit(summary)
     return 0
-
-
-async def _watch(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    seen = 0
-    async with open_store(settings, refuse_unsafe=False) as store, store.client.pubsub() as pubsub:
-        await pubsub.subscribe(store.keys.events)
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is None:
-                continue
-            data: Any = message["data"]
-            event = json.loads(data) if args.reveal else mask_event(data)
-            print(json.dumps(event, sort_keys=True), flush=True)
-            seen += 1
-            if args.count and seen >= args.count:
-                return 0
 
 
 async def _server(args: argparse.Namespace) -> int:

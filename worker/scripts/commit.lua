@@ -4,6 +4,7 @@ KEYS[1]  cred   credential record
 KEYS[2]  lock   credential lock
 KEYS[3]  due    partition due set
 KEYS[4]  stats  partition counters
+KEYS[5]  log    partition event log stream (worker.eventlog)
 ARGV[1]  token    claim token
 ARGV[2]  version  version read at claim
 ARGV[3]  outcome  refreshed | retry | needs_reauth | quarantined | release
@@ -14,7 +15,10 @@ ARGV[7]  id       credential id (member of due)
 ARGV[8]  reason   failure reason ("" on success); kept in `reason`, and the
                   partition counters `failing:<reason>` count credentials by
                   their current failure, so `status` needs no scan
-ARGV[9..] field, value pairs to write into the credential record; on
+ARGV[9]  log_on   "1": append the event to the log too; "0": publish only
+ARGV[10] max_age  ms: trim log entries older than this (MINID ~); 0 none
+ARGV[11] max_len  entries this partition's log keeps (MAXLEN ~); 0 none
+ARGV[12..] field, value pairs to write into the credential record; on
           `refreshed` they are applied after `failures` is reset and the
           ambiguous mark cleared, so they may set those again, and a
           `spent_rt` value joins the spent list (record.lua)
@@ -64,7 +68,7 @@ if outcome == 'refreshed' then
   rec_set(rec, 'failures', 0)
   rec_del(rec, 'ambiguous_token', 'ambiguous_at')
 end
-rec_set_pairs(rec, ARGV, 9)
+rec_set_pairs(rec, ARGV, 12)
 if outcome ~= 'release' and old_reason ~= new_reason then
   if old_reason ~= '' then redis.call('HINCRBY', stats, 'failing:' .. old_reason, -1) end
   if new_reason ~= '' then redis.call('HINCRBY', stats, 'failing:' .. new_reason, 1) end
@@ -77,12 +81,15 @@ end
 
 local new_status = status
 local event = ARGV[6]
+local event_version, event_type, event_schema = version, nil, nil
 if outcome == 'refreshed' then
   local new_version = rec_incr(rec, 'version', 1)
+  event_version = new_version
   if event ~= '' and new_version ~= tonumber(version) + 1 then
     -- a late answer landed meanwhile: the event must carry the stored version
     local body = cjson.decode(event)
     body['version'] = new_version
+    event_type, event_schema = body['type'], body['schema']
     event = cjson.encode(body)
   end
   rec_set(rec, 'refreshed_at', now)
@@ -115,5 +122,32 @@ if lock_owner == token then
   redis.call('DEL', lk)
   lease_lost = 0
 end
-if event ~= '' then redis.call('PUBLISH', ARGV[5], event) end
+if event ~= '' then
+  redis.call('PUBLISH', ARGV[5], event)
+  if ARGV[9] == '1' then
+    -- the entry's fields are a stable contract (README "Event log"): v, type,
+    -- id, version, json. worker.events.build_event starts every event with
+    -- schema and type, so a match reads them without decoding the event.
+    if not event_type then
+      event_schema, event_type = string.match(event, '^{"schema":(%d+),"type":"([^"]*)"')
+    end
+    local max_age, max_len = tonumber(ARGV[10]), tonumber(ARGV[11])
+    -- the age trim never passes the entry before this one: a consumer that
+    -- has read everything sits on it, and after a long quiet spell must
+    -- not see its position trimmed away when nothing was lost
+    local min_id = now - max_age
+    if max_age > 0 then
+      local last = redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)[1]
+      if last and tonumber(string.match(last[1], '^(%d+)')) < min_id then min_id = last[1] end
+    end
+    if max_len > 0 then
+      redis.call('XADD', KEYS[5], 'MAXLEN', '~', max_len, '*', 'v', event_schema or '',
+                 'type', event_type or '', 'id', ARGV[7], 'version', event_version, 'json', event)
+    else
+      redis.call('XADD', KEYS[5], '*', 'v', event_schema or '', 'type', event_type or '',
+                 'id', ARGV[7], 'version', event_version, 'json', event)
+    end
+    if max_age > 0 then redis.call('XTRIM', KEYS[5], 'MINID', '~', min_id) end
+  end
+end
 return { 'ok', lease_lost, now }

@@ -1,0 +1,133 @@
+"""`python -m bench.eventlog_ab`: what the durable event log costs, A/B.
+
+The catch-up scenario (N credentials all due at once, one worker process,
+real Valkey with AOF, the bench token endpoint) run alternately with the log
+on and off (REFRESHD_EVENT_LOG), several rounds. Reports the worker's and
+Redis's CPU per refresh and the Redis memory each retained event costs
+(used_memory after the run, on minus off, per refresh). The XADD runs inside
+commit.lua, so it shows in Redis CPU, not in the worker's.
+
+    python -m bench.eventlog_ab --credentials 5000 --rounds 3
+
+Then how fast one consumer reads the log (``EventLog.read`` batches from a
+cursor, typed events included): ``--follow-events`` entries of the
+documented layout, 800-character access tokens, 16 partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from functools import partialmethod
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench.infra import Endpoint, RefreshdWorker, start_valkey
+from bench.refreshd_runs import Ctx, catch_up
+from worker.eventlog import EventLog
+from worker.events import EventType, build_event
+from worker.keys import Keyspace
+from worker.redisio import connect
+
+
+def _run(ctx: Ctx, n: int, log_on: bool, tag: str) -> dict[str, Any]:
+    env = {"REFRESHD_EVENT_LOG": "true" if log_on else "false"}
+    original = RefreshdWorker.start
+    RefreshdWorker.start = partialmethod(original, extra_env=env)  # type: ignore[method-assign,assignment]
+    try:
+        return catch_up(ctx, n, 1, tag=tag)
+    finally:
+        RefreshdWorker.start = original  # type: ignore[method-assign]
+
+
+async def _follow_rate(url: str, events: int) -> dict[str, Any]:
+    keys = Keyspace()
+    async with connect(url) as client:
+        pipe = client.pipeline(transaction=False)
+        for n in range(events):
+            cred_id = f"cred-{n % 10_000:06d}"
+            raw = build_event(EventType.REFRESHED, credential_id=cred_id, profile="bench",
+                              version=n // 10_000 + 1, ts_ms=n, access_token="a" * 800,
+                              token_type="Bearer", expires_at_ms=n, scope="read write")  # fmt: skip
+            fields = {"v": "1", "type": EventType.REFRESHED.value, "id": cred_id,
+                      "version": str(n // 10_000 + 1), "json": raw}  # fmt: skip
+            pipe.xadd(keys.partition_of(cred_id).log, fields)  # type: ignore[arg-type]
+            if len(pipe) >= 1000:
+                await pipe.execute()
+        await pipe.execute()
+        log = EventLog(client, keys)
+        cursor, seen = log.beginning(), 0
+        started = time.perf_counter()
+        while True:
+            batch = await log.read(cursor, count=200)
+            if not batch.entries:
+                break
+            seen += len(batch.entries)
+            assert batch.cursor is not None
+            cursor = batch.cursor
+        seconds = time.perf_counter() - started
+    return {"events": seen, "seconds": seconds, "events_per_s": seen / seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
+    p.add_argument("--credentials", type=int, default=5000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=1024)
+    p.add_argument("--follow-events", type=int, default=100_000)
+    args = p.parse_args(argv)
+    started = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {msg}", flush=True)
+
+    rows: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory(prefix="refreshd-ab-") as tmp:
+        work = Path(tmp)
+        endpoint = Endpoint(work)
+        ctx = Ctx(out=work, work=work, endpoint=endpoint, fsync="everysec",
+                  concurrency=args.concurrency, log=log)  # fmt: skip
+        try:
+            for r in range(args.rounds):
+                for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+                    result = _run(ctx, args.credentials, mode == "on", f"-{mode}{r}")
+                    cpu = result["cpu_ms_per_refresh"]
+                    mem = result["redis_bytes_per_credential"]["after_one_refresh"]
+                    per_s = result["refreshes_per_s"]
+                    rows[mode].append({"worker_ms": cpu["worker"], "redis_ms": cpu["redis"],
+                                       "per_s": per_s, "bytes": mem})  # fmt: skip
+                    log(f"log {mode:3}: worker {cpu['worker']:.3f} ms, redis {cpu['redis']:.3f}"
+                        f" ms per refresh, {per_s:.0f}/s, {mem:.0f} B/cred")  # fmt: skip
+            server = start_valkey(work / "follow", fsync="everysec")
+            try:
+                follow = anyio.run(_follow_rate, server.url, args.follow_events,
+                                   backend="asyncio")  # fmt: skip
+            finally:
+                server.stop()
+            log(f"one consumer read {follow['events']} events at {follow['events_per_s']:.0f}/s")
+        finally:
+            endpoint.close()
+
+    def med(mode: str, key: str) -> float:
+        return float(statistics.median(row[key] for row in rows[mode]))
+
+    summary = {
+        "credentials": args.credentials,
+        "rounds": args.rounds,
+        "worker_cpu_ms_per_refresh": {m: med(m, "worker_ms") for m in rows},
+        "redis_cpu_ms_per_refresh": {m: med(m, "redis_ms") for m in rows},
+        "refreshes_per_s": {m: med(m, "per_s") for m in rows},
+        "worker_cpu_change_pct": 100 * (med("on", "worker_ms") / med("off", "worker_ms") - 1),
+        "redis_bytes_per_retained_event": med("on", "bytes") - med("off", "bytes"),
+        "consumer_events_per_s": follow["events_per_s"],
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
