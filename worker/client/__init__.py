@@ -33,6 +33,7 @@ from worker.client.errors import (
     StoreUnreachable,
     TokenUnavailable,
 )
+from worker.client.listing import CredentialInfo, CredentialList
 from worker.client.sync import SyncClient, connect_sync
 from worker.client.token import AccessToken
 
@@ -43,6 +44,8 @@ __all__ = [
     "ClientConfigError",
     "ClientError",
     "CredentialConflict",
+    "CredentialInfo",
+    "CredentialList",
     "CredentialNotFound",
     "Disabled",
     "InvalidCredential",

@@ -44,12 +44,14 @@ from worker.client.errors import (
     StoreUnreachable,
     TokenUnavailable,
 )
+from worker.client.listing import CredentialInfo, CredentialList
 from worker.client.token import AccessToken, RecordView, parse_view
 from worker.client.waiting import EventWatch
 from worker.codec import PlainCodec, SecretCodec
 from worker.embedded import ensure_embedded
 from worker.errors import ConfigError, Conflict, NotFound, StoreUnavailable
 from worker.keys import Keyspace
+from worker.listing import CredentialFilter, list_credentials
 from worker.logs import get_logger
 from worker.models import CredentialInput, Status
 from worker.profiles import ProfileStore
@@ -283,6 +285,36 @@ class Client:
             raise CredentialConflict(str(exc)) from exc
         except (StoreUnavailable, ResponseError) as exc:
             raise _translated(exc) from exc
+
+    async def list(
+        self,
+        *,
+        status: Status | str | None = None,
+        profile: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> CredentialList:
+        """Credentials matching ``status`` and ``profile`` (None: any), sorted
+        by id, one page of at most ``limit`` after the cursor ``after``; no
+        tokens (``worker.client.listing``). Reads every credential key once:
+        for managing grants, not for a hot path."""
+        try:
+            where = CredentialFilter(
+                status=None if status is None else Status(status), profile=profile
+            )
+        except ValueError:
+            raise ClientConfigError(f"no such status: {status!r}") from None
+        try:
+            page = await list_credentials(self._store, where, after=after, limit=limit)
+        except ConfigError as exc:
+            raise ClientConfigError(str(exc)) from exc
+        except (StoreUnavailable, ResponseError) as exc:
+            raise _translated(exc) from exc
+        return CredentialList(
+            rows=tuple(CredentialInfo.of(c) for c in page.rows),
+            total=page.total,
+            next_cursor=page.next_cursor,
+        )
 
     # ------------------------------------------------------------ checks
 

@@ -12,7 +12,9 @@ from typing import Any, Self
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from worker.client.core import DEFAULT_TIMEOUT_S, Client, connect
+from worker.client.listing import CredentialList
 from worker.client.token import AccessToken
+from worker.models import Status
 from worker.settings import Settings
 
 __all__ = ["SyncClient", "connect_sync"]
@@ -54,6 +56,18 @@ class SyncClient:
     def delete(self, credential_id: str) -> None:
         """See ``Client.delete``."""
         self._portal.call(self._client.delete, credential_id)
+
+    def list(
+        self,
+        *,
+        status: Status | str | None = None,
+        profile: str | None = None,
+        after: str | None = None,
+        limit: int = 1000,
+    ) -> CredentialList:
+        """See ``Client.list``."""
+        call = partial(self._client.list, status=status, profile=profile, after=after, limit=limit)
+        return self._portal.call(call)
 
     def close(self) -> None:
         """Close the connections and stop the loop thread (idempotent)."""
