@@ -20,19 +20,22 @@ from worker.app import build_refresher, build_worker, open_store
 from worker.cli.credentials import import_lines
 from worker.errors import StoreUnavailable
 from worker.fakeprovider import FakeProvider, IssuedGrant
+from worker.logs import fingerprint
 from worker.metrics import Metrics
-from worker.models import Status
+from worker.models import Claimed, Status
+from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
 from worker.profiles import ProfileStore
 from worker.runner import Worker
 from worker.scheduling import Schedule
 from worker.settings import Settings
 from worker.store import Store
-from worker.transport import make_http_client
+from worker.transport import make_http_client, send
 
 __all__ = [
     "Events",
     "RunningWorker",
     "add_grants",
+    "claim_spend_send",
     "make_settings",
     "seed",
     "wait_for",
@@ -209,3 +212,34 @@ async def all_current(store: Store, provider: FakeProvider, grants: dict[str, Is
     except StoreUnavailable:
         return False
     return True
+
+
+async def claim_spend_send(
+    store: Store, cred_id: str, *, token: str, lease_ms: int, spend_timeout_ms: int | None = None
+) -> tuple[Claimed, TokenSet]:
+    """Claim, spend and send like a worker, and read the answer; the commit
+    is left to the test. The spend intent lasts ``spend_timeout_ms`` (the
+    profile's timeout when None) plus a 500 ms margin."""
+    part = store.keys.partition_of(cred_id)
+    profile = await ProfileStore(store).load("p")
+    _, _, [claimed] = await store.claim(
+        part, limit=1, lease_ms=lease_ms, token=token, ids=[cred_id]
+    )
+    timeout_ms = int(profile.timeout_s * 1000) if spend_timeout_ms is None else spend_timeout_ms
+    spend = await store.spend(
+        claimed, timeout_ms=timeout_ms, margin_ms=500, rt_hash=fingerprint(claimed.refresh_token)
+    )
+    assert spend.ok
+    request = build_refresh_request(
+        profile, refresh_token=claimed.refresh_token, granted_scope=claimed.scope
+    )
+    async with make_http_client() as http:
+        answer = await send(http, request, timeout_s=profile.timeout_s)
+    tokens = parse_token_answer(
+        answer,
+        profile,
+        now_ms=int(time.time() * 1000),
+        old_refresh_token=claimed.refresh_token,
+        old_scope=claimed.scope,
+    )
+    return claimed, tokens

@@ -28,15 +28,22 @@ from tests.faultkit import (
     running,
     seed_profile,
 )
-from tests.harness import all_current, is_current, make_settings, seed, wait_for, worker_running
+from tests.harness import (
+    all_current,
+    claim_spend_send,
+    is_current,
+    make_settings,
+    seed,
+    wait_for,
+    worker_running,
+)
 from tests.redis_server import RedisServer
 from worker.app import build_refresher, open_store
 from worker.errors import Ambiguous
 from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault, FaultKind
-from worker.logs import fingerprint
 from worker.metrics import Metrics
 from worker.models import Claimed, Status
-from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
+from worker.oauth2 import TokenSet
 from worker.profiles import ProfileStore
 from worker.store import Store
 from worker.transport import TokenRequest, make_http_client, send
@@ -783,28 +790,9 @@ async def _send_and_hold(
     """A worker claims, spends and gets new tokens, then stalls (a network
     partition from Redis, a long GC pause): its commit has not landed when
     its lease and spend deadline run out."""
-    part = store.keys.partition_of(cred_id)
+    del provider  # answers through the profile's endpoint
+    claimed, tokens = await claim_spend_send(store, cred_id, token="A", lease_ms=lease_ms)
     profile = await ProfileStore(store).load("p")
-    _, _, [claimed] = await store.claim(part, limit=1, lease_ms=lease_ms, token="A", ids=[cred_id])
-    spend = await store.spend(
-        claimed,
-        timeout_ms=int(profile.timeout_s * 1000),
-        margin_ms=500,
-        rt_hash=fingerprint(claimed.refresh_token),
-    )
-    assert spend.ok
-    request = build_refresh_request(
-        profile, refresh_token=claimed.refresh_token, granted_scope=claimed.scope
-    )
-    async with make_http_client() as http:
-        answer = await send(http, request, timeout_s=profile.timeout_s)
-    tokens = parse_token_answer(
-        answer,
-        profile,
-        now_ms=int(time.time() * 1000),
-        old_refresh_token=claimed.refresh_token,
-        old_scope=claimed.scope,
-    )
     # the lease (renewed by the spend if need be) and the spend deadline are over
     hold_ms = max(lease_ms, int(profile.timeout_s * 1000) + 2 * 500)
     await anyio.sleep((hold_ms + 300) / 1000)

@@ -26,6 +26,7 @@ from tests.faultkit import captured_logs, log_events
 from tests.harness import (
     Events,
     all_current,
+    claim_spend_send,
     is_current,
     make_settings,
     seed,
@@ -42,12 +43,11 @@ from worker.fakeprovider import FakeProvider, Fault
 from worker.logs import fingerprint
 from worker.metrics import Metrics
 from worker.models import Claimed, Status
-from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
-from worker.profiles import ProfileStore
+from worker.oauth2 import TokenSet
 from worker.redisio import guard
 from worker.spool import SPOOL_FORMAT, PendingCommit, Spool, replay_spool
 from worker.store import Store
-from worker.transport import make_http_client, send
+from worker.transport import make_http_client
 
 pytestmark = pytest.mark.anyio
 
@@ -212,26 +212,8 @@ async def _answered(
 ) -> tuple[Claimed, TokenSet]:
     """Claim, spend and send like a worker; the commit is left to the test.
     The lock lasts ``lease_ms`` (at least 2 s), the spend intent 1.5 s."""
-    part = store.keys.partition_of(cid)
-    profile = await ProfileStore(store).load("p")
-    _, _, [claimed] = await store.claim(part, limit=1, lease_ms=lease_ms, token=token, ids=[cid])
-    spend = await store.spend(
-        claimed, timeout_ms=1000, margin_ms=500, rt_hash=fingerprint(claimed.refresh_token)
-    )
-    assert spend.ok
-    request = build_refresh_request(
-        profile, refresh_token=claimed.refresh_token, granted_scope=claimed.scope
-    )
-    async with make_http_client() as http:
-        answer = await send(http, request, timeout_s=profile.timeout_s)
-    tokens = parse_token_answer(
-        answer,
-        profile,
-        now_ms=int(time.time() * 1000),
-        old_refresh_token=claimed.refresh_token,
-        old_scope=claimed.scope,
-    )
-    return claimed, tokens
+    del provider  # answers through the profile's endpoint
+    return await claim_spend_send(store, cid, token=token, lease_ms=lease_ms, spend_timeout_ms=1000)
 
 
 def _pending(c: Claimed, tokens: TokenSet) -> PendingCommit:
