@@ -7,6 +7,7 @@ the data as it was. (tests/test_client.py covers a hand-made read-only user.)"""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 import uuid
 from collections.abc import AsyncIterator
@@ -24,12 +25,20 @@ from tests.redis_server import RedisServer
 from worker.app import open_store
 from worker.client import ClientConfigError, connect
 from worker.codec import PlainCodec
-from worker.consumer_script import CONSUMER_USER, READER_USER, acl_file, acl_rules
+from worker.consumer_script import (
+    CONSUMER_USER,
+    OPERATOR_USER,
+    READER_USER,
+    WORKER_USER,
+    acl_file,
+    acl_rules,
+)
 from worker.eventlog import EventLog
 from worker.fakeprovider import FakeProvider
 from worker.keys import Keyspace
 from worker.models import CredentialInput
 from worker.redisio import script_source
+from worker.serverchecks import find_hazards, inspect_server
 from worker.settings import Settings
 from worker.store import Store
 
@@ -102,7 +111,7 @@ def test_the_shipped_file_is_what_the_command_prints_for_the_defaults() -> None:
     result = run_refreshd("consumer", "acl", env=env)
     assert result.code == 0, result.err
     assert result.out == SHIPPED.read_text()
-    assert set(shipped_users()) == {CONSUMER_USER, READER_USER}
+    assert set(shipped_users()) == {CONSUMER_USER, READER_USER, WORKER_USER, OPERATOR_USER}
 
 
 def test_the_rules_follow_the_prefix_and_partition_count() -> None:
@@ -131,7 +140,7 @@ async def test_the_file_loads_as_a_servers_aclfile(tmp_path: Path) -> None:
             )
             async with connect(consumer) as client:
                 token = await client.get(CRED)
-    assert set(loaded) == {CONSUMER_USER, READER_USER, "default"}
+    assert set(loaded) == {CONSUMER_USER, READER_USER, WORKER_USER, OPERATOR_USER, "default"}
     assert token.version == 0
 
 
@@ -195,6 +204,50 @@ async def test_the_reader_reads_but_cannot_ask(redis_url: str) -> None:
         with pytest.raises(NoPermissionError):
             await EventLog(conn, store.keys).group("g", "m").read()
     assert fake.stats.requests == 0
+
+
+async def test_everything_runs_under_the_shipped_users(redis_url: str) -> None:
+    """The operator imports, the worker refreshes, the consumer asks: each
+    as its own user, none as the server's default user; the worker's user
+    reaches nothing outside the installation's keys."""
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    settings = make_settings(redis_url)
+    try:
+        async with (
+            as_user(admin, settings, OPERATOR_USER) as (operator, _),
+            as_user(admin, settings, WORKER_USER) as (worker, worker_conn),
+            as_user(admin, settings, CONSUMER_USER) as (consumer, _),
+            FakeProvider() as fake,
+            open_store(operator) as store,
+        ):
+            await seed(store, fake, 1, expires_in=30)
+            async with worker_running(worker), connect(consumer) as client:
+                token = await client.get(CRED, min_ttl=60, timeout=10)
+            # the start-up server check (INFO, CONFIG GET, WAITAOF) sees everything
+            facts = await inspect_server(worker_conn)
+            assert find_hazards(facts, settings.durability) == {}
+            env = {
+                "PATH": "/usr/bin:/bin",
+                "HOME": str(ROOT),
+                "REFRESHD_REDIS_URL": operator.redis_url or "",
+            }
+            status = run_refreshd("status", env=env)
+            assert status.code == 0, status.err
+            assert json.loads(status.out)["credentials"] == 1
+            assert "unsafe" not in status.err
+            for call in (
+                worker_conn.set("elsewhere", "x"),
+                worker_conn.get("{other:0}:cred:x"),
+                worker_conn.publish("other:events", "x"),
+                worker_conn.config_set("appendonly", "no"),
+                worker_conn.flushall(),
+            ):
+                with pytest.raises(ResponseError, match=REFUSED):
+                    await call
+    finally:
+        await admin.aclose()
+    assert token.version == 1
+    assert fake.stats.requests == 1
 
 
 # ------------------------------------------------------------ what it may not

@@ -26,17 +26,22 @@ from worker.redisio import script_source
 
 __all__ = [
     "CONSUMER_USER",
+    "OPERATOR_USER",
     "READER_USER",
+    "WORKER_USER",
     "acl_file",
     "acl_rules",
     "key_tag_patterns",
     "token_script_sha",
     "token_script_source",
+    "worker_acl_rules",
 ]
 
 #: the user names the shipped ACL file (deploy/redis/acl.conf) defines
 CONSUMER_USER = "refreshd-consumer"
 READER_USER = "refreshd-reader"
+WORKER_USER = "refreshd-worker"
+OPERATOR_USER = "refreshd-operator"
 
 _GLOB_SPECIAL = "\\*?[]"
 
@@ -105,14 +110,31 @@ def acl_rules(keys: Keyspace, *, refresh: bool = True) -> list[str]:
     return rules
 
 
+def worker_acl_rules(keys: Keyspace) -> list[str]:
+    """ACL rules for ``refreshd run`` and the operator commands: every
+    command but the dangerous ones (plus the server checks' INFO and CONFIG
+    GET), on this installation's keys and channels only."""
+    return [
+        "resetkeys", "resetchannels", "-@all", "+@all", "-@dangerous", "+info", "+config|get",
+        *(f"~{tag}:*" for tag in key_tag_patterns(keys)),
+        *(f"~{_escape(name)}" for name in (keys.layout, keys.profiles)),
+        f"~{_escape(keys.profile(''))}*",
+        *(f"&{_escape(name)}" for name in (keys.events, keys.wake)),
+    ]  # fmt: skip
+
+
 def acl_file(keys: Keyspace) -> str:
-    """Both application users as ACL file lines (the format takes no
-    comments), enabled but without a password: one cannot log in until a
-    ``>password`` or ``#<sha256>`` is added to its line, so the file is safe
-    as shipped."""
+    """The users as ACL file lines (the format takes no comments), enabled
+    but without a password: one cannot log in until a ``>password`` or
+    ``#<sha256>`` is added to its line, so the file is safe as shipped. The
+    worker and the operator get the same rules under two names, so either
+    can be revoked alone."""
+    worker = " ".join(worker_acl_rules(keys))
     return (
         f"user {CONSUMER_USER} on {' '.join(acl_rules(keys, refresh=True))}\n"
         f"user {READER_USER} on {' '.join(acl_rules(keys, refresh=False))}\n"
+        f"user {WORKER_USER} on {worker}\n"
+        f"user {OPERATOR_USER} on {worker}\n"
     )
 
 
