@@ -22,10 +22,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from tests.cli_helpers import run_refreshd
 from tests.harness import make_settings, seed, worker_running
 from tests.redis_server import RedisServer
-from worker.app import open_store
-from worker.client import ClientConfigError, connect
-from worker.codec import PlainCodec
-from worker.consumer_script import (
+from worker.acl import (
     CONSUMER_USER,
     OPERATOR_USER,
     READER_USER,
@@ -33,6 +30,9 @@ from worker.consumer_script import (
     acl_file,
     acl_rules,
 )
+from worker.app import open_store
+from worker.client import ClientConfigError, connect
+from worker.codec import PlainCodec
 from worker.eventlog import EventLog
 from worker.fakeprovider import FakeProvider
 from worker.keys import Keyspace

@@ -23,9 +23,9 @@ import anyio
 import pytest
 
 from tests.harness import make_settings, worker_running
+from worker.acl import acl_rules
 from worker.app import open_store
 from worker.cli.credentials import import_lines
-from worker.consumer_script import acl_rules
 from worker.eventlog import EventLog
 from worker.fakeprovider import FakeProvider, IssuedGrant
 from worker.keys import Keyspace

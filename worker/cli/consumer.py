@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from worker.acl import acl_file
 from worker.cli.common import load_settings
-from worker.consumer_script import acl_file, token_script_sha, token_script_source
+from worker.consumer_script import token_script_sha, token_script_source
 from worker.keys import Keyspace
 
 __all__ = ["register"]
