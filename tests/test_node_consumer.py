@@ -34,7 +34,7 @@ from worker.scheduling import Schedule
 from worker.settings import Settings
 from worker.store import Store
 
-pytestmark = [pytest.mark.anyio, pytest.mark.interop]
+pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "tests" / "interop" / "node_consumer"
