@@ -3,6 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 OIDC := tests/interop/oidc
+NODE_CONSUMER := tests/interop/node_consumer
 
 .PHONY: install demo run test lint typecheck unit node-deps deploy-check dashboards bench bench-quick clean
 
@@ -20,11 +21,13 @@ demo: install
 run: install
 	$(BIN)/refreshd run
 
-# The oidc-provider interop peer needs node; without it those tests skip and say why.
+# The oidc-provider interop peer and the node consumer need node; without it
+# those tests skip and say why.
 node-deps:
 	@if command -v npm >/dev/null 2>&1; then \
-		npm ci --prefix $(OIDC) --no-audit --no-fund --loglevel=error; \
-	else echo "npm not found: the oidc-provider interop tests will be skipped"; fi
+		npm ci --prefix $(OIDC) --no-audit --no-fund --loglevel=error && \
+		npm ci --prefix $(NODE_CONSUMER) --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the oidc-provider and node consumer tests will be skipped"; fi
 
 lint: install
 	$(BIN)/ruff check worker tests
@@ -61,4 +64,4 @@ dashboards: install
 	$(BIN)/python dashboards/generate.py
 
 clean:
-	rm -rf $(VENV) $(OIDC)/node_modules deploy/ci/node_modules .refreshd
+	rm -rf $(VENV) $(OIDC)/node_modules $(NODE_CONSUMER)/node_modules deploy/ci/node_modules .refreshd

@@ -36,6 +36,7 @@ __all__ = [
     "load_script",
     "load_scripts",
     "parse_sentinel_url",
+    "script_source",
     "validate_url",
 ]
 
@@ -72,12 +73,18 @@ class Scripts:
     get: AsyncScript
 
 
-def load_script(client: aioredis.Redis, name: str) -> AsyncScript:
-    """One credential script (``worker/scripts/<name>.lua``, behind
-    ``record.lua``); ``worker.client`` loads its own this way."""
+def script_source(name: str) -> str:
+    """The exact source sent for a credential script: ``record.lua`` in
+    front of ``worker/scripts/<name>.lua`` (non-Python consumers load the
+    same text, so its SHA is the one the Python client uses)."""
     folder = resources.files("worker") / "scripts"
-    record = (folder / "record.lua").read_text()
-    return client.register_script(record + (folder / f"{name}.lua").read_text())
+    return (folder / "record.lua").read_text() + (folder / f"{name}.lua").read_text()
+
+
+def load_script(client: aioredis.Redis, name: str) -> AsyncScript:
+    """One credential script (see ``script_source``); ``worker.client``
+    loads its own this way."""
+    return client.register_script(script_source(name))
 
 
 def load_scripts(client: aioredis.Redis) -> Scripts:

@@ -8,6 +8,10 @@ ARGV[1]  id       credential id
 ARGV[2]  seen     "" to only read; else the version the caller found too
                   close to expiry: ask for a refresh of that version
 ARGV[3]  wake     wake channel (published to when a refresh was asked for)
+ARGV[4]  format   optional: "json" returns one JSON object (below) instead of
+                  the list; what non-Python consumers use (README
+                  "Non-Python consumers"). This contract is stable: fields
+                  are only ever added.
 
 Never returns the refresh token, the spend intent or the spent list: only
 what a consumer may see.
@@ -15,6 +19,12 @@ what a consumer may see.
 Returns {} when there is no such credential, else
   { status, profile, version, access_token, token_type, expires_at, scope, extra,
     failures, reason, refreshed_at, due_ms, action, receivers }
+or, with format "json", the text `null` (no such credential) or
+  {"id", "status", "profile", "version", "access_token", "token_type",
+   "expires_at", "scope", "extra", "failures", "reason", "refreshed_at",
+   "due_at", "action", "receivers"}
+with numbers as numbers (epoch ms for the times; due_at and refreshed_at
+0 when unknown) and `extra` an object of strings,
 where `action` says what the request did ("" when only reading):
   "moved"     the version is no longer `seen`: a refresh (or a put) landed
   "stopped"   the credential is not active: nothing to ask for
@@ -29,9 +39,12 @@ The claim/spend/commit path does the rest, as for any due credential: this
 script never locks or refreshes, so any number of callers cause one refresh.
 ]]
 local ck, due_key, lk = KEYS[1], KEYS[2], KEYS[3]
-local id, seen, wake = ARGV[1], ARGV[2], ARGV[3]
+local id, seen, wake, format = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local rec = rec_load(ck)
-if not rec then return {} end
+if not rec then
+  if format == 'json' then return 'null' end
+  return {}
+end
 local status = rec_get(rec, 'status') or 'active'
 local version = rec_get(rec, 'version') or '0'
 local failures = tonumber(rec_get(rec, 'failures') or '0')
@@ -54,6 +67,20 @@ if seen ~= '' then
     receivers = redis.call('PUBLISH', wake, id)
     action = 'asked'
   end
+end
+if format == 'json' then
+  local ok, extra = pcall(cjson.decode, rec_get(rec, 'extra') or '{}')
+  if not ok or type(extra) ~= 'table' then extra = {} end
+  return cjson.encode({
+    id = id, status = status, profile = rec_get(rec, 'profile') or '',
+    version = tonumber(version), access_token = rec_get(rec, 'access_token') or '',
+    token_type = rec_get(rec, 'token_type') or '',
+    expires_at = tonumber(rec_get(rec, 'expires_at') or '0'),
+    scope = rec_get(rec, 'scope') or '', extra = extra, failures = failures,
+    reason = rec_get(rec, 'reason') or '',
+    refreshed_at = tonumber(rec_get(rec, 'refreshed_at') or '0'),
+    due_at = tonumber(due or '0'), action = action, receivers = receivers,
+  })
 end
 return {
   status, rec_get(rec, 'profile') or '', version,
