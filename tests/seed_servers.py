@@ -7,8 +7,11 @@ a test that passes against it proves the request shape. Every request is
 recorded (:class:`Exchange`), and every spendable token presented is
 counted in ``uses``: a rotating system's token must show a count of 1.
 
-- :class:`WorkatoServer`: ``PUT /api/api_access_profiles/{id}/refresh_secret``,
-  ``Authorization: Bearer <current token>``, no body (seed 000).
+- :class:`WorkatoServer`: ``PUT /api/api_access_profiles/{id}/refresh_secret``
+  (seed 000, deprecated) and the v2 API-key forms (``/api/v2/api_clients/...``,
+  ``/api/v2/managed_users/{id}/api_clients/...``, answer under ``data``),
+  ``Authorization: Bearer <developer API token>``, no body; the rotated
+  secret is the output (PROVIDERS.md §3.2).
 - :class:`CspServer`: VMware CSP ``api-tokens/authorize``, anonymous form
   post of ``api_token`` (+ MFA ``passcode``) (seed 001).
 - :class:`WebMethodsServer`: ``pub.oauth:refreshAccessToken``, Basic only,
@@ -18,7 +21,8 @@ counted in ``uses``: a rotating system's token must show a count of 1.
 - :class:`ClientCredentialsServer`: ``grant_type=client_credentials``.
 
 ``script()`` makes the next well-formed request get a canned answer instead
-(nothing is consumed), for failure mapping and error-rule tests.
+(nothing is consumed), for failure mapping and error-rule tests; a
+:class:`Reply` with ``lost=True`` resets the connection instead of answering.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import binascii
 import json
 import re
 import secrets
+import socket
+import struct
 import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl, unquote, unquote_plus
 
 from aiohttp import web
 
@@ -45,6 +51,7 @@ __all__ = [
     "CspServer",
     "Exchange",
     "Grant",
+    "ManagedUser",
     "Reply",
     "SeedServer",
     "SmartThingsServer",
@@ -54,6 +61,7 @@ __all__ = [
 
 FORM = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends RST, not FIN
 
 
 def new_token(prefix: str) -> str:
@@ -72,6 +80,7 @@ class Exchange:
     body: dict[str, str] | None  # form or JSON object of strings; {} if empty; None if neither
     raw: bytes
     at: float  # time.monotonic() on arrival
+    raw_path: str = ""  # the path as sent, percent-encoding kept
     status: int = 0
     note: str = ""  # why the answer is not a success ("" for a 2xx)
     shape_error: bool = False  # refused because the request is not of the system's shape
@@ -105,6 +114,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     note: str = ""
     shape_error: bool = False
+    lost: bool = False  # the connection is reset instead: the answer never arrives
 
 
 class Refused(Exception):
@@ -146,6 +156,7 @@ class SeedServer:
         self.exchanges: list[Exchange] = []
         self.uses: Counter[str] = Counter()
         self._scripted: deque[Reply] = deque()
+        self._lose_next = False
         self._runner: web.ServerRunner | None = None
         self.base_url = ""
 
@@ -169,6 +180,11 @@ class SeedServer:
     ) -> None:
         """The next well-formed request gets this answer; nothing is consumed."""
         self._scripted.append(Reply(status, doc, headers or {}, note=f"scripted {status}"))
+
+    def lose_next_answer(self) -> None:
+        """The next successful request does its work (rotates, spends) and
+        its answer is lost: the connection is reset instead."""
+        self._lose_next = True
 
     @property
     def shape_errors(self) -> list[str]:
@@ -225,6 +241,7 @@ class SeedServer:
         req = Exchange(
             method=request.method,
             path=request.path,
+            raw_path=request.raw_path.partition("?")[0],
             query=dict(parse_qsl(request.query_string, keep_blank_values=True)),
             headers=headers,
             content_type=content_type,
@@ -236,9 +253,14 @@ class SeedServer:
             reply = self.answer(req)
         except Refused as refused:
             reply = refused.reply
+        if self._lose_next and 200 <= reply.status < 300:
+            self._lose_next = False
+            reply = Reply(reply.status, reply.doc, reply.headers, "answer lost", lost=True)
         req.status, req.note, req.shape_error = reply.status, reply.note, reply.shape_error
         req.reply = reply.doc
         self.exchanges.append(req)
+        if reply.lost:
+            return _reset(request)
         return web.Response(
             status=reply.status,
             text=json.dumps(reply.doc),
@@ -247,40 +269,86 @@ class SeedServer:
         )
 
 
+def _reset(request: web.BaseRequest) -> web.Response:
+    """Reset the connection without answering (the client sees the request
+    sent and no answer); aiohttp then fails to write the returned response."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+    return web.Response(status=500)
+
+
 # --------------------------------------------------------------- seed 000
 
 
 @dataclass(slots=True)
 class AccessProfile:
+    """An access profile (v1) or API key (v2): the same object in Workato."""
+
     id: int
     name: str
     auth_type: str  # token | oauth2 | jwt | oidc
-    token: str  # what Authorization: Bearer must carry now
+    token: str  # the live secret: what API-platform clients must present now
     oauth_client_id: str = ""
+    api_client_id: int = 5
+    managed_user: str | None = None  # an embedded customer's id; None: the workspace's own
     rotations: int = 0
+    issued: list[str] = field(default_factory=list)  # every secret it held, oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedUser:
+    """An embedded-partner customer: addressed by id or by ``E<external id>``."""
+
+    id: str
+    external_id: str
 
 
 class WorkatoServer(SeedServer):
-    """Workato ``refresh_secret``: the old token dies the moment a new one is
-    issued; JWT profiles cannot be refreshed (400)."""
+    """Workato's secret rotation (PROVIDERS.md §3.2). Every call is
+    authorized by the workspace's developer API token (``api_token``),
+    which rotation never consumes; the access profile's secret is the
+    output, and the previous one dies at once. JWT profiles cannot be
+    refreshed (400). A bearer that is an access-profile secret (the old,
+    wrong semantics) is a shape error."""
 
-    _PATH = re.compile(r"/api/api_access_profiles/([^/]+)/refresh_secret")
+    _V1 = re.compile(r"/api/api_access_profiles/([^/]+)/refresh_secret")
+    _V2 = re.compile(
+        r"/api/v2/(?:managed_users/([^/]+)/)?api_clients/([^/]+)/api_keys/([^/]+)/refresh_secret"
+    )
+    _V1_PATH = "/api/api_access_profiles/{api_access_profile_id}/refresh_secret"
+    _V2_PATH = "/api/v2/api_clients/{api_client_id}/api_keys/{api_key_id}/refresh_secret"
 
     def __init__(self) -> None:
         super().__init__()
+        self.api_token = new_token("wkdev")  # the developer API client token
         self.profiles: dict[int, AccessProfile] = {}
+        self.managed_users: list[ManagedUser] = []
         self.dead: set[str] = set()
 
-    @staticmethod
-    def url_at(base_url: str) -> str:
-        """The token URL, with the access-profile id as a placeholder."""
-        return f"{base_url}/api/api_access_profiles/{{api_access_profile_id}}/refresh_secret"
+    @classmethod
+    def url_at(cls, base_url: str) -> str:
+        """The v1 token URL, with the access-profile id as a placeholder."""
+        return base_url + cls._V1_PATH
 
     @property
     def token_url(self) -> str:
         return self.url_at(self.base_url)
 
-    def add_profile(self, auth_type: str = "token") -> AccessProfile:
+    @property
+    def api_key_url(self) -> str:
+        return self.base_url + self._V2_PATH
+
+    @property
+    def embedded_url(self) -> str:
+        return f"{self.base_url}/api/v2/managed_users/{{managed_user_id}}" + self._V2_PATH[7:]
+
+    def add_profile(
+        self, auth_type: str = "token", *, managed_user: ManagedUser | None = None
+    ) -> AccessProfile:
         pid = 17 + len(self.profiles)
         profile = AccessProfile(
             id=pid,
@@ -288,31 +356,71 @@ class WorkatoServer(SeedServer):
             auth_type=auth_type,
             token=new_token(f"wk{pid}"),
             oauth_client_id=new_token("wkcid") if auth_type == "oauth2" else "",
+            api_client_id=5 if managed_user is None else 50 + len(self.managed_users),
+            managed_user=None if managed_user is None else managed_user.id,
         )
+        profile.issued.append(profile.token)
         self.profiles[pid] = profile
         return profile
+
+    def add_managed_user(self, external_id: str) -> ManagedUser:
+        user = ManagedUser(str(3100 + len(self.managed_users)), external_id)
+        self.managed_users.append(user)
+        return user
 
     def error_doc(self, status: int, note: str) -> dict[str, Any]:
         return {"message": note}
 
+    def _managed_user(self, raw_segment: str) -> str | None:
+        """The customer a path's ``:id`` names (its id, or ``E`` + external id)."""
+        value = unquote(raw_segment)
+        for user in self.managed_users:
+            if value in (user.id, "E" + user.external_id):
+                return user.id
+        return None
+
+    def _route(self, req: Exchange) -> tuple[bool, tuple[str | None, ...]]:
+        """(whether v2, the raw path segments that name the target)."""
+        if (v1 := self._V1.fullmatch(req.raw_path)) is not None:
+            return False, v1.groups()
+        if (v2 := self._V2.fullmatch(req.raw_path)) is not None:
+            return True, v2.groups()
+        raise self.refuse(404, "Not found")
+
+    def _target(self, v2: bool, segments: tuple[str | None, ...]) -> AccessProfile:
+        """The access profile or API key the path names, or a 404."""
+        if not v2:
+            raw_id = unquote(segments[0] or "")
+            found = self.profiles.get(int(raw_id)) if raw_id.isdigit() else None
+            if found is None or found.managed_user is not None:
+                raise self.fail(404, "Access profile not found")
+            return found
+        user_seg, client_seg, key_seg = segments
+        user = None if user_seg is None else self._managed_user(user_seg)
+        if user_seg is not None and user is None:
+            raise self.fail(404, "Managed user not found")
+        key_id, client_id = unquote(key_seg or ""), unquote(client_seg or "")
+        found = self.profiles.get(int(key_id)) if key_id.isdigit() else None
+        if found is None or str(found.api_client_id) != client_id or found.managed_user != user:
+            raise self.fail(404, "API key not found")
+        return found
+
     def answer(self, req: Exchange) -> Reply:
-        match = self._PATH.fullmatch(req.path)
-        if match is None:
-            raise self.refuse(404, "Not found")
+        v2, segments = self._route(req)
         if req.method != "PUT":
             raise self.refuse(405, f"{req.method} not allowed: refresh_secret is PUT")
-        if req.raw or req.query:
+        if req.raw or req.query or req.content_type:
             raise self.refuse(400, "refresh_secret takes no body and no query parameters")
         bearer = req.bearer()
         if bearer is None:
-            raise self.refuse(401, "Authorization: Bearer <token> required")
-        self.uses[bearer] += 1
-        raw_id = match.group(1)
-        profile = self.profiles.get(int(raw_id)) if raw_id.isdigit() else None
-        if profile is None:
-            raise self.fail(404, "Access profile not found")
-        if bearer != profile.token:
+            raise self.refuse(401, "Authorization: Bearer <api_token> required")
+        live = {p.token for p in self.profiles.values()}
+        if bearer in live or bearer in self.dead:
+            raise self.refuse(401, "the bearer is an access-profile secret, not the API token")
+        if bearer != self.api_token:
             raise self.fail(401, "Unauthorized")
+        self.uses[bearer] += 1
+        profile = self._target(v2, segments)
         canned = self.scripted()
         if canned is not None:
             return canned
@@ -321,26 +429,42 @@ class WorkatoServer(SeedServer):
         self.dead.add(profile.token)
         profile.rotations += 1
         profile.token = new_token(f"wk{profile.id}")
-        doc: dict[str, Any] = {
+        profile.issued.append(profile.token)
+        return Reply(200, self._v2_doc(profile) if v2 else self._v1_doc(profile))
+
+    def _new_secret(self, profile: AccessProfile, *, token_field: str) -> dict[str, Any]:
+        if profile.auth_type == "oauth2":
+            profile.oauth_client_id = new_token("wkcid")
+            return {
+                "oauth_client_id": profile.oauth_client_id,
+                "oauth_client_secret": profile.token,
+            }
+        return {token_field: profile.token}
+
+    def _v1_doc(self, profile: AccessProfile) -> dict[str, Any]:
+        return {
             "id": profile.id,
             "name": profile.name,
-            "api_client_id": 5,
+            "api_client_id": profile.api_client_id,
             "api_collection_ids": [1, 2],
             "active": True,
             "auth_type": profile.auth_type,
             "ip_allow_list": [],
             "created_at": "2024-01-15T11:50:32.986-07:00",
             "updated_at": "2024-01-15T11:50:32.986-07:00",
-        }
-        if profile.auth_type == "oauth2":
-            profile.oauth_client_id = new_token("wkcid")
-            doc |= {
-                "oauth_client_id": profile.oauth_client_id,
-                "oauth_client_secret": profile.token,
-            }
-        else:
-            doc["secret"] = profile.token
-        return Reply(200, doc)
+        } | self._new_secret(profile, token_field="secret")
+
+    def _v2_doc(self, profile: AccessProfile) -> dict[str, Any]:
+        key = {
+            "id": profile.id,
+            "name": profile.name,
+            "auth_type": profile.auth_type,
+            "ip_allow_list": [],
+            "ip_deny_list": [],
+            "active": True,
+            "active_since": "2025-06-02T09:14:27.000Z",
+        } | self._new_secret(profile, token_field="auth_token")
+        return {"data": key}
 
 
 # --------------------------------------------------------------- seed 001
@@ -488,9 +612,17 @@ class WebMethodsServer(_RotatingServer):
 
     PATH = "/invoke/pub.oauth/refreshAccessToken"
 
-    def __init__(self, client_id: str = "wm-client", client_secret: str = "wm-secret") -> None:  # noqa: S107
+    def __init__(
+        self,
+        client_id: str = "wm-client",
+        client_secret: str = "wm-secret",  # noqa: S107
+        *,
+        require_post: bool = True,
+    ) -> None:
         super().__init__(client_id, client_secret)
         self.lifetime = "3600"  # typed String by the service
+        #: watt.server.oauth.requirePost; false also takes GET, parameters in the query
+        self.require_post = require_post
 
     @property
     def token_url(self) -> str:
@@ -499,9 +631,14 @@ class WebMethodsServer(_RotatingServer):
     def answer(self, req: Exchange) -> Reply:
         if req.path != self.PATH:
             raise self.refuse(404, "service not found")
-        if req.method != "POST":
+        if req.method == "GET" and not self.require_post:
+            if req.raw:
+                raise self.refuse(400, "GET takes its parameters in the query")
+            form = req.query
+        elif req.method != "POST":
             raise self.refuse(405, f"{req.method}: watt.server.oauth.requirePost is true")
-        form = self.form_of(req)
+        else:
+            form = self.form_of(req)
         if "client_secret" in form or "client_id" in form:
             raise self.refuse(
                 401,

@@ -486,6 +486,18 @@ def test_update_keeps_the_secret_and_validates(cli: Cli, tmp_path: Path, redis_u
     assert SECRET not in cli.everything
 
 
+def test_update_with_a_preset_applies_it_again(cli: Cli, redis_url: str) -> None:
+    """Issue 13: ``--preset`` on update re-applies the preset's knobs (it
+    used to change the label only); other flags given win; the secret stays."""
+    make_profile(cli, "st", "--preset", "smartthings")
+    cli.ok("profile", "update", "st", "--rotation", "never", "--timeout", "3")
+    again = cli.ok("profile", "update", "st", "--preset", "smartthings", "--timeout", "4")
+    assert (again["rotation"], again["reuse_grace_s"], again["timeout_s"]) == ("always", 0, 4.0)
+    assert (again["client_id_in_body"], again["client_id"]) == (True, "st-client")
+    assert stored_secret(redis_url, "st") == SECRET
+    assert SECRET not in cli.everything
+
+
 # -------------------------------------------------------- profile list / get
 
 

@@ -210,11 +210,13 @@ def test_control_characters_are_refused_in_imported_credentials(
 
 
 def test_a_bearer_secret_with_crlf_is_never_sent() -> None:
-    """Defence in depth: a rotated secret comes from a provider's answer,
-    not from an import line, and goes out as ``Authorization: Bearer``."""
-    p = profile(strategy="secret_rotation", auth_method="bearer", method="PUT")
+    """Defence in depth: the bearer (the profile's client_secret, Workato's
+    developer API token) is checked when written; one stored before that
+    check still never goes out as ``Authorization: Bearer``."""
+    p = profile(strategy="secret_rotation", auth_method="bearer", method="PUT", rotation="never")
+    object.__setattr__(p, "client_secret", "dev-token\r\nX-Evil: 1")  # a stored profile
     with pytest.raises(Permanent) as caught:
-        build_request(p, secret="new-secret\r\nX-Evil: 1")
+        build_request(p, secret="")
     assert caught.value.reason == "unsafe_request"
     assert "X-Evil" not in str(caught.value)
 

@@ -31,6 +31,7 @@ from worker.answer_fields import WARNINGS
 from worker.errors import Ambiguous, ConfigError, NotSent, Permanent, RefreshFailure, Transient
 from worker.models import Profile
 from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
+from worker.strategies import build_request
 from worker.transport import MAX_BODY_BYTES, HttpAnswer, TokenRequest, make_http_client, send
 
 pytestmark = pytest.mark.anyio
@@ -160,6 +161,24 @@ def test_a_scope_wider_than_the_grant_is_refused_before_sending() -> None:
     assert refused.value.reason == "scope_wider_than_grant"
     assert "admin" in refused.value.detail
     assert OLD_RT not in str(refused.value)
+
+
+def test_a_scope_for_a_grant_of_unknown_scope_is_refused_before_sending() -> None:
+    """Seed 002: the original request's scope is the limit; a credential
+    imported without one cannot be checked, so nothing is sent."""
+    with pytest.raises(Permanent) as refused:
+        build_refresh_request(profile(scope="read"), refresh_token=OLD_RT, granted_scope="")
+    assert refused.value.reason == "scope_unknown"
+    assert OLD_RT not in str(refused.value)
+
+
+def test_secret_rotation_authenticates_with_the_profiles_api_token() -> None:
+    """Workato: the bearer is the developer API token (client_secret), never
+    the secret being rotated; the request has no body."""
+    request = build_request(workato(client_secret="dev-token"), secret="current-secret")
+    assert request.headers["authorization"] == "Bearer dev-token"
+    assert (request.method, request.content) == ("PUT", b"")
+    assert "current-secret" not in repr(request)
 
 
 def test_extra_params_are_added() -> None:
@@ -503,15 +522,15 @@ def test_a_2xx_without_a_usable_token_set_is_ambiguous(body: dict[str, Any]) -> 
 
 
 def workato(**overrides: Any) -> Profile:
-    return profile(
-        strategy="secret_rotation",
-        method="PUT",
-        auth_method="bearer",
-        access_token_field="secret",
-        rotation="always",
-        default_lifetime_s=30 * 86400,
-        **overrides,
-    )
+    knobs: dict[str, Any] = {
+        "strategy": "secret_rotation",
+        "method": "PUT",
+        "auth_method": "bearer",
+        "access_token_field": "secret",
+        "rotation": "never",
+        "default_lifetime_s": 30 * 86400,
+    }
+    return profile(**(knobs | overrides))
 
 
 @pytest.mark.parametrize(
@@ -530,7 +549,8 @@ def test_a_rotated_secret_with_odd_fields_is_kept(
     """Issue 10, Workato: the old secret died the moment the provider
     answered, so a readable new one is kept whatever else is odd."""
     tokens = parse(answer(200, body), workato())
-    assert (tokens.access_token, tokens.refresh_token, tokens.rotated) == ("s-new", "s-new", True)
+    # the output is the access token; nothing is kept to send (the bearer is the profile's)
+    assert (tokens.access_token, tokens.refresh_token, tokens.rotated) == ("s-new", "", False)
     assert tokens.token_type == "Bearer"
     assert tokens.expires_at_ms == NOW_MS + 30 * 86_400_000
     assert sorted(tokens.warnings) == sorted(warnings)
@@ -540,6 +560,29 @@ def test_a_rotation_answer_without_a_new_secret_is_ambiguous() -> None:
     with pytest.raises(Ambiguous) as caught:
         parse(answer(200, {"secret": "", "expires_in": 60}), workato())
     assert caught.value.reason == "invalid_response"
+
+
+@pytest.mark.parametrize("name", ["auth_token", "secret"])
+def test_a_workato_v2_answer_is_read_under_data(name: str) -> None:
+    """``PUT /api/v2/.../api_keys/:id/refresh_secret`` wraps the key in
+    ``data``; its new secret is read from the profile's field, else from
+    Workato's other name for it."""
+    body = {"data": {"id": 7, "auth_type": "token", name: "s-new", "active": True}}
+    tokens = parse(answer(200, body), workato(answer_root="data", access_token_field="auth_token"))
+    assert (tokens.access_token, tokens.refresh_token) == ("s-new", "")
+
+
+@pytest.mark.parametrize("body", [{"data": None}, {"secret": "s-new"}, {"data": "s-new"}])
+def test_a_workato_v2_answer_without_its_data_object_is_ambiguous(body: dict[str, Any]) -> None:
+    with pytest.raises(Ambiguous) as caught:
+        parse(answer(200, body), workato(answer_root="data"))
+    assert caught.value.reason == "invalid_response"
+
+
+def test_a_409_is_a_conflict_retried_later() -> None:
+    failure = fails(answer(409, {"message": "conflict"}, headers={"Retry-After": "2"}),
+                    Transient, "conflict")  # fmt: skip
+    assert (failure.status, failure.retry_after_s) == (409, 2.0)
 
 
 def test_github_error_in_a_200_is_a_refusal() -> None:

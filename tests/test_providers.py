@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from tests.harness import Events, make_settings, wait_for, worker_running
 from tests.seed_servers import (
@@ -35,7 +36,7 @@ from worker.app import build_refresher, open_store
 from worker.cli.credentials import import_lines
 from worker.errors import ConfigError, NotFound
 from worker.metrics import Metrics
-from worker.models import Credential, Status
+from worker.models import Credential, CredentialInput, Rotation, Status
 from worker.presets import PRESETS
 from worker.profiles import ProfileStore
 from worker.scheduling import Schedule
@@ -156,12 +157,38 @@ async def test_secret_rotation_refuses_any_auth_but_bearer(redis_url: str, auth:
             await env.profiles.load("wk")
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "auth_method bearer sends client_secret as the bearer token"),
+        (
+            {"client_secret": "dev-token", "rotation": "always"},
+            "secret_rotation spends nothing single-use: rotation must be never",
+        ),
+    ],
+    ids=["no-developer-token", "rotation-always"],
+)
+async def test_workato_profile_needs_the_developer_token_and_rotation_never(
+    redis_url: str, fields: dict[str, Any], message: str
+) -> None:
+    async with environment(redis_url) as env:
+        with pytest.raises(ConfigError, match=message):
+            await env.profile(
+                id="wk",
+                preset="workato_secret",
+                token_url=WorkatoServer.url_at("http://127.0.0.1:9"),
+                **fields,
+            )
+        assert await env.profiles.list() == []
+
+
 async def test_import_reports_bad_lines_by_number_and_imports_the_rest(redis_url: str) -> None:
     async with environment(redis_url) as env:
         await env.profile(
             id="workato",
             preset="workato_secret",
             token_url=WorkatoServer.url_at("http://127.0.0.1:9"),
+            client_secret="dev-token",
         )
         await env.profile(
             id="cc",
@@ -181,52 +208,130 @@ async def test_import_reports_bad_lines_by_number_and_imports_the_rest(redis_url
             {
                 "id": "wk-1",
                 "profile": "workato",
-                "refresh_token": "tok-1",
+                "access_token": "tok-1",
                 "expires_in": 60,
                 "params": {"api_access_profile_id": "17"},
             },
-            {"id": "wk-2", "profile": "workato", "refresh_token": "SECRET-tok-2", "expires_in": 60},
+            {"id": "wk-2", "profile": "workato", "access_token": "SECRET-tok-2", "expires_in": 60},
             {
                 "id": "wk-3",
                 "profile": "workato",
-                "refresh_token": "tok-3",
-                "expires_in": 60,
+                "expires_in": 0,
                 "params": {"api_access_profile_id": 18},
             },
             {"id": "cc-1", "profile": "cc", "expires_in": 0},
             {"id": "st-1", "profile": "st", "access_token": "at", "expires_in": 60},
+            {
+                "id": "wk-4",
+                "profile": "workato",
+                "refresh_token": "SECRET-tok-4",
+                "expires_in": 0,
+                "params": {"api_access_profile_id": "19"},
+            },
         )
         assert summary["created"] == 3
         assert summary["errors"] == [
             {"line": 2, "error": "params must set api_access_profile_id (used in the token URL)"},
             {"line": 5, "error": "profile st needs refresh_token"},
+            {
+                "line": 6,
+                "error": "profile workato rotates a secret: give the current secret as "
+                "access_token, not refresh_token (the profile's client_secret authorizes)",
+            },
         ]
         assert "SECRET" not in json.dumps(summary)
         assert dict((await env.get("wk-1")).params) == {"api_access_profile_id": "17"}
         assert dict((await env.get("wk-3")).params) == {"api_access_profile_id": "18"}
         assert (await env.get("cc-1")).refresh_token == ""
-        for missing in ("wk-2", "st-1"):
+        for missing in ("wk-2", "st-1", "wk-4"):
             with pytest.raises(NotFound):
                 await env.get(missing)
+
+
+async def test_profile_update_with_a_preset_applies_its_settings_again(redis_url: str) -> None:
+    """Issue 13: ``profile update --preset X`` re-applies X (it used to only
+    relabel): its knobs replace the stored ones, the knobs an earlier
+    preset set go back to their defaults, the fields given win, and
+    secrets and client ids are kept."""
+    async with environment(redis_url) as env:
+        url = "http://127.0.0.1:9/v1/oauth/token"
+        await env.profile(
+            id="p", preset="smartthings", token_url=url, client_id="c", client_secret="s"
+        )
+        changed = await env.profiles.update("p", {"rotation": "never", "default_lifetime_s": 60})
+        assert (changed["rotation"], changed["default_lifetime_s"]) == ("never", 60)
+
+        again = await env.profiles.update("p", {"preset": "smartthings", "token_url": url})
+        assert (again["rotation"], again["default_lifetime_s"]) == ("always", 86400)
+        assert (again["client_id"], again["has_client_secret"]) == ("c", True)
+        assert again["keep_fields"] == PRESETS["smartthings"]["keep_fields"]
+
+        given = await env.profiles.update(
+            "p", {"preset": "smartthings", "token_url": url, "default_lifetime_s": 120}
+        )
+        assert (given["rotation"], given["default_lifetime_s"]) == ("always", 120)
+
+        wk = WorkatoServer.url_at("http://127.0.0.1:9")
+        api_key = "http://127.0.0.1:9/api/v2/api_clients/{api_client_id}/api_keys/{api_key_id}/x"
+        await env.profile(id="w", preset="workato_api_key", token_url=api_key, client_secret="t")
+        moved = await env.profiles.update("w", {"preset": "workato_secret", "token_url": wk})
+        assert (moved["preset"], moved["answer_root"], moved["token_url"]) == (
+            "workato_secret",
+            "",  # workato_api_key's knob, not workato_secret's: back to the default
+            wk,
+        )
+        with pytest.raises(ConfigError, match="preset webmethods needs token_url"):
+            await env.profiles.update("w", {"preset": "webmethods"})
+        with pytest.raises(ConfigError, match="unknown preset 'workato'"):
+            await env.profiles.update("w", {"preset": "workato"})
+        assert (await env.profiles.get("w")) == moved | {"updated_at": moved["updated_at"]}
 
 
 # ------------------------------------------------------ Workato (seed 000)
 
 
-async def test_workato_token_profile_rotates_with_a_bare_bearer_put(redis_url: str) -> None:
+async def workato_profile(
+    env: Env, wk: WorkatoServer, preset: str = "workato_secret", **fields: Any
+) -> None:
+    """A Workato profile whose bearer is the stand-in's developer API token."""
+    url = {
+        "workato_secret": wk.token_url,
+        "workato_api_key": wk.api_key_url,
+        "workato_api_key_embedded": wk.embedded_url,
+    }[preset]
+    await env.profile(
+        id="workato", preset=preset, token_url=url, client_secret=wk.api_token, **fields
+    )
+
+
+async def import_workato(
+    env: Env, params: dict[str, Any], *, current: str = "", cred_id: str = "wk-1"
+) -> None:
+    line: dict[str, Any] = {"id": cred_id, "profile": "workato", "expires_in": 0, "params": params}
+    if current:
+        line["access_token"] = current  # the secret clients use until the first rotation
+    summary = await env.import_(line)
+    assert summary["failed"] == 0, summary
+
+
+def assert_workato_request(exchange: Exchange, wk: WorkatoServer, path: str) -> None:
+    """PUT, the developer API token as bearer, nothing else: no body, no
+    Content-Type, no query."""
+    assert exchange.method == "PUT"
+    assert exchange.raw_path == path
+    assert exchange.authorization == f"Bearer {wk.api_token}"
+    assert (exchange.raw, exchange.query, exchange.content_type) == (b"", {}, "")
+
+
+async def test_workato_rotates_with_the_developer_token_and_delivers_the_new_secret(
+    redis_url: str,
+) -> None:
     async with WorkatoServer() as wk, environment(redis_url) as env:
         access = wk.add_profile("token")
         first = access.token
-        await env.profile(id="workato", preset="workato_secret", token_url=wk.token_url)
-        await env.import_(
-            {
-                "id": "wk-1",
-                "profile": "workato",
-                "refresh_token": first,
-                "expires_in": 0,
-                "params": {"api_access_profile_id": access.id},
-            }
-        )
+        await workato_profile(env, wk)
+        await import_workato(env, {"api_access_profile_id": access.id}, current=first)
+        assert (await env.get("wk-1")).access_token == first
         async with worker_running(env.settings):
             await env.refreshed(1)
             second = access.token
@@ -236,25 +341,25 @@ async def test_workato_token_profile_rotates_with_a_bare_bearer_put(redis_url: s
 
         assert wk.shape_errors == []
         assert [e.status for e in wk.exchanges] == [200, 200]
-        for exchange, spent in zip(wk.exchanges, (first, second), strict=True):
-            assert exchange.method == "PUT"
-            assert exchange.path == f"/api/api_access_profiles/{access.id}/refresh_secret"
-            assert exchange.authorization == f"Bearer {spent}"
-            assert (exchange.raw, exchange.query) == (b"", {})  # nothing but the bearer
-        # each secret went out once, and the worker moved to the new one at once
-        assert wk.uses == {first: 1, second: 1}
-        assert {first, second} <= wk.dead
+        for exchange in wk.exchanges:
+            assert_workato_request(
+                exchange, wk, f"/api/api_access_profiles/{access.id}/refresh_secret"
+            )
+        # the bearer is never consumed; each answer minted a secret and killed the last
+        assert wk.uses == {wk.api_token: 2}
+        assert access.issued == [first, second, access.token]
+        assert {first, second} == wk.dead
 
         cred = await env.get("wk-1")
         assert cred.status is Status.ACTIVE
         assert cred.version == 2
-        assert cred.refresh_token == cred.access_token == access.token
+        # the output: the live secret as the access token; nothing to spend is kept
+        assert (cred.access_token, cred.refresh_token) == (access.token, "")
         assert dict(cred.extra) == {"id": str(access.id), "name": access.name, "auth_type": "token"}
         assert cred.due_at_ms is not None
         assert cred.due_at_ms > cred.updated_at_ms + 29 * DAY_MS  # the preset rotates monthly
         assert [(e["type"], e["version"]) for e in events] == [(REFRESHED, 1), (REFRESHED, 2)]
-        assert events[0]["access_token"] == second
-        assert events[1]["access_token"] == access.token
+        assert [e["access_token"] for e in events] == [second, access.token]
         assert events[1]["extra"]["auth_type"] == "token"
 
 
@@ -262,25 +367,20 @@ async def test_workato_oauth2_profile_keeps_the_new_client_id_in_extra(redis_url
     async with WorkatoServer() as wk, environment(redis_url) as env:
         access = wk.add_profile("oauth2")
         old_secret, old_client_id = access.token, access.oauth_client_id
-        await env.profile(id="workato", preset="workato_secret", token_url=wk.token_url)
-        await env.import_(
-            {
-                "id": "wk-1",
-                "profile": "workato",
-                "refresh_token": old_secret,
-                "expires_in": 0,
-                "params": {"api_access_profile_id": access.id},
-            }
-        )
+        await workato_profile(env, wk)
+        await import_workato(env, {"api_access_profile_id": access.id}, current=old_secret)
         assert await env.refresh_once("wk-1") == "refreshed"
         (event,) = await env.settled(1)
 
         assert wk.shape_errors == []
-        assert wk.uses == {old_secret: 1}
-        assert wk.exchanges[0].authorization == f"Bearer {old_secret}"
+        assert wk.uses == {wk.api_token: 1}
+        assert_workato_request(
+            wk.exchanges[0], wk, f"/api/api_access_profiles/{access.id}/refresh_secret"
+        )
         cred = await env.get("wk-1")
         # new secret and new client id replaced together, in one commit
-        assert cred.refresh_token == cred.access_token == access.token != old_secret
+        assert cred.access_token == access.token != old_secret
+        assert cred.refresh_token == ""
         assert dict(cred.extra) == {
             "id": str(access.id),
             "name": access.name,
@@ -289,70 +389,147 @@ async def test_workato_oauth2_profile_keeps_the_new_client_id_in_extra(redis_url
         }
         assert access.oauth_client_id != old_client_id
         assert event["type"] == REFRESHED
+        assert event["access_token"] == access.token
         assert event["extra"]["oauth_client_id"] == access.oauth_client_id
         assert "oauth_client_secret" not in event["extra"]
+
+
+async def test_workato_lost_answer_is_asked_again_and_the_latest_secret_kept(
+    redis_url: str,
+) -> None:
+    """The first answer is lost after Workato rotated: the secret it carried
+    is gone for good, but nothing was burnt, so the worker asks again (no
+    quarantine) and delivers the secret of the second answer."""
+    async with WorkatoServer() as wk, environment(redis_url) as env:
+        access = wk.add_profile("token")
+        first = access.token
+        await workato_profile(env, wk)
+        await import_workato(env, {"api_access_profile_id": access.id}, current=first)
+        wk.lose_next_answer()
+        async with worker_running(env.settings):
+            await env.refreshed(1)
+        failed, refreshed = await env.settled(2)
+
+        assert wk.shape_errors == []
+        assert [e.note for e in wk.exchanges] == ["answer lost", ""]
+        for exchange in wk.exchanges:
+            assert_workato_request(
+                exchange, wk, f"/api/api_access_profiles/{access.id}/refresh_secret"
+            )
+        assert wk.uses == {wk.api_token: 2}
+        lost_secret = access.issued[1]
+        assert access.issued == [first, lost_secret, access.token]
+        assert (failed["type"], failed["reason"]) == (FAILED, "transport_error")
+        assert (refreshed["type"], refreshed["access_token"]) == (REFRESHED, access.token)
+        cred = await env.get("wk-1")
+        assert (cred.status, cred.access_token, cred.version) == (Status.ACTIVE, access.token, 1)
+        assert (cred.failures, cred.last_error, cred.last_error_at_ms) == (0, "", None)
+
+
+@pytest.mark.parametrize("auth_type", ["token", "oauth2"])
+async def test_workato_api_key_v2_reads_the_new_secret_under_data(
+    redis_url: str, auth_type: str
+) -> None:
+    async with WorkatoServer() as wk, environment(redis_url) as env:
+        key = wk.add_profile(auth_type)
+        first = key.token
+        await workato_profile(env, wk, "workato_api_key")
+        stored = await env.profiles.get("workato")
+        assert (stored["rate_limit_per_s"], stored["answer_root"]) == (10, "data")
+        await import_workato(env, {"api_client_id": key.api_client_id, "api_key_id": key.id})
+        async with worker_running(env.settings):
+            await env.refreshed(1)
+            await env.due_now("wk-1")
+            await env.refreshed(2)
+        events = await env.settled(2)
+
+        assert wk.shape_errors == []
+        assert [e.status for e in wk.exchanges] == [200, 200]
+        path = f"/api/v2/api_clients/{key.api_client_id}/api_keys/{key.id}/refresh_secret"
+        for exchange in wk.exchanges:
+            assert_workato_request(exchange, wk, path)
+            assert set(exchange.reply) == {"data"}
+        assert wk.uses == {wk.api_token: 2}
+        assert key.issued[0] == first
+        assert wk.dead == set(key.issued[:2])
+        cred = await env.get("wk-1")
+        assert (cred.access_token, cred.refresh_token, cred.version) == (key.token, "", 2)
+        kept = {"id": str(key.id), "name": key.name, "auth_type": auth_type}
+        if auth_type == "oauth2":
+            kept["oauth_client_id"] = key.oauth_client_id
+        assert dict(cred.extra) == kept
+        assert [e["access_token"] for e in events] == key.issued[1:]
+
+
+@pytest.mark.parametrize("by", ["external-id", "customer-id"])
+async def test_workato_embedded_api_key_names_the_customer_in_one_encoded_segment(
+    redis_url: str, by: str
+) -> None:
+    async with WorkatoServer() as wk, environment(redis_url) as env:
+        customer = wk.add_managed_user("acme/eu 7")
+        key = wk.add_profile("token", managed_user=customer)
+        await workato_profile(env, wk, "workato_api_key_embedded")
+        user = "Eacme/eu 7" if by == "external-id" else customer.id
+        params = {"managed_user_id": user, "api_client_id": key.api_client_id, "api_key_id": key.id}
+        await import_workato(env, params, current=key.token)
+        assert await env.refresh_once("wk-1") == "refreshed"
+
+        assert wk.shape_errors == []
+        segment = "Eacme%2Feu%207" if by == "external-id" else customer.id
+        assert_workato_request(
+            wk.exchanges[0],
+            wk,
+            f"/api/v2/managed_users/{segment}/api_clients/{key.api_client_id}"
+            f"/api_keys/{key.id}/refresh_secret",
+        )
+        assert wk.exchanges[0].status == 200
+        assert (await env.get("wk-1")).access_token == key.token == key.issued[1]
+
+
+async def test_workato_deprecated_endpoint_is_warned_about_at_profile_creation(
+    redis_url: str,
+) -> None:
+    async with WorkatoServer() as wk, environment(redis_url) as env:
+        with capture_logs() as logs:
+            await workato_profile(env, wk)
+        (warning,) = [e for e in logs if e["event"] == "profile.endpoint_deprecated"]
+        assert warning["log_level"] == "warning"
+        assert warning["profile_id"] == "workato"
+        assert "2025-12-01" in warning["detail"]
+        assert "workato_api_key" in warning["detail"]
+        assert wk.api_token not in json.dumps(logs)
+        await env.profiles.delete("workato")
+        with capture_logs() as logs:
+            await workato_profile(env, wk, "workato_api_key")
+        assert [e for e in logs if e["event"] == "profile.endpoint_deprecated"] == []
 
 
 async def test_workato_jwt_profile_needs_reauth_once_and_is_not_retried(redis_url: str) -> None:
     async with WorkatoServer() as wk, environment(redis_url) as env:
         access = wk.add_profile("jwt")
-        await env.profile(id="workato", preset="workato_secret", token_url=wk.token_url)
-        await env.import_(
-            {
-                "id": "wk-1",
-                "profile": "workato",
-                "refresh_token": access.token,
-                "expires_in": 0,
-                "params": {"api_access_profile_id": access.id},
-            }
-        )
+        await workato_profile(env, wk)
+        await import_workato(env, {"api_access_profile_id": access.id})
         async with worker_running(env.settings):
             await wait_for(lambda: env.events.of(REAUTH), within=10, what="needs_reauth")
             await anyio.sleep(1.2)  # longer than the idle wake-up and any backoff
         events = await env.settled(1)
 
         assert [e["type"] for e in events] == [REAUTH]
+        assert events[0]["reason"] == "jwt_profile_unsupported"
         assert [e.status for e in wk.exchanges] == [400]
         assert wk.shape_errors == []
         cred = await env.get("wk-1")
         assert cred.status is Status.NEEDS_REAUTH
-        assert cred.refresh_token == access.token  # nothing was rotated
+        assert access.rotations == 0
         assert cred.due_at_ms is None
-
-
-async def test_workato_jwt_profile_reason_is_jwt_profile_unsupported(redis_url: str) -> None:
-    async with WorkatoServer() as wk, environment(redis_url) as env:
-        access = wk.add_profile("jwt")
-        await env.profile(id="workato", preset="workato_secret", token_url=wk.token_url)
-        await env.import_(
-            {
-                "id": "wk-1",
-                "profile": "workato",
-                "refresh_token": access.token,
-                "expires_in": 0,
-                "params": {"api_access_profile_id": access.id},
-            }
-        )
-        assert await env.refresh_once("wk-1") == "needs_reauth"
-        (event,) = await env.settled(1)
-        assert wk.exchanges[0].status == 400
-        assert event["reason"] == "jwt_profile_unsupported"
 
 
 async def workato_refreshed_once(redis_url: str) -> list[Exchange]:
     """One token-profile rotation; the exchanges the stand-in recorded."""
     async with WorkatoServer() as wk, environment(redis_url) as env:
         access = wk.add_profile("token")
-        await env.profile(id="workato", preset="workato_secret", token_url=wk.token_url)
-        await env.import_(
-            {
-                "id": "wk-1",
-                "profile": "workato",
-                "refresh_token": access.token,
-                "expires_in": 0,
-                "params": {"api_access_profile_id": access.id},
-            }
-        )
+        await workato_profile(env, wk)
+        await import_workato(env, {"api_access_profile_id": access.id})
         assert await env.refresh_once("wk-1") == "refreshed"
         return wk.exchanges
 
@@ -370,35 +547,82 @@ async def test_refresh_requests_carry_the_refreshd_user_agent(redis_url: str) ->
 
 @pytest.mark.parametrize(
     ("case", "status", "reason"),
-    [("stale-token", 401, "unauthorized"), ("unknown-profile", 404, "config_error")],
+    [("wrong-api-token", 401, "unauthorized"), ("unknown-profile", 404, "config_error")],
 )
 async def test_workato_refusals_need_reauth(
     redis_url: str, case: str, status: int, reason: str
 ) -> None:
     async with WorkatoServer() as wk, environment(redis_url) as env:
         access = wk.add_profile("token")
-        token = "wk-rotated-elsewhere" if case == "stale-token" else access.token
         profile_id = 999 if case == "unknown-profile" else access.id
-        await env.profile(id="workato", preset="workato_secret", token_url=wk.token_url)
-        await env.import_(
-            {
-                "id": "wk-1",
-                "profile": "workato",
-                "refresh_token": token,
-                "expires_in": 0,
-                "params": {"api_access_profile_id": profile_id},
-            }
+        token = "wk-revoked-api-token" if case == "wrong-api-token" else wk.api_token
+        await env.profile(
+            id="workato", preset="workato_secret", token_url=wk.token_url, client_secret=token
         )
+        await import_workato(env, {"api_access_profile_id": profile_id}, current=access.token)
         assert await env.refresh_once("wk-1") == "needs_reauth"
         (event,) = await env.settled(1)
 
         assert [e.status for e in wk.exchanges] == [status]
+        assert wk.shape_errors == []
         assert wk.exchanges[0].path == f"/api/api_access_profiles/{profile_id}/refresh_secret"
         assert (event["type"], event["reason"]) == (REAUTH, reason)
         cred = await env.get("wk-1")
         assert cred.status is Status.NEEDS_REAUTH
         assert cred.last_error == f"{reason} (HTTP {status})"
-        assert cred.refresh_token == token
+        assert cred.access_token == access.token  # nothing was rotated
+        assert access.rotations == 0
+
+
+async def test_workato_credentials_of_the_old_semantics_move_with_preset_update(
+    redis_url: str,
+) -> None:
+    """A profile and a credential stored by an earlier release (bearer = the
+    credential's secret, kept as its refresh_token; rotation always): the
+    worker sends nothing (the profile no longer loads), and the documented
+    steps (README, Providers) bring it back: ``profile update --preset``
+    with the developer token, then ``credential resume``."""
+    async with WorkatoServer() as wk, environment(redis_url) as env:
+        access = wk.add_profile("token")
+        legacy: dict[Any, Any] = {
+            "id": "workato", "token_url": wk.token_url, "strategy": "secret_rotation",
+            "method": "PUT", "auth_method": "bearer", "access_token_field": "secret",
+            "rotation": "always", "preset": "workato_secret", "allow_http": "1",
+            "allow_private_network": "1", "keep_fields": '["id", "name", "auth_type"]',
+        }  # fmt: skip
+        await env.store.client.hset(env.store.keys.profile("workato"), mapping=legacy)
+        await env.store.client.zadd(env.store.keys.profiles, {"workato": 0})
+        old = CredentialInput(
+            id="wk-1",
+            profile="workato",
+            access_token="",
+            refresh_token=access.token,  # the old semantics: the secret, sent as the bearer
+            expires_at_ms=0,
+            params={"api_access_profile_id": str(access.id)},
+        )
+        await env.store.upsert(old, due_ms=0, replace=False)
+
+        assert await env.refresh_once("wk-1") == "needs_reauth"
+        assert wk.exchanges == []  # the secret never went out as a bearer
+        (stopped,) = await env.settled(1)
+        assert stopped["reason"] == "config_error"
+
+        await env.profiles.update(
+            "workato",
+            {"preset": "workato_secret", "token_url": wk.token_url, "client_secret": wk.api_token},
+        )
+        assert await env.store.resume("wk-1") == "needs_reauth"
+        assert await env.refresh_once("wk-1") == "refreshed"
+
+        assert wk.shape_errors == []
+        assert_workato_request(
+            wk.exchanges[0], wk, f"/api/api_access_profiles/{access.id}/refresh_secret"
+        )
+        cred = await env.get("wk-1")
+        assert cred.status is Status.ACTIVE
+        assert (cred.access_token, cred.refresh_token) == (access.token, "")
+        profile = await env.profiles.load("workato")
+        assert profile.rotation is Rotation.NEVER
 
 
 # -------------------------------------------------- VMware CSP (seed 001)
@@ -501,7 +725,7 @@ async def test_csp_refusals_need_reauth(redis_url: str, status: int, reason: str
 
 @pytest.mark.parametrize(
     ("status", "retry_after", "reason"),
-    [(409, None, "server_error"), (429, 1, "throttled"), (500, None, "server_error")],
+    [(409, None, "conflict"), (429, 1, "throttled"), (500, None, "server_error")],
 )
 async def test_csp_transient_answers_retry_then_succeed(
     redis_url: str, status: int, retry_after: int | None, reason: str
@@ -530,6 +754,8 @@ async def test_csp_transient_answers_retry_then_succeed(
         assert csp.uses == {api_token.value: 2}
         cred = await env.get("csp-1")
         assert (cred.status, cred.version, cred.failures) == (Status.ACTIVE, 1, 0)
+        # the success cleared the failure it followed
+        assert (cred.last_error, cred.last_error_at_ms) == ("", None)
 
 
 # ---------------------------------------------- webMethods IS (seed 002)
@@ -617,6 +843,107 @@ async def test_webmethods_scope_wider_than_the_grant_is_never_sent(redis_url: st
         assert cred.status is Status.NEEDS_REAUTH
         assert (cred.refresh_token, cred.version) == (rt0, 0)
         assert rt0 in wm.grants  # still the live grant: nothing spent
+
+
+async def test_webmethods_original_scope_is_allowed_again_after_a_narrowing_refresh(
+    redis_url: str,
+) -> None:
+    """Seed 002: a refresh may ask for any part of the *original* request's
+    scope, even after an answer narrowed it; the grant's scope is kept apart
+    from the latest answer's."""
+    async with WebMethodsServer() as wm, environment(redis_url) as env:
+        rt0 = await webmethods_credential(env, wm, scope="read")
+        assert await env.refresh_once("wm-1") == "refreshed"
+        narrowed = await env.get("wm-1")
+        assert (narrowed.scope, narrowed.granted_scope) == ("read", "read write")
+
+        await env.profiles.update("wm", {"scope": "read write"})
+        assert await env.refresh_once("wm-1") == "refreshed"
+        (_, second) = await env.settled(2)
+
+        assert wm.shape_errors == []
+        assert [e.status for e in wm.exchanges] == [200, 200]
+        grant = wm.grants[wm.exchanges[1].reply["refresh_token"]]
+        assert grant.history[0] == rt0
+        assert wm.exchanges[1].body == {
+            "grant_type": "refresh_token",
+            "refresh_token": grant.history[1],
+            "scope": "read write",
+        }
+        assert (second["type"], second["scope"]) == (REFRESHED, "read write")
+        cred = await env.get("wm-1")
+        assert (cred.scope, cred.granted_scope, cred.status) == (
+            "read write",
+            "read write",
+            Status.ACTIVE,
+        )
+
+
+async def test_webmethods_scope_is_refused_unsent_when_the_grant_scope_is_unknown(
+    redis_url: str,
+) -> None:
+    async with WebMethodsServer() as wm, environment(redis_url) as env:
+        grant = wm.issue_grant("read write")
+        await env.profile(
+            id="wm",
+            preset="webmethods",
+            token_url=wm.token_url,
+            client_id=wm.client_id,
+            client_secret=wm.client_secret,
+            scope="read write admin",
+        )
+        line = {"id": "wm-1", "profile": "wm", "refresh_token": grant.refresh_token}
+        await env.import_(line | {"access_token": grant.access_token, "expires_in": 0})
+        assert await env.refresh_once("wm-1") == "needs_reauth"
+        (event,) = await env.settled(1)
+
+        assert wm.exchanges == []  # nothing went out: no invalid_scope to kill the grant
+        assert (event["type"], event["reason"]) == (REAUTH, "scope_unknown")
+        cred = await env.get("wm-1")
+        assert (cred.status, cred.refresh_token, cred.granted_scope) == (
+            Status.NEEDS_REAUTH,
+            grant.refresh_token,
+            "",
+        )
+        assert cred.last_error == "scope_unknown"
+
+        # the documented way out: import the credential again with its scope
+        await env.store.delete("wm-1")
+        await env.import_(line | {"access_token": "", "expires_in": 0, "scope": "read write"})
+        await env.profiles.update("wm", {"scope": "read"})
+        assert await env.refresh_once("wm-1") == "refreshed"
+        assert wm.exchanges[0].body is not None
+        assert wm.exchanges[0].body["scope"] == "read"
+
+
+async def test_a_get_whose_answer_is_lost_is_not_sent_again_by_the_http_client(
+    redis_url: str,
+) -> None:
+    """aiohttp resends an idempotent method (GET, PUT) by itself when the
+    connection breaks after sending; a refresh token must go out once, and
+    the unknown-outcome rule decide (here: quarantine)."""
+    async with WebMethodsServer(require_post=False) as wm, environment(redis_url) as env:
+        grant = wm.issue_grant("read")
+        rt0 = grant.refresh_token
+        await env.profile(
+            id="wm",
+            preset="webmethods",
+            token_url=wm.token_url,
+            client_id=wm.client_id,
+            client_secret=wm.client_secret,
+            method="GET",
+            body_format="query",
+        )
+        await env.import_(
+            {"id": "wm-1", "profile": "wm", "refresh_token": rt0, "expires_in": 0, "scope": "read"}
+        )
+        wm.lose_next_answer()
+        assert await env.refresh_once("wm-1") == "quarantined"
+
+        assert [(e.method, e.note) for e in wm.exchanges] == [("GET", "answer lost")]
+        assert wm.exchanges[0].query["refresh_token"] == rt0
+        assert wm.uses == {rt0: 1}
+        assert (await env.get("wm-1")).status is Status.QUARANTINED
 
 
 # ------------------------------------------------- SmartThings (seed 003)
@@ -855,19 +1182,45 @@ async def test_workato_stand_in_refuses_other_shapes() -> None:
     async with WorkatoServer() as wk, httpx.AsyncClient(trust_env=False) as http:
         access, jwt = wk.add_profile("token"), wk.add_profile("jwt")
         url = wk.token_url.format(api_access_profile_id=access.id)
-        old = {"Authorization": f"Bearer {access.token}"}
-        assert await _status(http, "POST", url, headers=old) == 405
+        dev = {"Authorization": f"Bearer {wk.api_token}"}
+        assert await _status(http, "POST", url, headers=dev) == 405
         assert await _status(http, "PUT", url) == 401
-        assert await _status(http, "PUT", url, headers=old, data={"x": "1"}) == 400
+        assert await _status(http, "PUT", url, headers=dev, data={"x": "1"}) == 400
+        assert await _status(http, "PUT", url, headers=dev, params={"x": "1"}) == 400
+        # the old, wrong semantics: the access profile's own secret as the bearer
+        secret = {"Authorization": f"Bearer {access.token}"}
+        assert await _status(http, "PUT", url, headers=secret) == 401
+        assert wk.shape_errors[-1] == "the bearer is an access-profile secret, not the API token"
+        assert await _status(http, "PUT", url, headers={"Authorization": "Bearer x"}) == 401
         missing = wk.token_url.format(api_access_profile_id=999)
-        assert await _status(http, "PUT", missing, headers=old) == 404
-        assert await _status(http, "PUT", url, headers=old) == 200
-        assert await _status(http, "PUT", url, headers=old) == 401  # the old token died at once
+        assert await _status(http, "PUT", missing, headers=dev) == 404
+        first = access.token
+        answer = await http.put(url, headers=dev)
+        assert answer.json()["secret"] == access.token != first
+        assert await _status(http, "PUT", url, headers=dev) == 200  # the bearer is not spent
+        assert first in wk.dead
+        assert access.rotations == 2
         jwt_url = wk.token_url.format(api_access_profile_id=jwt.id)
-        bearer = {"Authorization": f"Bearer {jwt.token}"}
-        answer = await http.put(jwt_url, headers=bearer)
-        assert answer.status_code == 400
-        assert "JWT" in answer.json()["message"]
+        refused = await http.put(jwt_url, headers=dev)
+        assert refused.status_code == 400
+        assert "JWT" in refused.json()["message"]
+        # v2: under data; the API client must own the key
+        v2 = wk.api_key_url.format(api_client_id=access.api_client_id, api_key_id=access.id)
+        assert (await http.put(v2, headers=dev)).json()["data"]["auth_token"] == access.token
+        other = wk.api_key_url.format(api_client_id=99, api_key_id=access.id)
+        assert await _status(http, "PUT", other, headers=dev) == 404
+        # embedded: the customer by id or E + external id, one encoded segment
+        user = wk.add_managed_user("acme/eu")
+        key = wk.add_profile("token", managed_user=user)
+        ids = {"api_client_id": key.api_client_id, "api_key_id": key.id}
+        for good in (user.id, "Eacme%2Feu"):
+            assert await _status(http, "PUT", wk.embedded_url.format(managed_user_id=good, **ids),
+                                 headers=dev) == 200  # fmt: skip
+        unencoded = wk.embedded_url.format(managed_user_id="Eacme/eu", **ids)
+        assert await _status(http, "PUT", unencoded, headers=dev) == 404
+        own = wk.api_key_url.format(**ids)  # not the workspace's own key
+        assert await _status(http, "PUT", own, headers=dev) == 404
+        assert wk.uses[wk.api_token] == 9  # every well-formed call but the unencoded one
 
 
 async def test_csp_stand_in_refuses_other_shapes() -> None:

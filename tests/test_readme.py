@@ -99,7 +99,7 @@ def test_using_it_and_provider_examples_run_as_written(tmp_path: Path) -> None:
             env=env, capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
         ids = [row["id"] for row in json.loads(listed.stdout)["result"]]
-        assert ids == ["acme-42", "ap-321", "csp-org1", "svc-1"]
+        assert ids == ["acme-42", "ap-321", "csp-org1", "key-9", "svc-1"]
     finally:
         stop_embedded(tmp_path / "data")
 

@@ -10,8 +10,8 @@ Every way an answer can be wrong maps to one failure type with a bounded
 - a 2xx carrying an ``error`` (GitHub) or ``ok: false`` (Slack): a refusal;
 - the profile's ``error_rules``, first match wins (e.g. Microsoft's
   ``invalid_grant`` + AADSTS50196 is throttling, not a dead grant);
-- 429, 408, 409, 500, 503, and 403 with a non-JSON body (Google's throttling
-  page): ``Transient``, honouring ``Retry-After``;
+- 429, 408, 409 (reason ``conflict``), 500, 503, and 403 with a non-JSON
+  body (Google's throttling page): ``Transient``, honouring ``Retry-After``;
 - 502, 504: ``Ambiguous`` (a gateway cannot say whether the origin ran it);
 - ``invalid_grant``, ``invalid_client``, ``unauthorized_client``, 401, and
   other 4xx refusals: ``Permanent``.
@@ -179,7 +179,9 @@ def _classify(
         return Ambiguous("gateway_error", status=status)
     if status == 429:
         return Transient("throttled", status=status, retry_after_s=retry_after)
-    if status >= 500 or status in (408, 409):
+    if status == 409:  # VMware CSP documents it: a conflict, retried like the others
+        return Transient("conflict", status=status, retry_after_s=retry_after)
+    if status >= 500 or status == 408:
         label = code if code in _TRANSIENT_ERRORS else "server_error"
         return Transient(label or "server_error", status=status, retry_after_s=retry_after)
     if code is not None and code in _TRANSIENT_ERRORS:
@@ -286,6 +288,13 @@ def read_answer(
         raise failure
     if body is None:
         raise Ambiguous("invalid_response", "2xx answer is not a JSON object", status=answer.status)
+    if profile.answer_root:
+        root = field_at(body, profile.answer_root)
+        if not isinstance(root, dict):
+            raise Ambiguous(
+                "invalid_response", f"{profile.answer_root} is not an object", status=answer.status
+            )
+        body = root
     warnings: Warnings = []
     if profile.strategy is Strategy.SECRET_ROTATION:
         return _rotated_secret(body, profile, now_ms, warnings)
@@ -349,13 +358,20 @@ def _new_refresh_token(
     return None, True
 
 
+#: where Workato puts a new auth token: ``secret`` (access profiles, v1),
+#: ``auth_token`` (API keys, v2); the profile's access_token_field comes first
+_SECRET_FIELDS = ("secret", "auth_token")
+
+
 def _rotated_secret(
     body: dict[str, Any], profile: Profile, now_ms: int, warnings: Warnings
 ) -> TokenSet:
     """A secret-rotation answer (Workato ``refresh_secret``): a new auth
-    token, or a new OAuth client id and secret. The old secret is dead the
-    moment the provider answered: whatever new secret is readable is kept,
-    and only an answer without one is ambiguous."""
+    token, or a new OAuth client id and secret. It is the credential's
+    output, its access token; nothing is kept to send next time (the bearer
+    is the profile's). The old secret is dead the moment the provider
+    answered: whatever new secret is readable is kept, and only an answer
+    without one is ambiguous (asking again is safe: it mints another)."""
     if str(body.get("auth_type", "")).lower() == "jwt":
         raise Permanent("jwt_profile_unsupported", "JWT access profiles have no secret to rotate")
     extra = _kept(body, profile, warnings)
@@ -367,18 +383,21 @@ def _rotated_secret(
         else:
             warn(warnings, "client_id_missing")  # the client id rarely changes
     else:
-        secret = field_at(body, profile.access_token_field)
+        for name in dict.fromkeys((profile.access_token_field, *_SECRET_FIELDS)):
+            secret = field_at(body, name)
+            if isinstance(secret, str) and secret:
+                break
     if not isinstance(secret, str) or not secret:
         raise Ambiguous("invalid_response", "no new secret in the answer")
     if utf8_len(secret) > MAX_TOKEN_BYTES:
         warn(warnings, "token_oversized")
     return TokenSet(
         access_token=secret,
-        refresh_token=secret,
+        refresh_token="",  # nothing single-use: a credential of this strategy holds none
         token_type=read_token_type(body, warnings),
         expires_at_ms=_expiry_ms(body, profile, secret, now_ms, warnings),
         scope="",
-        rotated=True,
+        rotated=False,
         extra=extra,
         warnings=tuple(warnings),
     )

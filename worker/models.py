@@ -80,10 +80,12 @@ def _check_sizes(cred: CredentialInput) -> None:
 class CredentialInput:
     """One credential as a user registers it (import line or API call).
 
-    ``refresh_token`` holds whatever the strategy spends: a refresh token, a
-    long-lived API token (api_token_exchange) or the current secret
-    (secret_rotation); client_credentials needs none. ``params`` fill the
-    profile's URL placeholders (e.g. Workato's access-profile id)."""
+    ``refresh_token`` holds whatever the strategy spends: a refresh token or
+    a long-lived API token (api_token_exchange); client_credentials and
+    secret_rotation need none (a rotated secret is the output: the current
+    one, if known, is the ``access_token``). ``scope`` is the grant's: it is
+    kept as ``granted_scope``, the most a refresh may ask for. ``params``
+    fill the profile's URL placeholders (e.g. Workato's access-profile id)."""
 
     id: str
     profile: str
@@ -154,9 +156,14 @@ class CredentialInput:
         if profile.uses_refresh_token and not self.refresh_token:
             what = {
                 "api_token_exchange": "the API token (refresh_token field)",
-                "secret_rotation": "the current secret (refresh_token field)",
             }.get(profile.strategy.value, "refresh_token")
             raise ConfigError(f"profile {profile.id} needs {what}")
+        if profile.strategy is Strategy.SECRET_ROTATION and self.refresh_token:
+            # the old semantics (README, Providers): nothing here is sent any more
+            raise ConfigError(
+                f"profile {profile.id} rotates a secret: give the current secret as "
+                "access_token, not refresh_token (the profile's client_secret authorizes)"
+            )
         missing = sorted(profile.url_params - set(self.params))
         if missing:
             raise ConfigError(f"params must set {', '.join(missing)} (used in the token URL)")
@@ -199,6 +206,9 @@ class Credential:
     refresh_expires_at_ms: int | None = None
     params: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)
+    #: the grant's original scope (set at import, kept across refreshes);
+    #: ``scope`` is the latest answer's, which may be narrower
+    granted_scope: str = ""
 
     def public(self, *, reveal: bool = False) -> dict[str, Any]:
         from worker.logs import is_secret_key
@@ -235,3 +245,10 @@ class Claimed:
     recovered: bool
     claimed_at_ms: int
     params: Mapping[str, str] = field(default_factory=dict)
+    granted_scope: str = ""  # "" for a credential stored before it was recorded
+
+    @property
+    def original_scope(self) -> str:
+        """The most a refresh may ask for: the grant's scope as imported,
+        else (stored by an earlier release) the latest answer's."""
+        return self.granted_scope or self.scope

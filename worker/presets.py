@@ -10,30 +10,58 @@ A preset whose URL depends on the tenant leaves ``token_url`` to the user
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
 
-__all__ = ["PRESETS", "apply_preset"]
+__all__ = ["PRESETS", "apply_preset", "deprecation_notice", "reapply_preset"]
 
 _KEEP_SMARTTHINGS = ["installed_app_id", "access_tier", "owner_account_id"]
+
+#: every Workato rotation endpoint (PROVIDERS.md §3.2)
+_WORKATO: dict[str, Any] = {
+    "strategy": "secret_rotation",
+    "method": "PUT",
+    "auth_method": "bearer",  # client_secret: the developer API token
+    "access_token_field": "secret",
+    "rotation": "never",  # nothing single-use is sent: an unanswered PUT is asked again
+    "reuse_grace_s": 0,
+    "default_lifetime_s": 30 * 86400,  # how often to rotate
+    "rate_limit_per_s": 10,  # API-platform endpoints: 10 requests/s per token
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # --- the seed systems --------------------------------------------------
     "workato_secret": {
-        # seed 000: PUT .../api_access_profiles/:id/refresh_secret, Bearer auth;
-        # the old secret dies at once, no grace. Deprecated by Workato 2025-12-01.
-        "strategy": "secret_rotation",
-        "method": "PUT",
+        # seed 000: PUT .../api_access_profiles/:id/refresh_secret, no body.
+        # Bearer = the workspace's developer API token (client_secret), which
+        # the call does not consume; the new secret is the output and the old
+        # one dies at once. Deprecated by Workato on 2025-12-01.
+        **_WORKATO,
         "token_url": "https://www.workato.com/api/api_access_profiles/"
         "{api_access_profile_id}/refresh_secret",
-        "auth_method": "bearer",
-        "access_token_field": "secret",
-        "rotation": "always",
-        "reuse_grace_s": 0,
-        "default_lifetime_s": 30 * 86400,  # how often to rotate
-        "rate_limit_per_s": 10,  # API platform limit
+        "keep_fields": ["id", "name", "auth_type"],
+    },
+    "workato_api_key": {
+        # its replacement: the API key's secret, the answer under "data"
+        **_WORKATO,
+        "token_url": "https://www.workato.com/api/v2/api_clients/{api_client_id}/"
+        "api_keys/{api_key_id}/refresh_secret",
+        "answer_root": "data",
+        "access_token_field": "auth_token",
+        "keep_fields": ["id", "name", "auth_type"],
+    },
+    "workato_api_key_embedded": {
+        # the embedded-partner form: managed_user_id is the customer id or an
+        # external id prefixed with E (percent-encoded as one path segment)
+        **_WORKATO,
+        "token_url": "https://www.workato.com/api/v2/managed_users/{managed_user_id}/"
+        "api_clients/{api_client_id}/api_keys/{api_key_id}/refresh_secret",
+        "answer_root": "data",
+        "access_token_field": "auth_token",
         "keep_fields": ["id", "name", "auth_type"],
     },
     "vmware_csp": {
@@ -132,16 +160,60 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _preset(name: object) -> dict[str, Any]:
+    if name not in PRESETS:
+        known = ", ".join(sorted(PRESETS))
+        raise ConfigError(f"unknown preset {name!r}; known presets: {known}")
+    return dict(PRESETS[str(name)])
+
+
 def apply_preset(data: Mapping[str, Any]) -> dict[str, Any]:
     """The preset's knobs under the user's fields; ``preset`` is recorded."""
     name = data.get("preset")
     if not name:
         return dict(data)
-    if name not in PRESETS:
-        known = ", ".join(sorted(PRESETS))
-        raise ConfigError(f"unknown preset {name!r}; known presets: {known}")
-    merged = dict(PRESETS[str(name)])
+    merged = _preset(name)
     merged.update({k: v for k, v in data.items() if v is not None})
     if "token_url" not in merged:
         raise ConfigError(f"preset {name} needs token_url (the provider's host is yours)")
     return merged
+
+
+def reapply_preset(current: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored profile's fields with ``changes`` over them. A ``preset``
+    among the changes is applied again, as at creation: the knobs the
+    stored preset set go back to their defaults, the new preset's knobs
+    replace the stored values, and the other changes win over both (so a
+    fixed preset reaches profiles made from an older one). Secrets and the
+    fields no preset sets (client id, name, allow_*) are kept."""
+    name = changes.get("preset")
+    if not name:
+        return dict(current) | dict(changes)
+    preset = _preset(name)
+    old = PRESETS.get(str(current.get("preset") or ""), {})
+    merged = {k: v for k, v in current.items() if k not in old or k in ("id", "token_url")}
+    if "token_url" in old and "token_url" not in preset and "token_url" not in changes:
+        raise ConfigError(f"preset {name} needs token_url (the provider's host is yours)")
+    merged |= preset
+    merged |= {k: v for k, v in changes.items() if v is not None}
+    return merged
+
+
+#: endpoints their provider has deprecated: (path pattern, what to do)
+_DEPRECATED = (
+    (
+        re.compile(r"/api/(?:managed_users/[^/]+/)?api_access_profiles/[^/]+/refresh_secret"),
+        "Workato deprecated PUT /api/api_access_profiles/{id}/refresh_secret on 2025-12-01: "
+        "move to preset workato_api_key (README, Providers)",
+    ),
+)
+
+
+def deprecation_notice(token_url: str) -> str | None:
+    """What to tell the operator when a profile points at an endpoint its
+    provider has deprecated (said at ``profile create`` and ``update``)."""
+    path = urlsplit(token_url).path.rstrip("/")
+    for pattern, notice in _DEPRECATED:
+        if pattern.fullmatch(path):
+            return notice
+    return None

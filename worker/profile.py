@@ -67,7 +67,10 @@ class AuthMethod(StrEnum):
     CLIENT_SECRET_BASIC = "client_secret_basic"  # noqa: S105 - a method name
     CLIENT_SECRET_POST = "client_secret_post"  # noqa: S105 - a method name
     NONE = "none"
-    BEARER = "bearer"  # Authorization: Bearer <the credential's current secret>
+    #: ``Authorization: Bearer <client_secret>``: a long-lived API token of the
+    #: caller (Workato: the workspace's developer API client token), never
+    #: the secret being rotated
+    BEARER = "bearer"
 
 
 class BodyFormat(StrEnum):
@@ -239,7 +242,7 @@ _DEFAULT_TOKEN_PARAM = {
 _STRING_FIELDS = (
     "id", "token_url", "method", "client_id", "client_secret", "token_param", "redirect_uri",
     "scope", "accept", "access_token_field", "refresh_token_field", "expires_in_field",
-    "expires_at_field", "refresh_expires_in_field", "preset", "name",
+    "expires_at_field", "refresh_expires_in_field", "answer_root", "preset", "name",
 )  # fmt: skip
 
 
@@ -269,6 +272,9 @@ class Profile:
     expires_in_field: str = "expires_in"
     expires_at_field: str = ""
     refresh_expires_in_field: str = ""
+    #: dotted path of the object that holds the answer's fields (Workato v2:
+    #: ``data``); "" = the top level. Error answers are read whole.
+    answer_root: str = ""
     keep_fields: tuple[str, ...] = ()
     rotation: Rotation = Rotation.MAYBE
     reuse_grace_s: float = 0.0
@@ -330,11 +336,13 @@ class Profile:
         for name in ("access_token_field", "refresh_token_field", "expires_in_field"):
             if not _FIELD_PATH.match(getattr(self, name)):
                 raise ConfigError(f"{name} must be a field name or dotted path")
-        for name in ("expires_at_field", "refresh_expires_in_field"):
+        for name in ("expires_at_field", "refresh_expires_in_field", "answer_root"):
             if getattr(self, name) and not _FIELD_PATH.match(getattr(self, name)):
                 raise ConfigError(f"{name} must be a field name or dotted path")
         if self.token_param and not _PARAM_NAME.match(self.token_param):
             raise ConfigError("token_param must be a parameter name")
+        if self.token_param and self.strategy is Strategy.SECRET_ROTATION:
+            raise ConfigError("strategy secret_rotation sends no token parameter (token_param)")
         set_(self, "keep_fields", _string_list("keep_fields", self.keep_fields))
         rules = _json_value("error_rules", self.error_rules, [])
         if isinstance(rules, str | Mapping) or not isinstance(rules, Sequence):
@@ -373,6 +381,18 @@ class Profile:
             raise ConfigError("strategy client_credentials needs client_secret_basic or _post")
         if self.strategy is Strategy.SECRET_ROTATION and method is not AuthMethod.BEARER:
             raise ConfigError("strategy secret_rotation authenticates with auth_method bearer")
+        if method is AuthMethod.BEARER and not self.client_secret:
+            raise ConfigError(
+                "auth_method bearer sends client_secret as the bearer token (Workato: the "
+                "workspace's developer API token); set it with --client-secret-env/-file/-stdin"
+            )
+        if self.strategy is Strategy.SECRET_ROTATION and self.rotation is not Rotation.NEVER:
+            # the bearer is not consumed and the rotated secret is the output:
+            # an unanswered request is sent again, never quarantined
+            raise ConfigError(
+                "strategy secret_rotation spends nothing single-use: rotation must be never "
+                "(`--preset workato_secret` or `--rotation never`)"
+            )
         public = self.strategy is Strategy.OAUTH2_REFRESH_TOKEN and method is AuthMethod.NONE
         if public and not self.client_id:
             raise ConfigError("auth_method none still needs client_id (public client)")
@@ -385,8 +405,11 @@ class Profile:
 
     @property
     def uses_refresh_token(self) -> bool:
-        """client_credentials re-issues from the client's own credentials."""
-        return self.strategy is not Strategy.CLIENT_CREDENTIALS
+        """Does a credential hold something the strategy sends? Not for
+        client_credentials (the client's own credentials re-issue) nor for
+        secret_rotation (the profile's bearer authorizes; the rotated secret
+        is the credential's output, its ``access_token``)."""
+        return self.strategy not in (Strategy.CLIENT_CREDENTIALS, Strategy.SECRET_ROTATION)
 
     @property
     def url_params(self) -> frozenset[str]:

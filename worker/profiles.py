@@ -24,7 +24,7 @@ from worker.errors import ConfigError, Conflict, NotFound, StoreUnavailable
 from worker.listing import CredentialFilter, matching_ids
 from worker.logs import get_logger
 from worker.models import Profile, validate_id
-from worker.presets import apply_preset
+from worker.presets import apply_preset, deprecation_notice, reapply_preset
 from worker.redisio import guard
 from worker.store import Store
 
@@ -78,6 +78,13 @@ def _warn_if_private(profile: Profile) -> None:
         )
 
 
+def _warn_if_deprecated(profile: Profile) -> None:
+    """The provider will switch this endpoint off: say so when it is set."""
+    notice = deprecation_notice(profile.token_url)
+    if notice:
+        log.warning("profile.endpoint_deprecated", profile_id=profile.id, detail=notice)
+
+
 class ProfileStore:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -88,6 +95,7 @@ class ProfileStore:
     async def create(self, data: dict[str, Any]) -> dict[str, Any]:
         profile = Profile.from_mapping(apply_preset(data))
         _warn_if_private(profile)
+        _warn_if_deprecated(profile)
         key = self.keys.profile(profile.id)
         now = str(int(time.time() * 1000))
         # HSETNX on "id" makes creation atomic: two racing creators cannot
@@ -103,7 +111,8 @@ class ProfileStore:
         return await self.get(profile.id)
 
     async def update(self, profile_id: str, changes: dict[str, Any]) -> dict[str, Any]:
-        """Merge ``changes`` over the stored profile; a secret not given is kept."""
+        """Merge ``changes`` over the stored profile; a secret not given is
+        kept; a ``preset`` given is applied again (``reapply_preset``)."""
         validate_id("profile", profile_id)
         raw: dict[str, str] = await guard(self.client.hgetall(self.keys.profile(profile_id)))
         if not raw or "token_url" not in raw:
@@ -118,8 +127,9 @@ class ProfileStore:
             stored_secrets = json.loads(current.get("secret_params") or "{}")
             merged_secrets = dict(stored_secrets) | dict(changes["secret_params"])
             changes["secret_params"] = {k: v for k, v in merged_secrets.items() if v is not None}
-        profile = Profile.from_mapping(current | changes)
+        profile = Profile.from_mapping(reapply_preset(current, changes))
         _warn_if_private(profile)
+        _warn_if_deprecated(profile)
         mapping: dict[Any, Any] = _to_hash(profile, self.codec)
         mapping["updated_at"] = str(int(time.time() * 1000))
         await guard(self.client.hset(self.keys.profile(profile_id), mapping=mapping))

@@ -160,7 +160,7 @@ class Refresher:
             return await self._finish_failure(c, profile, unknown, "quarantined", spent=False)
         try:
             request = build_request(
-                profile, secret=c.refresh_token, granted_scope=c.scope, params=c.params
+                profile, secret=c.refresh_token, granted_scope=c.original_scope, params=c.params
             )
         except Permanent as refused:
             return await self._finish_failure(c, profile, refused, "needs_reauth", spent=False)

@@ -4,8 +4,11 @@ Fields of a credential record (``{prefix N}:cred:<id>``)::
 
     profile, access_token*, refresh_token*, token_type, scope, expires_at (ms),
     params, extra*, refresh_expires_at,
+    granted_scope   the grant's original scope, set at import and kept by
+                    refreshes (``scope`` is the latest answer's); the most
+                    a refresh may ask for
     version (+1 per commit of new tokens), status, failures, last_error,
-    last_error_at, reason, created_at, updated_at, refreshed_at,
+    last_error_at (both cleared by a success), reason, created_at, updated_at, refreshed_at,
     intent, intent_rt, intent_deadline, intent_at   (open spend intent)
     ambiguous_token, ambiguous_at                   (unanswered request)
     spent_rt        fingerprints of the last two refresh tokens a rotation
@@ -133,6 +136,7 @@ class Store:
             "refresh_token", self.codec.encode(cred.refresh_token),
             "token_type", cred.token_type,
             "scope", cred.scope,
+            "granted_scope", cred.scope,
             "expires_at", cred.expires_at_ms,
             "params", json.dumps(dict(cred.params), sort_keys=True) if cred.params else "",
         ]  # fmt: skip
@@ -228,6 +232,7 @@ class Store:
             refresh_expires_at_ms=num("refresh_expires_at") or None,
             params=_json_map(raw.get("params", "")),
             extra=_json_map(self.codec.decode(raw.get("extra", ""))),
+            granted_scope=raw.get("granted_scope", ""),
         )
 
     async def delete(self, credential_id: str, *, force: bool = False) -> None:
@@ -318,6 +323,7 @@ class Store:
                 recovered=item[10] == "1",
                 claimed_at_ms=now_ms,
                 params=_json_map(item[11]),
+                granted_scope=item[12],
             )
             for item in res[2:]
         ]

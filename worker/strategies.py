@@ -1,12 +1,17 @@
 """The request each strategy sends, shaped by the profile.
 
 - ``oauth2_refresh_token``: RFC 6749 §6, ``grant_type=refresh_token``; a
-  configured scope wider than the grant is refused before anything is sent.
+  configured scope wider than the grant's original scope, or any configured
+  scope for a credential whose grant scope is unknown, is refused before
+  anything is sent (RFC 6749 §6, webMethods: "cannot contain any scope
+  tokens that were not in the original request").
 - ``api_token_exchange``: a long-lived API token traded for an access token
   (VMware CSP: form field ``api_token``, optional MFA ``passcode``; no
   ``grant_type``, no client authentication).
-- ``secret_rotation``: a call to a rotation endpoint (Workato: ``PUT``) with
-  ``Authorization: Bearer <current secret>``; the answer replaces the secret.
+- ``secret_rotation``: a call to a rotation endpoint (Workato: ``PUT``, no
+  body) with ``Authorization: Bearer <the profile's client_secret>``, a
+  long-lived API token of the caller that the call does not consume; the
+  answer's new secret is the credential's output (its access token).
 - ``client_credentials``: ``grant_type=client_credentials``, re-issued
   before expiry; nothing single-use is spent.
 
@@ -54,8 +59,8 @@ def token_url(profile: Profile, params: Mapping[str, str]) -> str:
 
 def _refuse_unsafe_headers(headers: Mapping[str, str], url: str) -> None:
     """Defence in depth: values are checked when profiles and credentials are
-    written, but a secret can also come from a provider's answer (a rotated
-    secret sent back as ``Bearer``). A header value with CR/LF or another
+    written, but a stored value may predate those checks (a profile written
+    by an earlier release). A header value with CR/LF or another
     control character is never sent; the message names the header only."""
     for name, value in headers.items():
         if not value.isprintable():  # C speed; headers are visible ASCII anyway
@@ -86,6 +91,21 @@ def _scope_tokens(scope: str) -> set[str]:
     return set(scope.split())
 
 
+def _check_scope(requested: str, granted_scope: str) -> None:
+    """RFC 6749 §6: never more than the grant's original scope. Unknown
+    (nothing recorded at import) is refused too: sending a guess could end
+    the grant as ``invalid_scope`` at a strict server."""
+    if not granted_scope.strip():
+        raise Permanent(
+            "scope_unknown",
+            "the profile asks for a scope but the credential has no recorded grant scope; "
+            "import it again with its scope",
+        )
+    wider = _scope_tokens(requested) - _scope_tokens(granted_scope)
+    if wider:
+        raise Permanent("scope_wider_than_grant", " ".join(sorted(wider)))
+
+
 def _grant_params(profile: Profile, secret: str, granted_scope: str) -> dict[str, str]:
     params: dict[str, str] = {}
     strategy = profile.strategy
@@ -96,10 +116,8 @@ def _grant_params(profile: Profile, secret: str, granted_scope: str) -> dict[str
     if profile.effective_token_param:
         params[profile.effective_token_param] = secret
     if profile.scope and strategy in (Strategy.OAUTH2_REFRESH_TOKEN, Strategy.CLIENT_CREDENTIALS):
-        wider = _scope_tokens(profile.scope) - _scope_tokens(granted_scope)
-        if strategy is Strategy.OAUTH2_REFRESH_TOKEN and granted_scope and wider:
-            # RFC 6749 §6: never more than originally granted
-            raise Permanent("scope_wider_than_grant", " ".join(sorted(wider)))
+        if strategy is Strategy.OAUTH2_REFRESH_TOKEN:
+            _check_scope(profile.scope, granted_scope)
         params["scope"] = profile.scope
     if profile.redirect_uri:
         params["redirect_uri"] = profile.redirect_uri
@@ -116,7 +134,9 @@ def build_request(
     params: Mapping[str, str] | None = None,
 ) -> TokenRequest:
     """The request for one refresh. ``secret`` is what the strategy spends:
-    the refresh token, the API token, or the current secret."""
+    the refresh token or the API token (unused by secret_rotation and
+    client_credentials). ``granted_scope`` is the grant's original scope
+    (``Claimed.original_scope``), not the latest answer's."""
     body = _grant_params(profile, secret, granted_scope)
     headers = {"Accept": profile.accept}
     auth = profile.auth_method
@@ -128,7 +148,7 @@ def build_request(
         body["client_id"] = profile.client_id
         body["client_secret"] = profile.client_secret
     elif auth is AuthMethod.BEARER:
-        headers["Authorization"] = f"Bearer {secret}"
+        headers["Authorization"] = f"Bearer {profile.client_secret}"
     elif profile.client_id:
         body["client_id"] = profile.client_id  # public client (none)
     if profile.client_id_in_body:

@@ -28,7 +28,9 @@ __all__ = ["register"]
 
 # flag -> profile field, with the type argparse converts to
 _KNOBS: list[tuple[str, str, Any, str]] = [
-    ("--preset", "preset", str, "start from a built-in preset (see `refreshd profile presets`)"),
+    ("--preset", "preset", str,
+     "start from a built-in preset (see `refreshd profile presets`); on update, apply it "
+     "again: its knobs replace the stored ones, the other flags given win"),
     ("--strategy", "strategy", str,
      "oauth2_refresh_token (default), api_token_exchange, secret_rotation, client_credentials"),
     ("--token-url", "token_url", str,
@@ -36,7 +38,8 @@ _KNOBS: list[tuple[str, str, Any, str]] = [
     ("--method", "method", str, "POST (default), PUT or GET"),
     ("--client-id", "client_id", str, "OAuth client id"),
     ("--auth-method", "auth_method", str,
-     "client_secret_basic (default), client_secret_post, none, bearer"),
+     "client_secret_basic (default), client_secret_post, none, bearer (Authorization: "
+     "Bearer <client secret>, e.g. Workato's developer API token)"),
     ("--basic-form-encode", "basic_form_encode", flag_value,
      "form-encode id and secret before base64 (RFC 6749 2.3.1; default true)"),
     ("--client-id-in-body", "client_id_in_body", flag_value,
@@ -51,6 +54,8 @@ _KNOBS: list[tuple[str, str, Any, str]] = [
      "answer field (dotted path) of the access token / new secret"),
     ("--refresh-token-field", "refresh_token_field", str, "answer field of the refresh token"),
     ("--expires-in-field", "expires_in_field", str, "answer field of the lifetime in seconds"),
+    ("--answer-root", "answer_root", str,
+     "answer field (dotted path) holding the others, e.g. data (Workato v2)"),
     ("--expires-at-field", "expires_at_field", str,
      "answer field of an absolute expiry (epoch s or ms), used when expires_in is absent"),
     ("--refresh-expires-in-field", "refresh_expires_in_field", str,

@@ -19,8 +19,9 @@ ARGV[9]  log_on   "1": append the event to the log too; "0": publish only
 ARGV[10] max_age  ms: trim log entries older than this (MINID ~); 0 none
 ARGV[11] max_len  entries this partition's log keeps (MAXLEN ~); 0 none
 ARGV[12..] field, value pairs to write into the credential record; on
-          `refreshed` they are applied after `failures` is reset and the
-          ambiguous mark cleared, so they may set those again, and a
+          `refreshed` they are applied after `failures` and `last_error`
+          are reset and the ambiguous mark cleared, so they may set those
+          again (a partial answer), and a
           `spent_rt` value joins the spent list (record.lua)
 
 Ownership: `refreshed` needs our open spend intent, not the lock: the
@@ -66,7 +67,7 @@ if outcome == 'refreshed' then
   -- before the caller's fields, which may set them again (a partial answer
   -- keeps counting failures; an unconfirmed refresh token sets ambiguous_at)
   rec_set(rec, 'failures', 0)
-  rec_del(rec, 'ambiguous_token', 'ambiguous_at')
+  rec_del(rec, 'ambiguous_token', 'ambiguous_at', 'last_error', 'last_error_at')
 end
 rec_set_pairs(rec, ARGV, 12)
 if outcome ~= 'release' and old_reason ~= new_reason then

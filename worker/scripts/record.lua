@@ -21,7 +21,7 @@ local REC_KEYS = {
   failures = 'f', last_error = 'le', last_error_at = 'la', reason = 'rs',
   created_at = 'c', updated_at = 'u', refreshed_at = 'ra',
   intent = 'i', intent_rt = 'ir', intent_deadline = 'id', intent_at = 'ia',
-  ambiguous_token = 'at', ambiguous_at = 'aa', spent_rt = 'sr',
+  ambiguous_token = 'at', ambiguous_at = 'aa', spent_rt = 'sr', granted_scope = 'gs',
 }
 local REC_NUMBERS = {
   version = true, expires_at = true, refresh_expires_at = true, failures = true,
