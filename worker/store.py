@@ -6,6 +6,7 @@ Fields of a credential record (``{prefix N}:cred:<id>``)::
     params, extra*, refresh_expires_at,
     version (+1 per commit of new tokens), status, failures, last_error,
     last_error_at, reason, created_at, updated_at, refreshed_at,
+    failing_since   when the current streak of failures began (give-up)
     intent, intent_rt, intent_deadline, intent_at   (open spend intent)
     ambiguous_token, ambiguous_at                   (unanswered request)
     spent_rt        fingerprints of the last two refresh tokens a rotation
@@ -318,6 +319,8 @@ class Store:
                 recovered=item[10] == "1",
                 claimed_at_ms=now_ms,
                 params=_json_map(item[11]),
+                failing_since_ms=int(item[12]) if item[12] else None,
+                refresh_expires_at_ms=int(float(item[13])) if item[13] else None,
             )
             for item in res[2:]
         ]
