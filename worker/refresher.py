@@ -346,7 +346,9 @@ class Refresher:
 
     async def _exchange(self, c: Claimed, profile: Profile, request: TokenRequest) -> TokenSet:
         try:
-            ssl = trust_context(self.ca_file, profile.ca_pem) if profile.ca_pem else None
+            ssl = None  # the common case: the system store, no lookup
+            if profile.ca_pem or self.ca_file:
+                ssl = trust_context(self.ca_file, profile.ca_pem)
             answer = await send(self.http, request, timeout_s=profile.timeout_s, ssl=ssl)
             status_class = _CLASS[answer.status // 100]
             self._child(self.metrics.provider_responses, c.profile, status_class).inc()
