@@ -247,3 +247,56 @@ async def test_a_claim_without_room_soon_goes_back_due_when_there_is(redis_url: 
                 assert due is not None
                 assert now_ms + 1000 < due <= now_ms + 5500
             assert [k async for k in store.client.scan_iter(match="*lock:*")] == []
+
+
+# ------------------------------------------------------- refresh horizon
+
+
+async def test_refresh_expiry_is_stored_scheduled_and_counted(redis_url: str) -> None:
+    """A GitHub-style answer: the refresh token's expiry lands in the record,
+    the next refresh comes before it (not at the access token's expiry), and
+    the horizon gauge counts the credential in its bucket."""
+    from worker.fakeprovider import FakeProviderConfig
+    from worker.horizon import Horizon
+    from worker.metrics import Metrics
+
+    settings = make_settings(redis_url)
+    config = FakeProviderConfig(lifetime_s=30 * 86400, refresh_token_expires_in=3 * 86400)
+    async with FakeProvider(config) as provider, open_store(settings) as store:
+        await seed(store, provider, 2)
+        async with worker_running(settings):
+            await wait_for(lambda: provider.stats.refreshed == 2, within=10, what="refreshed")
+
+            async def indexed() -> bool:
+                return await store.client.zcard(store.keys.refresh_horizon) == 2
+
+            await wait_for(indexed, within=5, what="the horizon index")
+        cred = await store.get("cred-00000")
+        now_ms = int(time.time() * 1000)
+        assert cred.refresh_expires_at_ms is not None
+        assert abs(cred.refresh_expires_at_ms - (now_ms + 3 * DAY_MS)) < 60_000
+        assert cred.due_at_ms is not None
+        assert cred.due_at_ms < cred.refresh_expires_at_ms < cred.expires_at_ms
+        metrics = Metrics()
+        await store.delete("cred-00001")
+        counts = await Horizon(store, metrics).update()
+        assert counts == {"lt_1d": 0, "lt_7d": 1, "lt_30d": 0, "later": 0, "unknown": 0}
+        gauge = metrics.refresh_horizon.labels("lt_7d")._value.get()
+        assert gauge == 1  # the deleted credential left the index
+        assert await store.client.zcard(store.keys.refresh_horizon) == 1
+
+
+async def test_keep_alive_schedules_the_next_refresh_within_the_interval(redis_url: str) -> None:
+    from worker.fakeprovider import FakeProviderConfig
+
+    settings = make_settings(redis_url)
+    config = FakeProviderConfig(lifetime_s=30 * 86400)
+    async with FakeProvider(config) as provider, open_store(settings) as store:
+        await seed(store, provider, 1, profile={"max_refresh_interval_s": 120})
+        async with worker_running(settings):
+            await wait_for(lambda: provider.stats.refreshed == 1, within=10, what="refreshed")
+        cred = await store.get("cred-00000")
+        now_ms = int(time.time() * 1000)
+        assert cred.due_at_ms is not None
+        assert now_ms < cred.due_at_ms <= now_ms + 120_000
+        assert cred.expires_at_ms > now_ms + 29 * DAY_MS

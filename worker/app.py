@@ -22,6 +22,7 @@ from worker.embedded import ensure_embedded
 from worker.errors import StoreUnavailable
 from worker.eventlog import Retention
 from worker.health import HealthServer, Heartbeat
+from worker.horizon import Horizon
 from worker.keys import Keyspace
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -242,6 +243,7 @@ async def run_worker(
                 )
                 await tg.start(health.serve)
             tg.start_soon(_stop_on_signal, worker)
+            tg.start_soon(Horizon(store, metrics).run)
             log.info("worker.started", worker_id=settings.worker_id,
                      concurrency=settings.concurrency)  # fmt: skip
             task_status.started(worker)

@@ -68,6 +68,8 @@ class FakeProviderConfig:
     latency_s: float = 0.0
     expires_in_as_string: bool = False
     omit_expires_in: bool = False
+    #: GitHub-style ``refresh_token_expires_in`` in each answer (0: not sent)
+    refresh_token_expires_in: int = 0
     return_refresh_token: bool = True
     accept_json_body: bool = True
 
@@ -415,6 +417,8 @@ class FakeProvider:
         if not cfg.omit_expires_in:
             lifetime = cfg.lifetime_s
             body["expires_in"] = str(lifetime) if cfg.expires_in_as_string else lifetime
+        if cfg.refresh_token_expires_in:
+            body["refresh_token_expires_in"] = cfg.refresh_token_expires_in
         if cfg.return_refresh_token:
             body["refresh_token"] = grant.refresh_token
         body["scope"] = scope

@@ -113,6 +113,12 @@ class Keyspace:
         return f"{self.prefix}ratelimit:{{{profile_id}}}"
 
     @property
+    def refresh_horizon(self) -> str:
+        """Sorted set: member = credential id, score = its refresh token's
+        expiry (ms), for the horizon gauge only (``worker.horizon``)."""
+        return f"{self.prefix}refresh_horizon"
+
+    @property
     def wake(self) -> str:
         """Pub/sub channel: a credential became due earlier than workers think."""
         return f"{self.prefix}wake"

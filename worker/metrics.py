@@ -152,5 +152,12 @@ class Metrics:
             ["profile"],
             registry=r,
         )
+        self.refresh_horizon = Gauge(
+            "refreshd_credentials_by_refresh_horizon",
+            "Active credentials by time left until their refresh token expires "
+            "(lt_1d, lt_7d, lt_30d, later; unknown: the provider did not say).",
+            ["horizon"],
+            registry=r,
+        )
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         ProcessCollector(registry=r)

@@ -43,6 +43,7 @@ from worker.errors import (
     Transient,
 )
 from worker.events import EventType, build_event
+from worker.horizon import record_refresh_expiry
 from worker.landing import plan_landing
 from worker.logs import debug_enabled, fingerprint, get_logger
 from worker.metrics import Metrics
@@ -391,6 +392,8 @@ class Refresher:
             c, "refreshed", next_due, fields, event, tokens, reason=landing.reason
         )
         if result is not None and result.ok:
+            if tokens.refresh_expires_at_ms:
+                await self._index_refresh_expiry(c.id, tokens.refresh_expires_at_ms)
             label = landing.reason or "ok"
             self._child(self.metrics.refreshes, c.profile, "refreshed", label).inc()
             if debug_enabled():  # a sha256 per refresh otherwise
@@ -404,6 +407,13 @@ class Refresher:
                 self.on_scheduled(next_due)
             return "refreshed"
         return "commit_failed"
+
+    async def _index_refresh_expiry(self, credential_id: str, expires_at_ms: int) -> None:
+        """For the horizon gauge only: a failure here loses nothing."""
+        try:
+            await record_refresh_expiry(self.store, credential_id, expires_at_ms)
+        except StoreUnavailable:
+            log.info("horizon.index_skipped", credential_id=credential_id)
 
     async def _finish_failure(
         self,
