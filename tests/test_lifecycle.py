@@ -300,3 +300,47 @@ async def test_keep_alive_schedules_the_next_refresh_within_the_interval(redis_u
         assert cred.due_at_ms is not None
         assert now_ms < cred.due_at_ms <= now_ms + 120_000
         assert cred.expires_at_ms > now_ms + 29 * DAY_MS
+
+
+# ------------------------------------------------------ per-host connections
+
+
+class ConcurrencyProvider(FakeProvider):
+    """The fake provider, counting requests in progress at once."""
+
+    def __init__(self) -> None:
+        from worker.fakeprovider import FakeProviderConfig
+
+        super().__init__(FakeProviderConfig(latency_s=0.2))
+        self.now = 0
+        self.most = 0
+
+    async def _handle(self, request: Any) -> Any:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            return await super()._handle(request)
+        finally:
+            self.now -= 1
+
+
+@pytest.mark.parametrize(("cap", "most"), [(2, 2), (0, 8)])
+async def test_max_connections_per_host_caps_one_provider(cap: int, most: int) -> None:
+    from multidict import CIMultiDict
+
+    from worker.transport import TokenRequest, make_http_client, send
+
+    async with ConcurrencyProvider() as provider, make_http_client(max_per_host=cap) as http:
+        request = TokenRequest(
+            "POST", provider.url, CIMultiDict(), b"grant_type=x", allow_private_network=True
+        )
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(lambda: send(http, request, timeout_s=5))
+    assert provider.most == most
+
+
+def test_settings_default_per_host_cap() -> None:
+    assert Settings().max_connections_per_host == 100
+    with pytest.raises(ConfigError, match="REFRESHD_MAX_CONNECTIONS_PER_HOST"):
+        Settings(max_connections_per_host=-1)
