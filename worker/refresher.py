@@ -8,8 +8,9 @@ could revoke the grant: stop and tell consumers, never guess); ``skipped``
 (the claim was lost before anything was sent).
 
 Two failures stop retrying on their own: a certificate the token host's
-TLS does not pass (``tls_error``) after ``TLS_ATTEMPTS`` attempts in a row
-(a configuration problem: retrying forever helps nobody), and any streak
+TLS does not pass (``tls_error``) once the streak of failures it ends
+reaches ``TLS_ATTEMPTS`` (a configuration problem: retrying forever helps
+nobody), and any streak
 of retryable failures older than the profile's ``give_up_after_s``
 (reason ``gave_up``), counted from the streak's first failure
 (``failing_since``).
