@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faultkit import running
 from tests.harness import make_settings, seed, wait_for, worker_running
 from tests.tlscerts import make_ca
 from worker.app import open_store
@@ -57,7 +58,7 @@ async def test_an_untrusted_certificate_stops_as_tls_error(redis_url: str, tmp_p
         open_store(settings) as store,
     ):
         grants = await seed(store, provider, 1)
-        async with worker_running(settings):
+        async with running(settings, store) as (events, _):
 
             async def stopped() -> bool:
                 return (await store.get("cred-00000")).status is Status.NEEDS_REAUTH
@@ -68,6 +69,9 @@ async def test_an_untrusted_certificate_stops_as_tls_error(redis_url: str, tmp_p
         assert cred.last_error.startswith("tls_error: certificate:")
         assert "unable to get local issuer certificate" in cred.last_error
         assert provider.stats.requests == 0  # the handshake failed: nothing was sent
+        (stop,) = events.of("credential.needs_reauth")
+        assert stop["reason"] == "tls_error"
+        assert stop["detail"] == "certificate: unable to get local issuer certificate"
         assert cred.refresh_token == grants["cred-00000"].refresh_token
 
 

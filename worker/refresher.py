@@ -469,6 +469,7 @@ class Refresher:
             reason=failure.reason,
             failures=failures,
             retry_at_ms=next_due or None,
+            detail=failure.detail if failure.reason == "tls_error" else "",
         )
         with anyio.CancelScope(shield=not spent):  # spent: the caller's shield holds
             result = await self._commit(
