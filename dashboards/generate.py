@@ -328,6 +328,18 @@ ALERTS: list[Rule] = [
         f"{WHERE}: commits keep landing without the fsync (WAITAOF) or replica (WAIT) "
         "confirmation the durability mode asks for ({{ $value | humanize }}/s).",
     ),
+    _alert(
+        "RefreshdRefreshTokensExpiringSoon",
+        # every worker reports the same counts: max, not sum, over instances
+        f"sum by ({BY}) (max by ({BY}, horizon) "
+        '(refreshd_credentials_by_refresh_horizon{horizon=~"lt_1d|lt_7d"})) > 0',
+        "30m",
+        "warning",
+        "Refresh tokens of active credentials expire within 7 days",
+        f"{WHERE}: {{{{ $value | humanize }}}} active credential(s) hold a refresh token that "
+        "the provider said expires within 7 days, and refreshing does not renew it (an "
+        "absolute lifetime): their users must re-authorize before then.",
+    ),
 ]
 
 GROUPS: list[dict[str, Any]] = [

@@ -1210,3 +1210,17 @@ def test_every_command_has_help(cli: Cli, command: str) -> None:
     result = cli(*command.split(), "--help")
     assert result.code == 0, result.err
     assert result.out.startswith(f"usage: refreshd {command}")
+
+
+def test_profile_flags_set_the_rate_and_lifecycle_knobs(cli: Cli) -> None:
+    shown = make_profile(
+        cli, "knobs", "--rate-limit", "10", "--rate-limit-burst", "3",
+        "--max-refresh-interval", "86400", "--give-up-after", "3600",
+    )  # fmt: skip
+    assert shown["rate_limit_per_s"] == 10
+    assert shown["rate_limit_burst"] == 3
+    assert shown["max_refresh_interval_s"] == 86400
+    assert shown["give_up_after_s"] == 3600
+    line = cli.fails(2, "profile", "create", "bad", "--token-url", HTTPS_URL,
+                     "--max-refresh-interval", "5")  # fmt: skip
+    assert "max_refresh_interval_s" in line

@@ -739,7 +739,8 @@ async def test_redis_killed_and_restarted_during_a_run(fresh_redis: RedisServer)
 
 
 async def test_drain_hands_back_claims_waiting_for_a_rate_limit_slot(redis_url: str) -> None:
-    settings = make_settings(redis_url, drain_grace_s=2.0)
+    # a 30 s lease: waits of up to 10 s (a third of it) queue for the slot
+    settings = make_settings(redis_url, drain_grace_s=2.0, lease_s=30.0)
     async with FakeProvider() as provider, open_store(settings) as store:
         grants = await seed(store, provider, 6, profile={"rate_limit_per_s": 0.2})
         async with worker_running(settings) as [w]:

@@ -41,6 +41,7 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "MAX_TOKEN_TYPE_CHARS",
     "MIN_LIFETIME_S",
+    "REFRESH_EXPIRY_FIELDS",
     "WARNINGS",
     "Warnings",
     "lifetime_s",
@@ -79,6 +80,16 @@ WARNINGS = frozenset(
 )
 
 Warnings = list[str]
+
+
+#: where providers put the refresh token's lifetime (seconds), read when the
+#: profile names no ``refresh_expires_in_field``: GitHub Apps, Keycloak,
+#: Intuit; the first one present wins
+REFRESH_EXPIRY_FIELDS = (
+    "refresh_token_expires_in",
+    "refresh_expires_in",
+    "x_refresh_token_expires_in",
+)
 
 
 def utf8_len(value: str) -> int:

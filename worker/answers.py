@@ -33,6 +33,7 @@ from worker.answer_fields import (
     MAX_LIFETIME_S,
     MAX_TOKEN_BYTES,
     MIN_LIFETIME_S,
+    REFRESH_EXPIRY_FIELDS,
     Warnings,
     lifetime_s,
     number,
@@ -311,13 +312,6 @@ def read_answer(
         warn(warnings, "access_token_missing")
     if max(utf8_len(access_token), utf8_len(new_secret or "")) > MAX_TOKEN_BYTES:
         warn(warnings, "token_oversized")
-    refresh_expires_at = None
-    if profile.refresh_expires_in_field:
-        raw = field_at(body, profile.refresh_expires_in_field)
-        if raw is not None:
-            lifetime = lifetime_s(raw, warnings, "refresh_expires_in")
-            if lifetime is not None:
-                refresh_expires_at = now_ms + int(lifetime * 1000)
     return TokenSet(
         access_token=access_token,
         # RFC 6749 §5.1: refresh_token is optional; keep the old one (Google, Dropbox)
@@ -329,10 +323,31 @@ def read_answer(
         scope=read_scope(body, old_scope, warnings),
         rotated=rotated,
         extra=_kept(body, profile, warnings),
-        refresh_expires_at_ms=refresh_expires_at,
+        refresh_expires_at_ms=_refresh_expiry_ms(body, profile, now_ms, warnings),
         warnings=tuple(warnings),
         refresh_unconfirmed=unconfirmed and not rotated,
     )
+
+
+def _refresh_expiry_ms(
+    body: dict[str, Any], profile: Profile, now_ms: int, warnings: Warnings
+) -> int | None:
+    """When the refresh token itself dies, if the answer says: the profile's
+    ``refresh_expires_in_field``, else the first of the common names
+    (``REFRESH_EXPIRY_FIELDS``). Under a common name, 0 means "does not
+    expire" (Keycloak's offline tokens), not an error."""
+    if profile.refresh_expires_in_field:
+        name: str | None = profile.refresh_expires_in_field
+        raw = field_at(body, profile.refresh_expires_in_field)
+    else:
+        name = next((n for n in REFRESH_EXPIRY_FIELDS if n in body), None)
+        raw = body[name] if name is not None else None
+        if raw == 0:
+            return None
+    if raw is None:
+        return None
+    lifetime = lifetime_s(raw, warnings, "refresh_expires_in")
+    return None if lifetime is None else now_ms + int(lifetime * 1000)
 
 
 def _new_refresh_token(

@@ -22,6 +22,7 @@ from worker.embedded import ensure_embedded
 from worker.errors import StoreUnavailable
 from worker.eventlog import Retention
 from worker.health import HealthServer, Heartbeat
+from worker.horizon import Horizon
 from worker.keys import Keyspace
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -162,7 +163,9 @@ def build_refresher(
         timing=RefreshTiming(
             lease_ms=int(settings.lease_s * 1000),
             margin_ms=int(settings.spend_margin_s * 1000),
+            rate_wait_max_s=settings.lease_s / 3,
         ),
+        ca_file=settings.ca_file,
     )
 
 
@@ -210,7 +213,11 @@ async def run_worker(
     pool = min(max(settings.concurrency // 4, 8), 128)
     async with (
         open_store(settings, pool_size=pool, announce=True) as store,
-        make_http_client(max_connections=settings.concurrency) as http,
+        make_http_client(
+            max_connections=settings.concurrency,
+            max_per_host=settings.max_connections_per_host,
+            ca_file=settings.ca_file,
+        ) as http,
     ):
         # commits a stopped worker left, of this prefix only
         spool = Spool(settings.spool_path, store.codec, scope=settings.prefix)
@@ -236,6 +243,7 @@ async def run_worker(
                 )
                 await tg.start(health.serve)
             tg.start_soon(_stop_on_signal, worker)
+            tg.start_soon(Horizon(store, metrics).run)
             log.info("worker.started", worker_id=settings.worker_id,
                      concurrency=settings.concurrency)  # fmt: skip
             task_status.started(worker)

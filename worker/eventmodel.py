@@ -68,6 +68,8 @@ class Failed(Event):
     reason: str = ""
     failures: int | None = None
     retry_at_ms: int | None = None
+    #: what exactly failed, where refreshd can say it safely (``tls_error``)
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,6 +150,7 @@ def _typed(body: Mapping[str, Any]) -> Event:
         reason=_str(body.get("reason") or ""),
         failures=_opt_int(body.get("failures")),
         retry_at_ms=_opt_int(body.get("retry_at")),
+        detail=_str(body.get("detail") or ""),
     )
 
 

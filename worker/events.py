@@ -45,6 +45,7 @@ def build_event(
     failures: int | None = None,
     extra: dict[str, str] | None = None,
     warnings: Sequence[str] = (),
+    detail: str = "",
 ) -> str:
     """One event as compact JSON. ``warnings`` (any type, only when there
     are some): the fallbacks applied to an odd provider answer, from the
@@ -74,6 +75,8 @@ def build_event(
             body["failures"] = failures
         if retry_at_ms is not None:
             body["retry_at"] = retry_at_ms
+        if detail:  # refreshd's own words (a certificate problem), never provider text
+            body["detail"] = detail
     if warnings:
         body["warnings"] = list(warnings)
     return orjson.dumps(body).decode()  # compact; non-ASCII as UTF-8, not \u escapes

@@ -19,6 +19,7 @@ import hmac
 import json
 import secrets
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -67,6 +68,8 @@ class FakeProviderConfig:
     latency_s: float = 0.0
     expires_in_as_string: bool = False
     omit_expires_in: bool = False
+    #: GitHub-style ``refresh_token_expires_in`` in each answer (0: not sent)
+    refresh_token_expires_in: int = 0
     return_refresh_token: bool = True
     accept_json_body: bool = True
 
@@ -163,7 +166,13 @@ class FakeProvider:
     at `p.url`. Superseded refresh tokens are remembered forever (that is how reuse is
     detected), so memory grows by one small entry per rotation."""
 
-    def __init__(self, config: FakeProviderConfig | None = None, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        config: FakeProviderConfig | None = None,
+        *,
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.config = cfg = config or FakeProviderConfig()
         self.stats = ProviderStats()
         #: How many times each refresh token value arrived, whatever the outcome.
@@ -171,6 +180,8 @@ class FakeProvider:
         #: FIFO of pending faults; `inject` appends.
         self.faults: deque[Fault] = deque()
         self._port = port
+        #: serve https with this context (tests of private CAs), else http
+        self._ssl = ssl_context
         self._runner: web.ServerRunner | None = None
         self._closing = asyncio.Event()
         self._grants: dict[str, _Grant] = {}
@@ -200,7 +211,7 @@ class FakeProvider:
         )
         await runner.setup()
         try:
-            await web.TCPSite(runner, "127.0.0.1", self._port).start()
+            await web.TCPSite(runner, "127.0.0.1", self._port, ssl_context=self._ssl).start()
             self._port = runner.addresses[0][1]
         except BaseException:
             await runner.cleanup()
@@ -218,10 +229,11 @@ class FakeProvider:
 
     @property
     def url(self) -> str:
-        """The token endpoint, http://127.0.0.1:PORT/token."""
+        """The token endpoint, http://127.0.0.1:PORT/token (https with a context)."""
         if self._runner is None:
             raise RuntimeError("FakeProvider is not running")
-        return f"http://127.0.0.1:{self._port}/token"
+        scheme = "https" if self._ssl is not None else "http"
+        return f"{scheme}://127.0.0.1:{self._port}/token"
 
     def issue_grant(self, scope: str = "read write") -> IssuedGrant:
         """Mint a grant without HTTP, standing in for the authorization-code step."""
@@ -405,6 +417,8 @@ class FakeProvider:
         if not cfg.omit_expires_in:
             lifetime = cfg.lifetime_s
             body["expires_in"] = str(lifetime) if cfg.expires_in_as_string else lifetime
+        if cfg.refresh_token_expires_in:
+            body["refresh_token_expires_in"] = cfg.refresh_token_expires_in
         if cfg.return_refresh_token:
             body["refresh_token"] = grant.refresh_token
         body["scope"] = scope

@@ -106,6 +106,18 @@ class Keyspace:
         positions follow the same order)."""
         return [p.log for p in self.all_partitions()]
 
+    def rate_limit(self, profile_id: str) -> str:
+        """String: a profile's cluster-wide GCRA state (``worker.clusterrate``).
+        Hash-tagged by the profile (not a partition): one profile's limiter
+        is one key in one slot, and busy profiles spread over the cluster."""
+        return f"{self.prefix}ratelimit:{{{profile_id}}}"
+
+    @property
+    def refresh_horizon(self) -> str:
+        """Sorted set: member = credential id, score = its refresh token's
+        expiry (ms), for the horizon gauge only (``worker.horizon``)."""
+        return f"{self.prefix}refresh_horizon"
+
     @property
     def wake(self) -> str:
         """Pub/sub channel: a credential became due earlier than workers think."""

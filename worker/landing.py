@@ -67,6 +67,8 @@ def plan_landing(
             now_ms=now_ms, failures=failures, expires_at_ms=c.expires_at_ms
         )
         fields |= {"failures": failures, "last_error": PARTIAL_REASON, "last_error_at": now_ms}
+        if not c.failures:
+            fields["failing_since"] = now_ms
         event = build_event(
             EventType.FAILED,
             credential_id=c.id,
@@ -84,8 +86,14 @@ def plan_landing(
         "token_type": tokens.token_type,
         "expires_at": tokens.expires_at_ms,
     }
+    if c.failures:
+        fields["failing_since"] = ""  # the streak is over
     next_due = schedule.next_due_ms(
-        now_ms=now_ms, expires_at_ms=tokens.expires_at_ms, profile_lead_s=profile.refresh_lead_s
+        now_ms=now_ms,
+        expires_at_ms=tokens.expires_at_ms,
+        profile_lead_s=profile.refresh_lead_s,
+        max_interval_s=profile.max_refresh_interval_s,
+        refresh_expires_at_ms=tokens.refresh_expires_at_ms or c.refresh_expires_at_ms,
     )
     if tokens.refresh_unconfirmed:
         first_send = c.ambiguous_at_ms or c.claimed_at_ms

@@ -144,5 +144,20 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        # cluster-wide rate limits (worker.ratelimit)
+        self.rate_limited = Counter(
+            "refreshd_rate_limited_total",
+            "Claims handed back because the profile's cluster-wide rate limit had no "
+            "room within the longest wait, by profile.",
+            ["profile"],
+            registry=r,
+        )
+        self.refresh_horizon = Gauge(
+            "refreshd_credentials_by_refresh_horizon",
+            "Active credentials by time left until their refresh token expires "
+            "(lt_1d, lt_7d, lt_30d, later; unknown: the provider did not say).",
+            ["horizon"],
+            registry=r,
+        )
         # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         ProcessCollector(registry=r)

@@ -245,6 +245,10 @@ class Claimed:
     recovered: bool
     claimed_at_ms: int
     params: Mapping[str, str] = field(default_factory=dict)
+    #: when the current streak of failures began (None: no streak, or unknown)
+    failing_since_ms: int | None = None
+    #: when the refresh token itself expires, if the provider said
+    refresh_expires_at_ms: int | None = None
     granted_scope: str = ""  # "" for a credential stored before it was recorded
 
     @property

@@ -289,6 +289,16 @@ class Profile:
     fresh_connection: bool = False
     preset: str = ""
     name: str = ""
+    # -- rate-limit burst, lifecycle and TLS (issue 13: sections 2, 3, 5) --
+    #: requests allowed at once after an idle period (0: max(1, rate))
+    rate_limit_burst: int = 0
+    #: refresh at least this often, whatever the expiry (0: no keep-alive)
+    max_refresh_interval_s: float = 0.0
+    #: transient failures going on this long end as needs_reauth (gave_up)
+    give_up_after_s: float = 4 * 86400.0
+    #: PEM certificate(s) trusted for this profile's token host, on top of
+    #: the system store and REFRESHD_CA_FILE
+    ca_pem: str = ""
 
     def __post_init__(self) -> None:
         for name in _STRING_FIELDS:
@@ -319,6 +329,7 @@ class Profile:
         ):
             set_(self, name, parse_number(name, getattr(self, name), low=low, high=high))
         set_(self, "max_concurrency", int(self.max_concurrency))
+        self._check_lifecycle()
         method = str(self.method).upper()
         if method not in {"POST", "PUT", "GET"}:
             raise ConfigError(f"method must be POST, PUT or GET, got {self.method!r}")
@@ -348,6 +359,30 @@ class Profile:
         if isinstance(rules, str | Mapping) or not isinstance(rules, Sequence):
             raise ConfigError("error_rules must be a list of rules")
         set_(self, "error_rules", tuple(ErrorRule.parse(r) for r in rules))
+
+    def _check_lifecycle(self) -> None:
+        """The issue-13 knobs: burst, keep-alive, give-up, CA."""
+        set_ = object.__setattr__
+        for name, low, high in (
+            ("rate_limit_burst", 0, 100_000),
+            ("max_refresh_interval_s", 0, 400 * 86400),
+            ("give_up_after_s", 0, 400 * 86400),
+        ):
+            set_(self, name, parse_number(name, getattr(self, name), low=low, high=high))
+        set_(self, "rate_limit_burst", int(self.rate_limit_burst))
+        if 0 < self.max_refresh_interval_s < 60:
+            raise ConfigError("max_refresh_interval_s must be 0 (off) or at least 60")
+        if not isinstance(self.ca_pem, str):
+            raise ConfigError("ca_pem must be a string")
+        if self.ca_pem:
+            from worker.tlstrust import check_pem
+
+            check_pem(self.ca_pem)
+
+    @property
+    def effective_burst(self) -> int:
+        """The rate limit's burst: the profile's, else one second's worth."""
+        return self.rate_limit_burst or max(1, int(self.rate_limit_per_s))
 
     def _check_url(self) -> None:
         url = self.token_url

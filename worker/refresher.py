@@ -7,6 +7,14 @@ answered with tokens we never saw, and sending the same refresh token again
 could revoke the grant: stop and tell consumers, never guess); ``skipped``
 (the claim was lost before anything was sent).
 
+Two failures stop retrying on their own: a certificate the token host's
+TLS does not pass (``tls_error``) once the streak of failures it ends
+reaches ``TLS_ATTEMPTS`` (a configuration problem: retrying forever helps
+nobody), and any streak
+of retryable failures older than the profile's ``give_up_after_s``
+(reason ``gave_up``), counted from the streak's first failure
+(``failing_since``).
+
 The unknown-outcome rule: a refresh token whose request went unanswered
 may be sent again only when the profile says the provider does not rotate,
 or inside its reuse grace window counted from the first unanswered send.
@@ -24,6 +32,7 @@ import aiohttp
 import anyio
 
 from worker.answers import TokenSet, read_answer
+from worker.clusterrate import ClusterRate
 from worker.errors import (
     Ambiguous,
     ConfigError,
@@ -35,19 +44,24 @@ from worker.errors import (
     Transient,
 )
 from worker.events import EventType, build_event
+from worker.horizon import record_refresh_expiry
 from worker.landing import plan_landing
 from worker.logs import debug_enabled, fingerprint, get_logger
 from worker.metrics import Metrics
 from worker.models import Claimed, Profile, Rotation
 from worker.profiles import ProfileCache
-from worker.ratelimit import ProfileLimits
+from worker.ratelimit import ProfileLimits, RateLimited
 from worker.scheduling import Schedule
 from worker.spool import PendingCommit, Spool, SpoolError
 from worker.store import CommitResult, Outcome, Store
 from worker.strategies import build_request
+from worker.tlstrust import trust_context
 from worker.transport import TokenRequest, send
 
-__all__ = ["RefreshTiming", "Refresher", "blind_retry_allowed"]
+__all__ = ["TLS_ATTEMPTS", "RefreshTiming", "Refresher", "blind_retry_allowed"]
+
+#: consecutive ``tls_error`` failures before the credential stops (needs_reauth)
+TLS_ATTEMPTS = 3
 
 log = get_logger("refreshd.refresh")
 
@@ -69,6 +83,13 @@ def blind_retry_allowed(profile: Profile, *, first_send_ms: int, now_ms: int) ->
     return grace_ms > 0 and now_ms + profile.timeout_s * 1000 < first_send_ms + grace_ms
 
 
+def _gave_up(c: Claimed, profile: Profile, now_ms: int) -> bool:
+    """Has this streak of retryable failures outlived ``give_up_after_s``?"""
+    since = c.failing_since_ms
+    limit_ms = profile.give_up_after_s * 1000
+    return limit_ms > 0 and c.failures > 0 and since is not None and now_ms - since >= limit_ms
+
+
 @dataclass(frozen=True, slots=True)
 class RefreshTiming:
     lease_ms: int
@@ -77,6 +98,8 @@ class RefreshTiming:
     commit_retry_max_delay_s: float = 2.0
     #: at most one ``commit.retry_round`` summary per this many seconds
     commit_round_log_s: float = 30.0
+    #: longest wait for a rate-limit slot before the claim goes back
+    rate_wait_max_s: float = 10.0
 
 
 class Refresher:
@@ -91,6 +114,7 @@ class Refresher:
         timing: RefreshTiming,
         on_scheduled: Callable[[int], None] | None = None,
         spool: Spool | None = None,
+        ca_file: str = "",
     ) -> None:
         self.store = store
         self.profiles = profiles
@@ -99,7 +123,11 @@ class Refresher:
         self.metrics = metrics
         self.timing = timing
         self.on_scheduled = on_scheduled
-        self.limits = ProfileLimits()
+        self.limits = ProfileLimits(
+            ClusterRate(store.client, store.keys), max_wait_s=timing.rate_wait_max_s
+        )
+        #: REFRESHD_CA_FILE: added to each profile's own CA (``worker.tlstrust``)
+        self.ca_file = ca_file
         self.draining = False
         self._waiting: set[anyio.CancelScope] = set()
         #: called with each refresh's schedule lag in seconds (demo, benchmarks)
@@ -169,7 +197,16 @@ class Refresher:
             return await self._finish_failure(c, profile, broken, "needs_reauth", spent=False)
         if self.limits.unlimited(profile) and not self.draining:
             return await self._spend_and_send(c, profile, request, shield)
-        release = await self._wait_for_slot(profile)
+        try:
+            release = await self._wait_for_slot(profile)
+        except RateLimited as limited:  # no room soon: due again when there is
+            self._child(self.metrics.rate_limited, c.profile).inc()
+            later = _now_ms() + limited.retry_after_ms
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await self.store.commit(c, "release", next_due=later, fields={}, event="")
+            if self.on_scheduled is not None:
+                self.on_scheduled(later)
+            return "released"
         if release is None:  # draining: nothing was spent, hand the claim back
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 await self.store.commit(c, "release", next_due="now", fields={}, event="")
@@ -311,7 +348,10 @@ class Refresher:
 
     async def _exchange(self, c: Claimed, profile: Profile, request: TokenRequest) -> TokenSet:
         try:
-            answer = await send(self.http, request, timeout_s=profile.timeout_s)
+            ssl = None  # the common case: the system store, no lookup
+            if profile.ca_pem or self.ca_file:
+                ssl = trust_context(self.ca_file, profile.ca_pem)
+            answer = await send(self.http, request, timeout_s=profile.timeout_s, ssl=ssl)
             status_class = _CLASS[answer.status // 100]
             self._child(self.metrics.provider_responses, c.profile, status_class).inc()
             return read_answer(
@@ -330,6 +370,8 @@ class Refresher:
     def _failure_outcome(
         self, profile: Profile, failure: RefreshFailure, c: Claimed, sent_ms: int
     ) -> Outcome:
+        if failure.reason == "tls_error" and c.failures + 1 >= TLS_ATTEMPTS:
+            return "needs_reauth"  # the certificate will not fix itself
         if isinstance(failure, NotSent | Transient):
             return "retry"
         if isinstance(failure, Permanent):
@@ -351,6 +393,8 @@ class Refresher:
             c, "refreshed", next_due, fields, event, tokens, reason=landing.reason
         )
         if result is not None and result.ok:
+            if tokens.refresh_expires_at_ms:
+                await self._index_refresh_expiry(c.id, tokens.refresh_expires_at_ms)
             label = landing.reason or "ok"
             self._child(self.metrics.refreshes, c.profile, "refreshed", label).inc()
             if debug_enabled():  # a sha256 per refresh otherwise
@@ -365,6 +409,13 @@ class Refresher:
             return "refreshed"
         return "commit_failed"
 
+    async def _index_refresh_expiry(self, credential_id: str, expires_at_ms: int) -> None:
+        """For the horizon gauge only: a failure here loses nothing."""
+        try:
+            await record_refresh_expiry(self.store, credential_id, expires_at_ms)
+        except StoreUnavailable:
+            log.info("horizon.index_skipped", credential_id=credential_id)
+
     async def _finish_failure(
         self,
         c: Claimed,
@@ -377,10 +428,16 @@ class Refresher:
     ) -> str:
         now_ms = _now_ms()
         failures = c.failures + 1
+        if outcome == "retry" and profile is not None and _gave_up(c, profile, now_ms):
+            failure = Permanent("gave_up", f"failing since {c.failing_since_ms} ({failure.reason})")
+            outcome = "needs_reauth"
         fields: dict[str, str | int] = {
             "last_error": failure.reason
             + (f" (HTTP {failure.status})" if failure.status is not None else "")
+            + (f": {failure.detail}" if failure.reason == "tls_error" else "")
         }
+        if c.failures == 0 or c.failing_since_ms is None:
+            fields["failing_since"] = now_ms  # the first failure of a streak
         next_due: int | Literal[""] = ""
         kind = {
             "retry": EventType.FAILED,
@@ -412,6 +469,7 @@ class Refresher:
             reason=failure.reason,
             failures=failures,
             retry_at_ms=next_due or None,
+            detail=failure.detail if failure.reason == "tls_error" else "",
         )
         with anyio.CancelScope(shield=not spent):  # spent: the caller's shield holds
             result = await self._commit(
@@ -426,6 +484,8 @@ class Refresher:
                 reason=failure.reason,
                 status=failure.status,
                 failures=failures,
+                # the certificate problem (never secret); other details may quote answers
+                **({"detail": failure.detail} if failure.reason == "tls_error" else {}),
             )
             if outcome == "retry" and next_due and self.on_scheduled is not None:
                 self.on_scheduled(next_due)

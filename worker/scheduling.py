@@ -42,14 +42,37 @@ class Schedule:
         expires_at_ms: int,
         profile_lead_s: float = 0.0,
         rng: random.Random | None = None,
+        max_interval_s: float = 0.0,
+        refresh_expires_at_ms: int | None = None,
     ) -> int:
         """Due time for a token expiring at ``expires_at_ms``. Jitter only
         moves the refresh earlier, so tokens issued together spread out
-        without any of them getting closer to expiry."""
+        without any of them getting closer to expiry.
+
+        Two more bounds apply when given. Keep-alive: never later than
+        ``max_interval_s`` from now, for providers that revoke refresh
+        tokens left unused (Google after 6 months, Xero 30 days, Intuit 100
+        days). Refresh-token expiry: before ``refresh_expires_at_ms`` by the
+        usual lead computed on the refresh token's lifetime, so that a
+        rotating provider's new refresh token arrives while the old one
+        still works. Once that point has passed (an absolute expiry that
+        refreshing does not move, as Spotify's), it no longer pulls the
+        refresh earlier: that would refresh in a loop."""
         lifetime_s = max((expires_at_ms - now_ms) / 1000, 0.0)
         lead = self.lead_s(lifetime_s, profile_lead_s)
         jitter = (rng or random).uniform(0, self.jitter_fraction * lead)
-        return max(now_ms, int(expires_at_ms - (lead + jitter) * 1000))
+        due = max(now_ms, int(expires_at_ms - (lead + jitter) * 1000))
+        if max_interval_s > 0:
+            due = min(due, now_ms + int(max_interval_s * 1000))
+        if refresh_expires_at_ms is not None:
+            rt_life_s = (refresh_expires_at_ms - now_ms) / 1000
+            # the lead without lead_s's half-lifetime cap: a refresh token
+            # close to its end pulls at most one refresh, not a converging series
+            rt_lead = min(max(self.lead_min_s, self.lead_fraction * rt_life_s), self.lead_max_s)
+            rt_due = int(refresh_expires_at_ms - rt_lead * 1000)
+            if rt_due > now_ms:
+                due = min(due, rt_due)
+        return due
 
     def retry_due_ms(
         self,

@@ -100,6 +100,22 @@ class Settings:
             "wait for the spend's fsync, so this is well above the CPU's share).",
         ),
     )
+    max_connections_per_host: int = field(
+        default=100,
+        metadata=_doc(
+            "REFRESHD_MAX_CONNECTIONS_PER_HOST",
+            "Most open connections to one token host (0: no cap beyond "
+            "REFRESHD_CONCURRENCY), so a catch-up does not flood one provider.",
+        ),
+    )
+    ca_file: str = field(
+        default="",
+        metadata=_doc(
+            "REFRESHD_CA_FILE",
+            "PEM file of CA certificates trusted for token endpoints in addition to "
+            "the system store (private token hosts).",
+        ),
+    )
     claim_batch: int = field(
         default=100,
         metadata=_doc("REFRESHD_CLAIM_BATCH", "Most credentials claimed by one claim call."),
@@ -254,6 +270,14 @@ class Settings:
             ),
             (self.concurrency >= 1, "REFRESHD_CONCURRENCY must be at least 1"),
             (self.claim_batch >= 1, "REFRESHD_CLAIM_BATCH must be at least 1"),
+            (
+                self.max_connections_per_host >= 0,
+                "REFRESHD_MAX_CONNECTIONS_PER_HOST must not be negative",
+            ),
+            (
+                not self.ca_file or Path(self.ca_file).is_file(),
+                f"REFRESHD_CA_FILE {self.ca_file} is not a readable file",
+            ),
             (self.lease_s >= 5, "REFRESHD_LEASE_SECONDS must be at least 5"),
             (
                 0 < self.spend_margin_s < self.lease_s / 2,
@@ -361,6 +385,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "prefix": str,
     "partitions": int,
     "concurrency": int,
+    "max_connections_per_host": int,
+    "ca_file": str,
     "claim_batch": int,
     "lease_s": float,
     "spend_margin_s": float,

@@ -9,6 +9,7 @@ Fields of a credential record (``{prefix N}:cred:<id>``)::
                     a refresh may ask for
     version (+1 per commit of new tokens), status, failures, last_error,
     last_error_at (both cleared by a success), reason, created_at, updated_at, refreshed_at,
+    failing_since   when the current streak of failures began (give-up)
     intent, intent_rt, intent_deadline, intent_at   (open spend intent)
     ambiguous_token, ambiguous_at                   (unanswered request)
     spent_rt        fingerprints of the last two refresh tokens a rotation
@@ -324,6 +325,8 @@ class Store:
                 claimed_at_ms=now_ms,
                 params=_json_map(item[11]),
                 granted_scope=item[12],
+                failing_since_ms=int(item[13]) if item[13] else None,
+                refresh_expires_at_ms=int(float(item[14])) if item[14] else None,
             )
             for item in res[2:]
         ]

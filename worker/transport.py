@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from ssl import SSLContext
 
 import aiohttp
 from multidict import CIMultiDict
@@ -29,6 +30,7 @@ from worker import __version__
 from worker.connpool import KEEPALIVE_S, PoolConnector, ServerClosedFirst, fresh_connection
 from worker.egress import EgressRefused, allow_private_network
 from worker.errors import Ambiguous, NotSent, Permanent
+from worker.tlstrust import trust_context
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -75,13 +77,23 @@ class HttpAnswer:
     truncated: bool
 
 
-def make_http_client(*, max_connections: int = 256) -> aiohttp.ClientSession:
+def make_http_client(
+    *, max_connections: int = 256, max_per_host: int = 0, ca_file: str = ""
+) -> aiohttp.ClientSession:
     """One session (connection pool) per process, on ``PoolConnector``.
     aiohttp would add its own User-Agent; refreshd sets its own (and keeps
     aiohttp's Content-Type off a body-less request, ``send``). No cookie
     jar: one session serves every tenant, and a cookie set in one
-    credential's answer must never ride along with another's request."""
-    connector = PoolConnector(limit=max_connections, keepalive_timeout=KEEPALIVE_S)
+    credential's answer must never ride along with another's request.
+    ``max_per_host`` (0: no cap) keeps a catch-up from opening every
+    connection to one provider; ``ca_file`` adds a CA to the system store
+    for every request (``worker.tlstrust``)."""
+    connector = PoolConnector(
+        limit=max_connections,
+        limit_per_host=max_per_host,
+        keepalive_timeout=KEEPALIVE_S,
+        ssl=trust_context(ca_file) or True,
+    )
     session = aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": USER_AGENT},
@@ -125,6 +137,12 @@ def _egress_refusal(exc: aiohttp.ClientError) -> Permanent | None:
 def _classify(exc: aiohttp.ClientError) -> NotSent | Ambiguous | Permanent:
     if (refused := _egress_refusal(exc)) is not None:
         return refused
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert = exc.certificate_error
+        detail = getattr(cert, "verify_message", "") or str(cert)
+        return NotSent("tls_error", f"certificate: {detail}"[:200])
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return NotSent("tls_error", f"handshake: {exc.os_error}"[:200])
     if isinstance(exc, _NOT_SENT):
         return NotSent("connect_error", type(exc).__name__)
     if isinstance(exc, ServerClosedFirst):
@@ -154,12 +172,17 @@ def _closed_before_write(exc: BaseException) -> bool:
 
 
 async def send(
-    session: aiohttp.ClientSession, request: TokenRequest, *, timeout_s: float
+    session: aiohttp.ClientSession,
+    request: TokenRequest,
+    *,
+    timeout_s: float,
+    ssl: SSLContext | None = None,
 ) -> HttpAnswer:
     """Send ``request`` and read at most ``MAX_BODY_BYTES`` of the answer,
     all within ``timeout_s`` (the caller has already fitted it inside the
     lease). Raises ``NotSent`` or ``Ambiguous``, or ``Permanent`` when the
-    egress guard refused the address (nothing sent); never a foreign error."""
+    egress guard refused the address (nothing sent); never a foreign error.
+    ``ssl``: the profile's trust (its ``ca_pem``), else the session's."""
     req = request
     allow_private_network.set(req.allow_private_network)  # read by the connector
     fresh_connection.set(req.fresh_connection)  # likewise
@@ -175,6 +198,7 @@ async def send(
                 skip_auto_headers=None if req.content else _NO_BODY_HEADERS,
                 allow_redirects=False,
                 timeout=_timeout(timeout_s),
+                ssl=True if ssl is None else ssl,
             ) as response,
         ):
             chunks: list[bytes] = []

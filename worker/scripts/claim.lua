@@ -11,7 +11,8 @@ ARGV[5]  ids    "" to take what is due now, else ids separated by "\n" to claim
 
 Returns { now_ms, contended, item... } where each item is the array
   { id, due_ms, profile, refresh_token, token_type, scope,
-    expires_at, version, failures, ambiguous_at, recovered, params, granted_scope }
+    expires_at, version, failures, ambiguous_at, recovered, params, granted_scope,
+    failing_since, refresh_expires_at }
 (not the access token: the worker is about to replace it, and it is most
 of a record's bytes)
 `recovered` is "1" when the credential carried a spend intent past its
@@ -75,7 +76,8 @@ for _, c in ipairs(candidates) do
         rec_get(rec, 'token_type') or '', rec_get(rec, 'scope') or '',
         rec_get(rec, 'expires_at') or '0', rec_get(rec, 'version') or '0',
         rec_get(rec, 'failures') or '0', ambiguous_at, recovered, rec_get(rec, 'params') or '',
-        rec_get(rec, 'granted_scope') or '' }
+        rec_get(rec, 'granted_scope') or '',
+        rec_get(rec, 'failing_since') or '', rec_get(rec, 'refresh_expires_at') or '' }
     end
   end
 end

@@ -22,11 +22,13 @@ local REC_KEYS = {
   created_at = 'c', updated_at = 'u', refreshed_at = 'ra',
   intent = 'i', intent_rt = 'ir', intent_deadline = 'id', intent_at = 'ia',
   ambiguous_token = 'at', ambiguous_at = 'aa', spent_rt = 'sr', granted_scope = 'gs',
+  failing_since = 'fs',
 }
 local REC_NUMBERS = {
   version = true, expires_at = true, refresh_expires_at = true, failures = true,
   last_error_at = true, created_at = true, updated_at = true, refreshed_at = true,
   intent_deadline = true, intent_at = true, ambiguous_at = true,
+  failing_since = true,
 }
 
 local function rec_key(name)
