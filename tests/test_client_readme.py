@@ -16,8 +16,8 @@ import pytest
 
 from tests.harness import make_settings, worker_running
 from worker.app import open_store
-from worker.client import connect
 from worker.cli.credentials import import_lines
+from worker.client import connect
 from worker.fakeprovider import FakeProvider
 from worker.profiles import ProfileStore
 from worker.scheduling import Schedule
