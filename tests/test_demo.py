@@ -40,6 +40,16 @@ def test_the_demo_runs_a_consumer_that_survives_a_kill_and_misses_nothing(
     assert summary["min_ttl_reads"] >= 1
     assert "killed and restarted 1x" in done.stderr
     assert "Traceback" not in done.stderr
+    # the README's demo output shows the same summary fields
+    assert list(readme_summary()) == list(summary)
+
+
+def readme_summary() -> dict[str, object]:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("```\n[ 30.", 1)[1].split("```", 1)[0]
+    summary: dict[str, object] = json.loads(block[block.index("{") : block.rindex("}") + 1])
+    assert summary["events_received"] == summary["commits"]
+    return summary
 
 
 def test_a_torn_last_line_is_cut_and_its_event_read_again(tmp_path: Path) -> None:

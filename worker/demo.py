@@ -203,7 +203,7 @@ async def run_demo(settings: Settings, opts: DemoOptions) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="refreshd-demo-"))
         consumer = ConsumerProcess(workdir, await _consumer_env(settings),
                                    credentials=opts.credentials, min_ttl=0.75 * opts.lifetime_s,
-                                   reads=MIN_TTL_READS, spread=0.6 * opts.duration_s)  # fmt: skip
+                                   reads=MIN_TTL_READS, spread=0.5 * opts.duration_s)  # fmt: skip
         try:
             await _wipe(store)
             print(f"seeding {opts.credentials} credentials (lifetime {opts.lifetime_s:g}s)...",
@@ -290,6 +290,14 @@ async def _race(
                 if not consumer.kills and time.monotonic() - started >= kill_at:
                     await consumer.kill_and_restart()
                 _progress(time.monotonic() - started, tally, provider, consumer=consumer)
+            # a short run may end before a restarted consumer made its reads:
+            # they need the workers, so those wait for them (bounded)
+            deadline = time.monotonic() + 15
+            while consumer.reads_made() < MIN_TTL_READS and time.monotonic() < deadline:
+                if stop.is_set() or consumer.failed():
+                    break
+                with anyio.move_on_after(0.1):
+                    await stop.wait()
             for worker in workers:
                 worker.stop()
         elapsed = time.monotonic() - started

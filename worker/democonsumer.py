@@ -159,6 +159,9 @@ class ConsumerProcess:
                 seen.setdefault(parts[0], []).append(int(parts[1]))
         return seen
 
+    def reads_made(self) -> int:
+        return _count_lines(self.reads)
+
     def lines(self) -> int:
         return _count_lines(self.events)
 
