@@ -7,8 +7,12 @@ worker against the fake provider.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import pytest
@@ -254,3 +258,54 @@ def test_sync_events(redis_url: str) -> None:
         assert sorted(e.stream_id for e in grouped) == sorted(e.stream_id for e in entries)
         with client.events(group="g", consumer="s", follow=False) as stream:
             assert list(stream) == []  # all acknowledged
+
+
+GROUP_MEMBER = """
+import sys, time, anyio
+from worker.client import connect
+
+async def main(out: str, hang_at: int) -> None:
+    async with connect() as client:
+        n = 0
+        async for entry in client.events(group="billing", consumer="m1", since="start",
+                                         count=2, follow=False):
+            with open(out, "a") as f:
+                f.write(entry.stream_id + "\\n")
+            n += 1
+            if n == hang_at:  # processing this one when the SIGKILL comes
+                print("hanging", flush=True)
+                await anyio.sleep(60)
+
+anyio.run(main, sys.argv[1], int(sys.argv[2]))
+"""
+
+
+async def test_a_sigkilled_group_member_gets_the_event_it_was_processing_again(
+    redis_url: str, tmp_path: Path
+) -> None:
+    async with refreshed(redis_url, 8, partitions=1) as (_, store, _):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
+        env |= {"REFRESHD_REDIS_URL": redis_url, "REFRESHD_PARTITIONS": "1"}
+        first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+        async with await anyio.open_process(
+            [sys.executable, "-c", GROUP_MEMBER, str(first), "3"], env=env
+        ) as proc:
+            assert proc.stdout is not None
+            with anyio.fail_after(20):
+                assert b"hanging" in await proc.stdout.receive()
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        done = await anyio.run_process(
+            [sys.executable, "-c", GROUP_MEMBER, str(second), "0"], env=env, check=False
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        before, after = first.read_text().split(), second.read_text().split()
+        (log,) = store.keys.logs()
+        pending = (await store.client.xpending(log, "billing"))["pending"]
+    # killed while processing its 3rd event (the first of its 2nd batch of
+    # 2): that batch comes back first; the batch before was acknowledged
+    assert after[0] == before[2]
+    assert set(before[:2]).isdisjoint(after)
+    assert sorted(set(before + after)) == sorted(before[:2] + after)
+    assert len(before[:2] + after) == 8
+    assert pending == 0
