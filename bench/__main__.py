@@ -7,6 +7,12 @@ endpoint on 127.0.0.1, runs real worker processes, and writes
     python -m bench                 # the full run (~7 min on 2 cores)
     python -m bench --quick         # CI smoke run (< 1 min)
     python -m bench --scenarios catchup,arq
+
+Besides the head-to-head scenarios, two measure what consumers see:
+``client_read`` (a token read through ``worker.client``, p50/p99 on
+loopback; ``bench.client_read``) and ``eventlog`` (events per second one
+consumer follows from the log, and the catch-up with the log off and on:
+worker CPU per refresh, Redis bytes per retained event; ``bench.eventlog_ab``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from bench.infra import REPO, Endpoint
 from bench.refreshd_runs import Ctx
 from worker.settings import Settings
 
-ALL = ("calibrate", "catchup", "scaleout", "steady", "memory", "arq")
+ALL = ("calibrate", "catchup", "scaleout", "steady", "memory", "arq", "client_read", "eventlog")
 ARQ_REQUIREMENTS = REPO / "bench" / "requirements-arq.txt"
 
 
@@ -171,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             if "memory" in scenarios:
                 log(f"memory: {mem_n:,} scheduled credentials")
                 runs["memory"] = memory.memory(ctx, mem_n)
+            consumer_rows(ctx, runs, scenarios, n=n, quick=q)
         finally:
             endpoint.close()
     results["seconds"] = time.monotonic() - started
@@ -237,6 +244,39 @@ def head_to_head(
         "endpoint_reuse": sum(r.get("endpoint_reuse", 0) for r in every),
         "all_committed_once": all(r.get("all_committed_once", True) for r in every),
     }
+
+
+def consumer_rows(
+    ctx: Ctx, runs: dict[str, Any], scenarios: list[str], *, n: int, quick: bool
+) -> None:
+    """What an application sees: a token read through the client library,
+    the rate one consumer follows the event log at, and what the log costs
+    the catch-up (log off and on, alternating; medians)."""
+    from bench import client_read, eventlog_ab
+
+    if "client_read" in scenarios:
+        reads, rounds, callers = (2000, 2, 16) if quick else (20_000, 5, 64)
+        ctx.log(f"client read: {reads:,} get(id) through worker.client, one at a time")
+        res = runs["client_read"] = client_read.run(ctx.work, reads=reads, rounds=rounds,
+                                                    concurrency=callers)  # fmt: skip
+        ctx.log(f"  p50 {res['p50_ms']:.3f} ms, p99 {res['p99_ms']:.3f} ms (rounds: "
+                f"{' / '.join(map(str, res['p99_ms_per_round']))}); "
+                f"{res['concurrent_reads_per_s']:,}/s from {callers} callers")  # fmt: skip
+    if "eventlog" in scenarios:
+        events = 10_000 if quick else 100_000
+        ctx.log(f"event log: one consumer follows {events:,} events")
+        res = runs["eventlog_follow"] = eventlog_ab.follow_rate(ctx.work, events)
+        ctx.log(f"  {res['events_per_s']:,.0f} events/s (EventLog.read), "
+                f"{res['client_events_per_s']:,.0f}/s through worker.client")  # fmt: skip
+        rounds = 1 if quick else 2
+        ctx.log(f"event log: catch-up of {n:,} credentials, log off and on, {rounds} round(s)")
+        ctx.profile = False
+        ab = runs["eventlog_ab"] = eventlog_ab.ab_rounds(ctx, n, rounds)
+        cpu = ab["worker_cpu_ms_per_refresh"]
+        per_event = ab["redis_bytes_per_retained_event"]
+        ctx.log(f"  worker CPU ms per refresh off {cpu['off']:.3f}, on {cpu['on']:.3f} "
+                f"({ab['worker_cpu_change_pct']:+.1f} %); "
+                f"{per_event:,.0f} Redis bytes per retained event")  # fmt: skip
 
 
 def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -106,6 +106,19 @@ async def measure(
     }
 
 
+def run(work: Path, *, reads: int, rounds: int, concurrency: int) -> dict[str, Any]:
+    """The whole measurement on a private Valkey under ``work`` (also the
+    ``client_read`` scenario of ``python -m bench``)."""
+    server = start_valkey(work / "client-read", fsync="everysec")
+    try:
+        settings = Settings(redis_url=server.url, prefix="bench-client:")
+        ids = anyio.run(seed, settings, backend="asyncio")
+        return anyio.run(measure, settings, ids, reads, concurrency, rounds,
+                         backend="asyncio")  # fmt: skip
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reads", type=int, default=20_000)
@@ -114,13 +127,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_valkey(Path(tmp), fsync="everysec")
-        try:
-            settings = Settings(redis_url=server.url, prefix="bench-client:")
-            ids = anyio.run(seed, settings)
-            result = anyio.run(measure, settings, ids, args.reads, args.concurrency, args.rounds)
-        finally:
-            server.stop()
+        result = run(Path(tmp), reads=args.reads, rounds=args.rounds,
+                     concurrency=args.concurrency)  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return

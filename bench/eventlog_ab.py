@@ -10,8 +10,13 @@ commit.lua, so it shows in Redis CPU, not in the worker's.
     python -m bench.eventlog_ab --credentials 5000 --rounds 3
 
 Then how fast one consumer reads the log (``EventLog.read`` batches from a
-cursor, typed events included): ``--follow-events`` entries of the
-documented layout, 800-character access tokens, 16 partitions.
+cursor, typed events included, and the same through ``worker.client``'s
+``events()``): ``--follow-events`` entries of the documented layout,
+800-character access tokens, 16 partitions.
+
+``python -m bench`` runs the same measurements (``ab_rounds``,
+``follow_rate``) as its ``eventlog`` scenario, in the same run as the arq
+comparison.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ import anyio
 
 from bench.infra import Endpoint, RefreshdWorker, start_valkey
 from bench.refreshd_runs import Ctx, catch_up
+from worker.client import connect as client_connect
 from worker.eventlog import EventLog
 from worker.events import EventType, build_event
 from worker.keys import Keyspace
 from worker.redisio import connect
+from worker.settings import Settings
 
 
 def _run(ctx: Ctx, n: int, log_on: bool, tag: str) -> dict[str, Any]:
@@ -71,7 +78,58 @@ async def _follow_rate(url: str, events: int) -> dict[str, Any]:
             assert batch.cursor is not None
             cursor = batch.cursor
         seconds = time.perf_counter() - started
-    return {"events": seen, "seconds": seconds, "events_per_s": seen / seconds}
+    # the same events through the client library (what an application runs)
+    async with client_connect(Settings(redis_url=url)) as tokens:
+        started, through_client = time.perf_counter(), 0
+        async for _ in tokens.events(since="start", follow=False, count=200):
+            through_client += 1
+        client_s = time.perf_counter() - started
+    return {"events": seen, "seconds": seconds, "events_per_s": seen / seconds,
+            "client_events": through_client,
+            "client_events_per_s": through_client / client_s}  # fmt: skip
+
+
+def ab_rounds(ctx: Ctx, n: int, rounds: int) -> dict[str, Any]:
+    """``rounds`` pairs of catch-ups, log off and on, alternating which goes
+    first (the machine's speed drifts); medians of each side."""
+    rows: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    runs: list[dict[str, Any]] = []
+    for r in range(rounds):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            result = _run(ctx, n, mode == "on", f"-log{mode}{r}")
+            runs.append(result)
+            cpu = result["cpu_ms_per_refresh"]
+            mem = result["redis_bytes_per_credential"]["after_one_refresh"]
+            per_s = result["refreshes_per_s"]
+            rows[mode].append({"worker_ms": cpu["worker"], "redis_ms": cpu["redis"],
+                               "per_s": per_s, "bytes": mem})  # fmt: skip
+            ctx.log(f"  log {mode:3}: worker {cpu['worker']:.3f} ms, redis {cpu['redis']:.3f}"
+                    f" ms per refresh, {per_s:.0f}/s, {mem:.0f} B/cred")  # fmt: skip
+
+    def med(mode: str, key: str) -> float:
+        return float(statistics.median(row[key] for row in rows[mode]))
+
+    return {
+        "credentials": n,
+        "rounds": rounds,
+        "worker_cpu_ms_per_refresh": {m: med(m, "worker_ms") for m in rows},
+        "redis_cpu_ms_per_refresh": {m: med(m, "redis_ms") for m in rows},
+        "refreshes_per_s": {m: med(m, "per_s") for m in rows},
+        "worker_cpu_change_pct": 100 * (med("on", "worker_ms") / med("off", "worker_ms") - 1),
+        "redis_bytes_per_retained_event": med("on", "bytes") - med("off", "bytes"),
+        # checked by `python -m bench` like every other run
+        "endpoint_reuse": sum(r.get("endpoint_reuse", 0) for r in runs),
+        "all_committed_once": all(r.get("all_committed_once", True) for r in runs),
+    }
+
+
+def follow_rate(work: Path, events: int) -> dict[str, Any]:
+    """One consumer reading ``events`` entries from a private Valkey."""
+    server = start_valkey(work / "follow", fsync="everysec")
+    try:
+        return anyio.run(_follow_rate, server.url, events, backend="asyncio")
+    finally:
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,46 +144,18 @@ def main(argv: list[str] | None = None) -> None:
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {msg}", flush=True)
 
-    rows: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
     with tempfile.TemporaryDirectory(prefix="refreshd-ab-") as tmp:
         work = Path(tmp)
         endpoint = Endpoint(work)
         ctx = Ctx(out=work, work=work, endpoint=endpoint, fsync="everysec",
                   concurrency=args.concurrency, log=log)  # fmt: skip
         try:
-            for r in range(args.rounds):
-                for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
-                    result = _run(ctx, args.credentials, mode == "on", f"-{mode}{r}")
-                    cpu = result["cpu_ms_per_refresh"]
-                    mem = result["redis_bytes_per_credential"]["after_one_refresh"]
-                    per_s = result["refreshes_per_s"]
-                    rows[mode].append({"worker_ms": cpu["worker"], "redis_ms": cpu["redis"],
-                                       "per_s": per_s, "bytes": mem})  # fmt: skip
-                    log(f"log {mode:3}: worker {cpu['worker']:.3f} ms, redis {cpu['redis']:.3f}"
-                        f" ms per refresh, {per_s:.0f}/s, {mem:.0f} B/cred")  # fmt: skip
-            server = start_valkey(work / "follow", fsync="everysec")
-            try:
-                follow = anyio.run(_follow_rate, server.url, args.follow_events,
-                                   backend="asyncio")  # fmt: skip
-            finally:
-                server.stop()
+            summary = ab_rounds(ctx, args.credentials, args.rounds)
+            follow = follow_rate(work, args.follow_events)
             log(f"one consumer read {follow['events']} events at {follow['events_per_s']:.0f}/s")
         finally:
             endpoint.close()
-
-    def med(mode: str, key: str) -> float:
-        return float(statistics.median(row[key] for row in rows[mode]))
-
-    summary = {
-        "credentials": args.credentials,
-        "rounds": args.rounds,
-        "worker_cpu_ms_per_refresh": {m: med(m, "worker_ms") for m in rows},
-        "redis_cpu_ms_per_refresh": {m: med(m, "redis_ms") for m in rows},
-        "refreshes_per_s": {m: med(m, "per_s") for m in rows},
-        "worker_cpu_change_pct": 100 * (med("on", "worker_ms") / med("off", "worker_ms") - 1),
-        "redis_bytes_per_retained_event": med("on", "bytes") - med("off", "bytes"),
-        "consumer_events_per_s": follow["events_per_s"],
-    }
+    summary["consumer_events_per_s"] = follow["events_per_s"]
     print(json.dumps(summary, indent=2))
 
 

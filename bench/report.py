@@ -130,6 +130,7 @@ def table(results: dict[str, Any]) -> str:
             f"{mem['refreshd']['token_bytes']} B of tokens)",
             _f(a) + _mark(a <= 1200), f"{_f(b)} (plain hash + ZSET)", _ratio(a, b, 2),
             "≤ 1,200 B")  # fmt: skip
+    _consumer_rows(r, row)
     if arq or cu:
         # the repeats' total covers the median runs shown above as well
         shown = ("catch_up_1p", "catch_up_arq")
@@ -137,6 +138,34 @@ def table(results: dict[str, Any]) -> str:
         reuse = sum(v.get("endpoint_reuse", 0) for v in counted)
         row("refresh tokens presented twice (all runs)", _f(reuse), "", "", "0")
     return "\n".join(lines)
+
+
+def _consumer_rows(r: dict[str, Any], row: Any) -> None:
+    """What an application sees (scenarios ``client_read`` and ``eventlog``)."""
+    cr = r.get("client_read")
+    if cr:
+        row("token read through the client: p50 / p99 (ms, loopback, one at a time)",
+            f"{cr['p50_ms']:.2f} / {cr['p99_ms']:.2f}" + _mark(cr["p99_ms"] <= 1.0), "",
+            f"p99 per round {' / '.join(f'{x:.2f}' for x in cr['p99_ms_per_round'])}; "
+            f"{_f(cr['concurrent_reads_per_s'])} reads/s from {cr['concurrency']} callers",
+            "p99 ≤ 1 ms")  # fmt: skip
+    ef = r.get("eventlog_follow")
+    if ef:
+        row("events/s one consumer follows from the log (800-char tokens)",
+            _f(ef["events_per_s"]), "",
+            f"{_f(ef['client_events_per_s'])}/s through worker.client events()", "")  # fmt: skip
+    ab = r.get("eventlog_ab")
+    if ab:
+        cpu, rate = ab["worker_cpu_ms_per_refresh"], ab["refreshes_per_s"]
+        change = ab["worker_cpu_change_pct"]
+        redis = ab["redis_cpu_ms_per_refresh"]
+        row(f"catch-up, event log off → on: worker CPU ms per refresh ({ab['credentials']:,}; "
+            f"median of {ab['rounds']})",
+            f"{cpu['off']:.3f} → {cpu['on']:.3f} ({change:+.1f} %)" + _mark(change <= 10), "",
+            f"refreshes/s {_f(rate['off'])} → {_f(rate['on'])}; Redis CPU ms "
+            f"{redis['off']:.3f} → {redis['on']:.3f}", "≤ +10 %")  # fmt: skip
+        row("Redis bytes per retained event (log on - off, per refresh)",
+            _f(ab["redis_bytes_per_retained_event"]), "", "", "")  # fmt: skip
 
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:

@@ -24,3 +24,37 @@ def test_the_client_read_benchmark_runs() -> None:
     assert len(result["p99_ms_per_round"]) == 2
     assert result["client_cpu_us_per_read"] > 0
     assert result["concurrent_reads_per_s"] > 0
+
+
+def test_the_follow_rate_reads_every_event_both_ways(tmp_path: Path) -> None:
+    """bench's ``eventlog`` scenario: one consumer reads all the events it
+    wrote, through EventLog and through the client's events()."""
+    from bench.eventlog_ab import follow_rate
+
+    result = follow_rate(tmp_path, 600)
+    assert result["events"] == result["client_events"] == 600
+    assert result["events_per_s"] > 0
+    assert result["client_events_per_s"] > 0
+
+
+def test_the_report_shows_the_consumer_rows() -> None:
+    from bench.report import table
+
+    runs = {
+        "client_read": {"p50_ms": 0.25, "p99_ms": 1.4, "p99_ms_per_round": [0.5, 1.4],
+                        "concurrent_reads_per_s": 4000, "concurrency": 64},
+        "eventlog_follow": {"events_per_s": 15000.0, "client_events_per_s": 12000.0},
+        "eventlog_ab": {"credentials": 1000, "rounds": 2,
+                        "worker_cpu_ms_per_refresh": {"off": 0.35, "on": 0.36},
+                        "redis_cpu_ms_per_refresh": {"off": 0.11, "on": 0.14},
+                        "refreshes_per_s": {"off": 2030.0, "on": 1790.0},
+                        "worker_cpu_change_pct": 2.857, "redis_bytes_per_retained_event": 1090.0},
+    }  # fmt: skip
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table({"runs": runs}).splitlines()}
+    read = rows["token read through the client: p50 / p99 (ms, loopback, one at a time)"]
+    assert "0.25 / 1.40 ❌" in read  # over the 1 ms target
+    assert "15,000" in rows["events/s one consumer follows from the log (800-char tokens)"]
+    ab = next(v for k, v in rows.items() if k.startswith("catch-up, event log off → on"))
+    assert "0.350 → 0.360 (+2.9 %) ✅" in ab
+    assert "2,030 → 1,790" in ab
+    assert "1,090" in rows["Redis bytes per retained event (log on - off, per refresh)"]

@@ -1,6 +1,6 @@
 """README "Consuming tokens": its Python examples run as written, against a
-real worker and a real token endpoint, and an integration stays within
-10 lines."""
+real worker and a real token endpoint (a token with min_ttl, then the
+durable event log), and an integration stays within 10 lines."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 from tests.harness import make_settings, worker_running
 from worker.app import open_store
 from worker.cli.credentials import import_lines
+from worker.client import connect
 from worker.fakeprovider import FakeProvider
 from worker.profiles import ProfileStore
 from worker.scheduling import Schedule
@@ -73,9 +74,18 @@ async def test_the_examples_run_as_written(redis_url: str, tmp_path: Path) -> No
         state = fake.grant_state(grant.grant_id)
         cred = await store.get("acme-42")
     # 30 s left and min_ttl=60: the first example had it refreshed, once
-    kind, version, expires_at = outputs[0].split()
+    got, *events = outputs[0].splitlines()
+    kind, version, expires_at = got.split()
     assert (kind, version) == ("Bearer", "1")
     assert dt.datetime.fromisoformat(expires_at).timestamp() == cred.expires_at_ms / 1000
+    # ... and read that refresh's event from the durable log, with its cursor
+    assert len(events) == 1
+    event_type, cred_id, event_version, cursor = events[0].split()
+    assert (event_type, cred_id, event_version) == ("token.refreshed", "acme-42", "1")
+    async with connect(settings) as client:
+        assert [e async for e in client.events(since=cursor, follow=False)] == []
+        (again,) = [e async for e in client.events(since="start", follow=False)]
+    assert str(again.cursor) == cursor
     assert outputs[1] == "read write True"
     assert state.refreshes == 1
     assert fake.stats.requests == 1

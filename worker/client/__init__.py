@@ -7,11 +7,19 @@
     async with connect() as tokens:            # REFRESHD_* like every command
         token = await tokens.get("acme-42", min_ttl=60)
         headers = {"Authorization": token.authorization}
+        async for entry in tokens.events(since=saved):  # the durable event log
+            handle(entry.event)                         # Refreshed, Failed, ...
+            save(entry.cursor)                          # resume here after a crash
 
 ``connect_sync()`` gives the same calls without an event loop. Errors form
 one tree under ``ClientError`` (``worker.client.errors``). The refresh
 token never reaches a consumer; a refresh a consumer asks for goes through
 the workers' claim/spend/commit path, so it is sent once whoever asks.
+
+The typed events (``worker.eventmodel``) and the log's ``Cursor``,
+``LogEntry`` (``worker.eventlog``) are re-exported here; the event
+``Quarantined`` is ``QuarantinedEvent``, since ``Quarantined`` is the error
+``get()`` raises for a quarantined credential.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from worker.client.errors import (
     ClientError,
     CredentialConflict,
     CredentialNotFound,
+    CursorError,
     Disabled,
+    EventsTrimmed,
     InvalidCredential,
     MinTtlUnreachable,
     NeedsReauthorization,
@@ -33,9 +43,13 @@ from worker.client.errors import (
     StoreUnreachable,
     TokenUnavailable,
 )
+from worker.client.events import EventStream
 from worker.client.listing import CredentialInfo, CredentialList
-from worker.client.sync import SyncClient, connect_sync
+from worker.client.sync import SyncClient, SyncEventStream, connect_sync
 from worker.client.token import AccessToken
+from worker.eventlog import Cursor, LogEntry
+from worker.eventmodel import Event, Failed, NeedsReauth, Refreshed, UnknownEvent
+from worker.eventmodel import Quarantined as QuarantinedEvent
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -47,17 +61,29 @@ __all__ = [
     "CredentialInfo",
     "CredentialList",
     "CredentialNotFound",
+    "Cursor",
+    "CursorError",
     "Disabled",
+    "Event",
+    "EventStream",
+    "EventsTrimmed",
+    "Failed",
     "InvalidCredential",
+    "LogEntry",
     "MinTtlUnreachable",
+    "NeedsReauth",
     "NeedsReauthorization",
     "NoWorkerRunning",
     "Quarantined",
+    "QuarantinedEvent",
     "RefreshFailed",
     "RefreshTimeout",
+    "Refreshed",
     "StoreUnreachable",
     "SyncClient",
+    "SyncEventStream",
     "TokenUnavailable",
+    "UnknownEvent",
     "connect",
     "connect_sync",
 ]

@@ -12,7 +12,9 @@ A consumer needs three things from refreshd, and none of its internals:
   number of processes cause one provider request;
 - ``put(credential)`` / ``delete(id)``: what an application does after a
   user's consent (or its withdrawal), validated as ``credential import``
-  validates a line.
+  validates a line;
+- ``events(since=...)``: the durable event log, typed, from a cursor or
+  shared in a consumer group (``worker.client.events``).
 
 Nothing here imports the refresher, the runner or the HTTP transport.
 """
@@ -44,12 +46,14 @@ from worker.client.errors import (
     StoreUnreachable,
     TokenUnavailable,
 )
+from worker.client.events import AckMode, EventStream, Since
 from worker.client.listing import CredentialInfo, CredentialList
 from worker.client.token import AccessToken, RecordView, parse_view
 from worker.client.waiting import EventWatch
 from worker.codec import PlainCodec, SecretCodec
 from worker.embedded import ensure_embedded
 from worker.errors import ConfigError, Conflict, NotFound, StoreUnavailable
+from worker.eventlog import EventLog
 from worker.keys import Keyspace
 from worker.listing import CredentialFilter, list_credentials
 from worker.logs import get_logger
@@ -132,6 +136,7 @@ class Client:
         self._token_script = load_script(redis, "token")
         self._store = Store(redis, keys, codec)  # put/delete go through its scripts
         self._write_checked = False
+        self._log = EventLog(redis, keys)
 
     # ------------------------------------------------------------ reading
 
@@ -222,6 +227,47 @@ class Client:
         if not reply:
             raise CredentialNotFound(credential_id)
         return parse_view(credential_id, reply, self._codec)
+
+    # ------------------------------------------------------------ events
+
+    def events(
+        self,
+        since: Since = None,
+        *,
+        group: str | None = None,
+        consumer: str | None = None,
+        ack: AckMode = "auto",
+        count: int = 100,
+        block: float = 2.0,
+        claim_idle: float = 30.0,
+        follow: bool = True,
+    ) -> EventStream:
+        """The durable event log: ``async for entry in client.events(...)``,
+        ``entry.event`` a typed event (``Refreshed``, ``Failed``, ...).
+
+        Plain reads start after ``since``: a cursor (string or ``Cursor``)
+        a previous run stored from ``entry.cursor``, ``"start"`` (everything
+        retained) or ``"now"``/None (what is committed from the first
+        iteration on). With ``group`` and ``consumer``, the group shares the
+        events out and each is acknowledged after the loop body that got it
+        ran (``ack="auto"``) or by ``stream.ack(entry)`` (``"manual"``); a
+        crashed member's unacknowledged events are delivered again (its own
+        first when it restarts under the same name, else to another member
+        after ``claim_idle`` seconds); ``since`` then only says where a new
+        group starts. ``follow=False`` ends when the log is caught up;
+        otherwise each read waits up to ``block`` seconds for new events.
+
+        Errors: ``EventsTrimmed`` (events lost to retention before they
+        were read; ``resume``), ``CursorError``, ``StoreUnreachable``, and
+        ``ClientConfigError`` when the log is off (``REFRESHD_EVENT_LOG``)
+        or the Redis user may not read it."""
+        if not self._settings.event_log:
+            raise ClientConfigError(
+                "the event log is off (REFRESHD_EVENT_LOG=false): there is nothing to read"
+            )
+        return EventStream(self._log, since=since, group=group, consumer=consumer, ack=ack,
+                           count=count, block_s=block, claim_idle_s=claim_idle,
+                           follow=follow)  # fmt: skip
 
     # ------------------------------------------------------------ writing
 

@@ -5,7 +5,10 @@
 
     ClientError
     ├── ClientConfigError        bad REFRESHD_* setting, or a Redis refused for writes
+    │   └── CursorError          events(): a cursor that is not one (also an eventlog.CursorError)
     ├── StoreUnreachable         Redis did not answer (retry later)
+    ├── EventsTrimmed            events(): events after the cursor were trimmed before they
+    │                            were read (also an eventlog.EventsTrimmed; ``resume``)
     ├── CredentialNotFound       no such credential
     ├── InvalidCredential        put(): the import validation refused it
     ├── CredentialConflict       put()/delete(): a refresh is in flight, or the
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from worker import eventlog
 from worker.errors import RefreshdError
 
 if TYPE_CHECKING:
@@ -39,7 +43,9 @@ __all__ = [
     "ClientError",
     "CredentialConflict",
     "CredentialNotFound",
+    "CursorError",
     "Disabled",
+    "EventsTrimmed",
     "InvalidCredential",
     "MinTtlUnreachable",
     "NeedsReauthorization",
@@ -59,6 +65,18 @@ class ClientError(RefreshdError):
 class ClientConfigError(ClientError):
     """A setting is malformed, or the Redis server could break refreshd's
     promise and is refused for writes (``REFRESHD_UNSAFE_REDIS``)."""
+
+
+class CursorError(ClientConfigError, eventlog.CursorError):
+    """``events(since=...)`` got a string that is not a cursor, or a cursor
+    of an installation with another partition count."""
+
+
+class EventsTrimmed(ClientError, eventlog.EventsTrimmed):
+    """Events after the consumer's position were trimmed from the log
+    (older than retention) before it read them: they are lost to this
+    consumer. ``partitions`` says where; ``resume`` (plain reads) is the
+    cursor that goes on from the oldest event kept, once the gap is accepted."""
 
 
 class StoreUnreachable(ClientError):

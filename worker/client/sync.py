@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from functools import partial
 from types import TracebackType
@@ -12,12 +12,14 @@ from typing import Any, Self
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from worker.client.core import DEFAULT_TIMEOUT_S, Client, connect
+from worker.client.events import AckMode, EventStream, Since
 from worker.client.listing import CredentialList
 from worker.client.token import AccessToken
+from worker.eventlog import Cursor, LogEntry
 from worker.models import Status
 from worker.settings import Settings
 
-__all__ = ["SyncClient", "connect_sync"]
+__all__ = ["SyncClient", "SyncEventStream", "connect_sync"]
 
 
 class SyncClient:
@@ -69,6 +71,24 @@ class SyncClient:
         call = partial(self._client.list, status=status, profile=profile, after=after, limit=limit)
         return self._portal.call(call)
 
+    def events(
+        self,
+        since: Since = None,
+        *,
+        group: str | None = None,
+        consumer: str | None = None,
+        ack: AckMode = "auto",
+        count: int = 100,
+        block: float = 2.0,
+        claim_idle: float = 30.0,
+        follow: bool = True,
+    ) -> SyncEventStream:
+        """See ``Client.events``: ``for entry in client.events(...)``."""
+        stream = self._client.events(since, group=group, consumer=consumer, ack=ack,
+                                     count=count, block=block, claim_idle=claim_idle,
+                                     follow=follow)  # fmt: skip
+        return SyncEventStream(self._portal, stream)
+
     def close(self) -> None:
         """Close the connections and stop the loop thread (idempotent)."""
         if self._closed:
@@ -91,3 +111,48 @@ class SyncClient:
 def connect_sync(settings: Settings | None = None, **options: Any) -> SyncClient:
     """``connect()`` for code without an event loop: ``with connect_sync() as c:``."""
     return SyncClient(settings, **options)
+
+
+class SyncEventStream:
+    """``EventStream`` for a plain ``for`` loop (and ``with``)."""
+
+    def __init__(self, portal: BlockingPortal, stream: EventStream) -> None:
+        self._portal = portal
+        self._stream = stream
+
+    @property
+    def cursor(self) -> Cursor | None:
+        """See ``EventStream.cursor``."""
+        return self._stream.cursor
+
+    def __iter__(self) -> Iterator[LogEntry]:
+        return self
+
+    def __next__(self) -> LogEntry:
+        entry = self._portal.call(self._next)
+        if entry is None:
+            raise StopIteration
+        return entry
+
+    async def _next(self) -> LogEntry | None:
+        # StopAsyncIteration does not cross a future: end of stream as None
+        try:
+            return await self._stream.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    def ack(self, *entries: LogEntry) -> int:
+        """See ``EventStream.ack``."""
+        return int(self._portal.call(partial(self._stream.ack, *entries)))
+
+    def close(self) -> None:
+        """See ``EventStream.aclose``."""
+        self._portal.call(self._stream.aclose)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
