@@ -262,6 +262,37 @@ def test_every_command_answers_bad_settings_and_dead_redis_in_one_line(
                 assert message in cli.fails(code, *argv, stdin=stdin), (argv, env)
 
 
+def test_watch_answers_bad_settings_in_one_line_and_waits_out_a_dead_redis(
+    tmp_path: Path,
+) -> None:
+    """``watch`` follows for ever, so a dead Redis is not an exit: one line
+    per outage on stderr while it reconnects, never a traceback. Bad
+    settings and URLs are one line and exit 2, as for every other command."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
+    env["REFRESHD_DATA_DIR"] = str(tmp_path)
+    argv = [sys.executable, "-m", "worker", "watch"]
+    for bad, message in (
+        ({"REFRESHD_REDIS_URL": "http://x"}, "must start with redis://"),
+        ({"REFRESHD_CONCURRENCY": "many"}, "REFRESHD_CONCURRENCY"),
+    ):
+        done = subprocess.run(
+            argv, env=env | bad, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    dead = env | {"REFRESHD_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    with subprocess.Popen(
+        argv, env=dead, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        time.sleep(4)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err
+    assert "reconnecting" in err
+    assert len([line for line in err.splitlines() if "unavailable" in line]) == 1
+
+
 @pytest.mark.parametrize(
     "argv",
     [
