@@ -34,6 +34,7 @@ from worker.transport import make_http_client, send
 __all__ = [
     "Events",
     "RunningWorker",
+    "acme_profile",
     "add_grants",
     "claim_spend_send",
     "make_settings",
@@ -243,3 +244,13 @@ async def claim_spend_send(
         old_scope=claimed.scope,
     )
     return claimed, tokens
+
+
+async def acme_profile(store: Store, fake: FakeProvider) -> None:
+    """Profile ``acme`` for the fake provider, rotating, as the README's
+    consumer examples use it."""
+    await ProfileStore(store).create(
+        {"id": "acme", "token_url": fake.url, "client_id": fake.config.client_id,
+         "client_secret": fake.config.client_secret, "allow_http": True,
+         "allow_private_network": True, "rotation": "always"}
+    )  # fmt: skip

@@ -14,12 +14,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.harness import make_settings, worker_running
+from tests.harness import acme_profile, make_settings, worker_running
 from worker.app import open_store
 from worker.cli.credentials import import_lines
 from worker.client import connect
 from worker.fakeprovider import FakeProvider
-from worker.profiles import ProfileStore
 from worker.scheduling import Schedule
 
 pytestmark = pytest.mark.anyio
@@ -44,11 +43,7 @@ def test_an_integration_is_at_most_ten_lines() -> None:
 async def test_the_examples_run_as_written(redis_url: str, tmp_path: Path) -> None:
     settings = make_settings(redis_url)
     async with FakeProvider() as fake, open_store(settings) as store:
-        await ProfileStore(store).create(
-            {"id": "acme", "token_url": fake.url, "client_id": fake.config.client_id,
-             "client_secret": fake.config.client_secret, "allow_http": True,
-             "allow_private_network": True, "rotation": "always"}
-        )  # fmt: skip
+        await acme_profile(store, fake)
         grant = fake.issue_grant()
         line = {
             "id": "acme-42",

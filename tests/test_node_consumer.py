@@ -22,14 +22,13 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.harness import make_settings, worker_running
+from tests.harness import acme_profile, make_settings, worker_running
 from worker.acl import acl_rules
 from worker.app import open_store
 from worker.cli.credentials import import_lines
 from worker.eventlog import EventLog
 from worker.fakeprovider import FakeProvider, IssuedGrant
 from worker.keys import Keyspace
-from worker.profiles import ProfileStore
 from worker.scheduling import Schedule
 from worker.settings import Settings
 from worker.store import Store
@@ -81,11 +80,7 @@ async def consumer_world(
     node process gets (``REDIS_URL`` as the consumer, ``SCRIPT_FILE``)."""
     settings = make_settings(redis_url)
     async with FakeProvider() as fake, open_store(settings) as store:
-        await ProfileStore(store).create(
-            {"id": "acme", "token_url": fake.url, "client_id": fake.config.client_id,
-             "client_secret": fake.config.client_secret, "allow_http": True,
-             "allow_private_network": True, "rotation": "always"}
-        )  # fmt: skip
+        await acme_profile(store, fake)
         grant = fake.issue_grant()
         line = {"id": credential_id, "profile": "acme", "access_token": grant.access_token,
                 "refresh_token": grant.refresh_token, "expires_in": expires_in,
