@@ -257,8 +257,9 @@ def consumer_rows(
     if "client_read" in scenarios:
         reads, rounds, callers = (2000, 2, 16) if quick else (20_000, 5, 64)
         ctx.log(f"client read: {reads:,} get(id) through worker.client, one at a time")
-        res = runs["client_read"] = client_read.run(ctx.work, reads=reads, rounds=rounds,
-                                                    concurrency=callers)  # fmt: skip
+        res = runs["client_read"] = client_read.run_isolated(
+            ctx.work, reads=reads, rounds=rounds, concurrency=callers
+        )
         ctx.log(f"  p50 {res['p50_ms']:.3f} ms, p99 {res['p99_ms']:.3f} ms (rounds: "
                 f"{' / '.join(map(str, res['p99_ms_per_round']))}); "
                 f"{res['concurrent_reads_per_s']:,}/s from {callers} callers")  # fmt: skip

@@ -429,3 +429,32 @@ async def test_a_wait_ends_with_tokens_put_meanwhile(redis_url: str) -> None:
             token = await client.get("cred-00000", min_ttl=60, timeout=5)
     assert (token.access_token, token.version) == (consent.access_token, 1)
     assert fake.stats.requests == 0
+
+
+# ------------------------------------------------- the read's connection
+
+
+async def test_reads_load_the_script_again_after_the_cache_is_flushed(redis_url: str) -> None:
+    async with world(redis_url) as (settings, store, _, grants), connect(settings) as client:
+        await client.get("cred-00000")
+        await store.client.script_flush()  # as a restarted server would have it
+        token = await client.get("cred-00000")
+    assert token.access_token == grants["cred-00000"].access_token
+
+
+async def test_a_read_cancelled_before_its_reply_never_hands_that_reply_to_the_next(
+    redis_url: str,
+) -> None:
+    """A reply that arrives after its caller gave up must die with its
+    connection: handed back to the pool, the next read would return the
+    other credential's token."""
+    async with world(redis_url, count=2) as (settings, store, _, grants), connect(settings) as c:
+        await c.get("cred-00000")  # one pooled connection, reused next
+        await store.client.client_pause(300, all=True)
+        with anyio.move_on_after(0.1) as scope:
+            await c.get("cred-00000")
+        assert scope.cancelled_caught
+        await anyio.sleep(0.4)  # the paused command runs now and its reply arrives
+        token = await c.get("cred-00001")
+    assert token.credential_id == "cred-00001"
+    assert token.access_token == grants["cred-00001"].access_token

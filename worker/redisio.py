@@ -9,13 +9,14 @@ credential record's layout lives in that one file.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
@@ -36,6 +37,7 @@ __all__ = [
     "load_script",
     "load_scripts",
     "parse_sentinel_url",
+    "run_script",
     "script_source",
     "validate_url",
 ]
@@ -71,6 +73,42 @@ class Scripts:
     delete: AsyncScript
     resume: AsyncScript
     get: AsyncScript
+
+
+async def run_script(
+    client: aioredis.Redis, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
+) -> Any:
+    """One script call on one pooled connection, packed by hiredis.
+
+    For the calls whose latency someone waits on (a consumer's token read):
+    redis-py's generic command path (its packer in Python, retry wrapper,
+    per-step timeouts and observability hooks) cost a seventh of the
+    client's CPU per read (197 -> 170 us, interleaved A/B on loopback).
+    The socket timeout still bounds the reply. A connection whose reply
+    was not read in full (an error, a cancelled caller) is closed rather
+    than handed back out of step; NOSCRIPT (a
+    restarted server) loads the script and runs it again, since it did
+    not run."""
+    try:
+        return await _run_once(client.connection_pool, script.sha, keys, args)
+    except redis_errors.NoScriptError:
+        script.sha = await guard(client.script_load(script.script))
+    return await _run_once(client.connection_pool, script.sha, keys, args)
+
+
+async def _run_once(pool: Any, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    command = hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args))
+    conn = await guard(pool.get_connection())
+    try:
+        await guard(conn.send_packed_command(command))
+        return await guard(conn.read_response())
+    except redis_errors.ResponseError:
+        raise  # a whole error reply was read: the connection is in step
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)
 
 
 def script_source(name: str) -> str:

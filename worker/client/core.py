@@ -60,7 +60,7 @@ from worker.logs import get_logger
 from worker.models import CredentialInput, Status
 from worker.profiles import ProfileStore
 from worker.redisio import connect as connect_redis
-from worker.redisio import guard, load_script
+from worker.redisio import guard, load_script, run_script
 from worker.scheduling import Schedule
 from worker.serverchecks import check_hazards, find_hazards, inspect_server
 from worker.settings import Settings
@@ -216,11 +216,11 @@ class Client:
     async def _view(self, credential_id: str, *, seen: int | None = None) -> RecordView:
         part = self._keys.partition_of(credential_id)
         try:
-            reply = await guard(
-                self._token_script(
-                    keys=[part.cred(credential_id), part.due, part.lock(credential_id)],
-                    args=[credential_id, "" if seen is None else seen, self._keys.wake],
-                )
+            reply = await run_script(
+                self._redis,
+                self._token_script,
+                (part.cred(credential_id), part.due, part.lock(credential_id)),
+                (credential_id, "" if seen is None else seen, self._keys.wake),
             )
         except (StoreUnavailable, ResponseError) as exc:
             raise _translated(exc) from exc
