@@ -147,7 +147,9 @@ def _consumer_rows(r: dict[str, Any], row: Any) -> None:
         row("token read through the client: p50 / p99 (ms, loopback, one at a time)",
             f"{cr['p50_ms']:.2f} / {cr['p99_ms']:.2f}" + _mark(cr["p99_ms"] <= 1.0), "",
             f"p99 per round {' / '.join(f'{x:.2f}' for x in cr['p99_ms_per_round'])}; "
-            f"{_f(cr['concurrent_reads_per_s'])} reads/s from {cr['concurrency']} callers",
+            + (f"a PING's round trip {cr['ping_p50_ms']:.2f} / {cr['ping_p99_ms']:.2f}; "
+               if "ping_p99_ms" in cr else "")
+            + f"{_f(cr['concurrent_reads_per_s'])} reads/s from {cr['concurrency']} callers",
             "p99 ≤ 1 ms")  # fmt: skip
     ef = r.get("eventlog_follow")
     if ef:
