@@ -10,14 +10,13 @@ schema 1). The refresh token is never published.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
 import orjson
 
-__all__ = ["SCHEMA", "EventType", "build_event", "mask_event"]
+__all__ = ["SCHEMA", "EventType", "build_event"]
 
 SCHEMA = 1
 
@@ -80,24 +79,3 @@ def build_event(
     if warnings:
         body["warnings"] = list(warnings)
     return orjson.dumps(body).decode()  # compact; non-ASCII as UTF-8, not \u escapes
-
-
-def mask_event(raw: str | dict[str, Any]) -> dict[str, Any]:
-    """For display (``refreshd watch``): every secret field - the access
-    token, and each kept extra whose name says secret (``id_token``, any
-    ``*_token``, ``*_secret``, password) - becomes a short fingerprint
-    unless the operator asks to reveal it. A refresh token never reaches an
-    event, but one would be masked all the same."""
-    from worker.logs import fingerprint, is_secret_key
-
-    def masked(value: Any) -> Any:
-        return f"[{fingerprint(value)}]" if isinstance(value, str) and value else value
-
-    body: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else dict(raw)
-    for name in list(body):
-        if name != "extra" and is_secret_key(name):
-            body[name] = masked(body[name])
-    extra = body.get("extra")
-    if isinstance(extra, dict):
-        body["extra"] = {k: masked(v) if is_secret_key(k) else v for k, v in extra.items()}
-    return body

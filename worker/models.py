@@ -211,18 +211,17 @@ class Credential:
     granted_scope: str = ""
 
     def public(self, *, reveal: bool = False) -> dict[str, Any]:
-        from worker.logs import is_secret_key
+        from worker.masking import HIDDEN, mask_fields
 
         out = asdict(self)
         out["status"] = self.status.value
         out["params"] = dict(self.params)
         out["extra"] = dict(self.extra)
         if not reveal:
-            out["access_token"] = "[hidden]" if self.access_token else ""
-            out["refresh_token"] = "[hidden]" if self.refresh_token else ""
-            out["extra"] = {
-                k: ("[hidden]" if is_secret_key(k) else v) for k, v in self.extra.items()
-            }
+            out["access_token"] = HIDDEN if self.access_token else ""
+            out["refresh_token"] = HIDDEN if self.refresh_token else ""
+            out["extra"] = mask_fields(self.extra)  # id_token, idToken, signing_key...
+            out["params"] = mask_fields(self.params)  # a passcode given per credential
         return out
 
 

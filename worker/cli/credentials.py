@@ -18,8 +18,8 @@ from worker.app import build_refresher, open_store, schedule_from
 from worker.cli.common import bounded, emit, load_settings, table
 from worker.cli.progress import Progress
 from worker.errors import ConfigError, Conflict, NotFound, RefreshdError
-from worker.events import mask_event
 from worker.listing import MAX_PAGE, CredentialFilter, list_credentials
+from worker.masking import mask_event
 from worker.metrics import Metrics
 from worker.models import CredentialInput, Profile, Status
 from worker.profiles import ProfileStore

@@ -23,7 +23,7 @@ from worker.app import open_store
 from worker.cli.common import load_settings
 from worker.errors import ConfigError, StoreUnavailable
 from worker.eventlog import Cursor, EventLog, EventsTrimmed
-from worker.events import mask_event
+from worker.masking import mask_event
 from worker.redisio import REDIS_UNAVAILABLE
 from worker.settings import Settings
 from worker.store import Store
