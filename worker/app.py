@@ -17,12 +17,12 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from worker.codec import PlainCodec
 from worker.embedded import ensure_embedded
 from worker.errors import StoreUnavailable
 from worker.eventlog import Retention
 from worker.health import HealthServer, Heartbeat
 from worker.horizon import Horizon
+from worker.keyring import codec_from_settings
 from worker.keys import Keyspace
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -135,8 +135,9 @@ async def open_store(
     url = await resolve_redis_url(settings, announce=announce)
     async with connect(url, max_connections=pool_size) as client:
         durability = await probe_durability(client, settings, refuse=refuse_unsafe)
-        store = Store(client, Keyspace(settings.prefix, settings.partitions), PlainCodec(),
-                      durability, Retention.from_settings(settings))  # fmt: skip
+        store = Store(client, Keyspace(settings.prefix, settings.partitions),
+                      codec_from_settings(settings), durability,
+                      Retention.from_settings(settings))  # fmt: skip
         await store.check_layout()
         yield store
 

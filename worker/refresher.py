@@ -254,7 +254,7 @@ class Refresher:
         synchronously; the next start replays them (one that did land is
         recognised as landed)."""
         for args in commit_args:
-            pending = PendingCommit.from_commit_args(args, self.store.codec)
+            pending = PendingCommit.from_commit_args(args, self.store)
             if pending is None:
                 continue
             path = None

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from worker.batcher import ScriptBatcher, execute_scripts
-from worker.codec import SecretCodec
+from worker.codec import SecretCodec, SecretContext
 from worker.errors import Conflict, NotFound, StoreUnavailable
 from worker.eventlog import Retention
 from worker.keys import Keyspace, Partition
@@ -105,6 +105,21 @@ class Store:
         self.scripts: Scripts = load_scripts(client)
         self.batcher: ScriptBatcher | None = None  # set by a running worker
 
+    # ------------------------------------------------------------ secrets
+
+    def secret_context(self, credential_id: str, field: str) -> SecretContext:
+        """Where a credential's secret field lives (the codec binds it)."""
+        return SecretContext(self.keys.prefix, "credential", credential_id, field)
+
+    def encode(self, credential_id: str, field: str, plaintext: str) -> str:
+        """A credential's secret field as it is stored (``SECRET_FIELDS``)."""
+        return self.codec.encode(plaintext, self.secret_context(credential_id, field))
+
+    def decode(self, credential_id: str, field: str, stored: str) -> str:
+        """The plaintext of a stored secret field; raises
+        ``SecretUnreadable`` when it does not decrypt with this ring."""
+        return self.codec.decode(stored, self.secret_context(credential_id, field))
+
     # ------------------------------------------------------------ layout
 
     async def check_layout(self) -> None:
@@ -133,8 +148,8 @@ class Store:
         """Register ``cred``; returns True when it was new."""
         part = self.keys.partition_of(cred.id)
         fields: list[str | int] = [
-            "access_token", self.codec.encode(cred.access_token),
-            "refresh_token", self.codec.encode(cred.refresh_token),
+            "access_token", self.encode(cred.id, "access_token", cred.access_token),
+            "refresh_token", self.encode(cred.id, "refresh_token", cred.refresh_token),
             "token_type", cred.token_type,
             "scope", cred.scope,
             "granted_scope", cred.scope,
@@ -217,8 +232,8 @@ class Store:
             profile=raw.get("profile", ""),
             status=Status(raw.get("status", "active")),
             version=num("version"),
-            access_token=self.codec.decode(raw.get("access_token", "")),
-            refresh_token=self.codec.decode(raw.get("refresh_token", "")),
+            access_token=self.decode(credential_id, "access_token", raw.get("access_token", "")),
+            refresh_token=self.decode(credential_id, "refresh_token", raw.get("refresh_token", "")),
             token_type=raw.get("token_type", ""),
             scope=raw.get("scope", ""),
             expires_at_ms=num("expires_at"),
@@ -232,7 +247,7 @@ class Store:
             last_error_at_ms=num("last_error_at") or None,
             refresh_expires_at_ms=num("refresh_expires_at") or None,
             params=_json_map(raw.get("params", "")),
-            extra=_json_map(self.codec.decode(raw.get("extra", ""))),
+            extra=_json_map(self.decode(credential_id, "extra", raw.get("extra", ""))),
             granted_scope=raw.get("granted_scope", ""),
         )
 
@@ -306,7 +321,7 @@ class Store:
 
     def _claimed(self, part: Partition, token: str, res: list[Any]) -> list[Claimed]:
         now_ms = int(res[0])
-        decode = self.codec.decode
+        decode = self.decode
         return [
             Claimed(
                 id=item[0],
@@ -314,7 +329,7 @@ class Store:
                 token=token,
                 due_ms=int(float(item[1])),
                 profile=item[2],
-                refresh_token=decode(item[3]),
+                refresh_token=decode(item[0], "refresh_token", item[3]),
                 token_type=item[4],
                 scope=item[5],
                 expires_at_ms=int(float(item[6])),
@@ -423,7 +438,7 @@ class Store:
         flat: list[Any] = []
         for name, value in fields.items():
             if name in SECRET_FIELDS:
-                value = self.codec.encode(str(value))
+                value = self.encode(c.id, name, str(value))
             flat += [name, value]
         keys = [part.cred(c.id), part.lock(c.id), part.due, part.stats, part.log]
         args = [c.token, c.version, outcome, next_due, self.keys.events, event, c.id, reason,
