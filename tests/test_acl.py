@@ -36,6 +36,7 @@ from worker.client import ClientConfigError, connect
 from worker.codec import PlainCodec
 from worker.eventlog import EventLog
 from worker.fakeprovider import FakeProvider
+from worker.keyring import generate_key
 from worker.keys import Keyspace
 from worker.models import CredentialInput
 from worker.redisio import script_source
@@ -237,10 +238,13 @@ def trespasses(conn: aioredis.Redis, cred_key: str) -> list[Callable[[], Awaitab
     ]
 
 
-def cli(url: str, *argv: str, stdin: str | None = None) -> Any:
-    """`refreshd ARGV` as a real process logged in through ``url``; its JSON."""
+def cli(url: str, *argv: str, stdin: str | None = None, keys: str = "") -> Any:
+    """`refreshd ARGV` as a real process logged in through ``url`` (with the
+    key ring ``keys``, if any); its JSON."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT), "REFRESHD_REDIS_URL": url,
            "REFRESHD_LOG_LEVEL": "error"}  # fmt: skip
+    if keys:
+        env["REFRESHD_ENCRYPTION_KEYS"] = keys
     result = run_refreshd(*argv, env=env, stdin=stdin)
     assert result.code == 0, (argv, result.err)
     assert "unsafe" not in result.err
@@ -264,7 +268,7 @@ async def denied(admin: aioredis.Redis, *names: str) -> list[str]:
 
 async def test_everything_runs_under_the_shipped_users(redis_url: str, tmp_path: Path) -> None:
     """The operator creates a profile, imports, lists, gets, refreshes now,
-    watches and deletes through the real CLI; two workers refresh (cluster
+    watches, rotates keys and deletes through the real CLI; two workers refresh (cluster
     rate limit, event log, kept extras); the consumer asks for a refresh:
     each as its own user, none as the server's default user, and ACL LOG
     records not one refused command of refreshd's own."""
@@ -313,13 +317,24 @@ async def test_everything_runs_under_the_shipped_users(redis_url: str, tmp_path:
                     cli(url, "credential", "get", CRED),
                     cli(url, "profile", "list"),
                     cli(url, "watch", "--since", "start", "--count", "2"),
-                    cli(url, "credential", "delete", "cred-00002"),
-                    cli(url, "profile", "delete", "p", "--force"),
+                    cli(url, "key", "rotate", keys=ring),  # plain -> encrypted
+                    cli(url, "key", "status", keys=ring),
+                    cli(url, "credential", "delete", "cred-00002", keys=ring),
+                    cli(url, "profile", "delete", "p", "--force", keys=ring),
                 ]
 
-            status, listed, got, profiles, watched, _, _ = await anyio.to_thread.run_sync(
-                operator_reads
-            )
+            ring = f"k1:{generate_key()}"
+            (
+                status,
+                listed,
+                got,
+                profiles,
+                watched,
+                rotated,
+                keys,
+                _,
+                _,
+            ) = await anyio.to_thread.run_sync(operator_reads)
             assert await denied(admin, OPERATOR_USER, WORKER_USER, CONSUMER_USER) == []
     finally:
         await admin.aclose()
@@ -330,6 +345,8 @@ async def test_everything_runs_under_the_shipped_users(redis_url: str, tmp_path:
     assert got["id"] == CRED
     assert [p["id"] for p in profiles["result"]] == ["p"]
     assert len(watched.splitlines()) == 2
+    assert rotated["credentials_rewritten"] == 3
+    assert keys["credentials"]["by_key"] == {"k1": 3}
     assert fake.stats.reuse_events == []
 
 

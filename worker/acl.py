@@ -97,10 +97,11 @@ _CONNECT = ("+@connection", "-@dangerous")  # AUTH, HELLO, CLIENT SETINFO, PING,
 #: the server check at start and every 5 s (worker.serverchecks); the
 #: durability waits of each spend and commit
 _SERVER = ("+info", "+config|get", "+waitaof", "+wait")
-#: the scripts (EVALSHA; SCRIPT LOAD after NOSCRIPT) and every command they
+#: the scripts (EVALSHA; SCRIPT LOAD after NOSCRIPT, SCRIPT EXISTS before a
+#: pipeline of script calls) and every command they
 #: run (worker/scripts/*.lua), which the ACL checks one by one
 _SCRIPTS = (
-    "+eval", "+evalsha", "+script|load",
+    "+eval", "+evalsha", "+script|load", "+script|exists",
     "+get", "+set", "+del", "+exists", "+pexpire", "+pttl", "+time", "+hincrby",
     "+zadd", "+zrem", "+zrange", "+zscore", "+xadd", "+xtrim", "+xrevrange", "+publish",
 )  # fmt: skip
@@ -137,13 +138,14 @@ def _own_rules(keys: Keyspace, commands: tuple[str, ...], *, profiles: str) -> l
     layout, the horizon and the rate limiters (read-write), the profiles
     (``profiles`` is the mode: ``%R`` read-only, ``""`` read-write), the two
     channels."""
-    any_profile = _escape(keys.rate_limit("\0")).replace("\0", "*")
+    any_limiter = _escape(keys.rate_limit("\0")).replace("\0", "*")
+    profile_keys = (_escape(keys.profiles), _escape(keys.profile("")) + "*")
     return [
         "resetkeys", "resetchannels", "-@all", *commands,
         *(f"~{tag}:*" for tag in key_tag_patterns(keys)),
         *(f"~{_escape(name)}" for name in (keys.layout, keys.refresh_horizon)),
-        f"~{any_profile}",
-        *(f"{profiles}~{name}" for name in (_escape(keys.profiles), _escape(keys.profile("")) + "*")),
+        f"~{any_limiter}",
+        *(f"{profiles}~{name}" for name in profile_keys),
         *(f"&{_escape(name)}" for name in (keys.events, keys.wake)),
     ]  # fmt: skip
 
