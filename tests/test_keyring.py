@@ -247,3 +247,9 @@ def test_generated_keys_work_in_a_ring() -> None:
     ring = parse_key_ring(f"g1:{key}", source="X", one_per_line=False)
     c = AesGcmCodec(ring)
     assert c.decode(c.encode("s", CTX), CTX) == "s"
+
+
+def test_associated_data_counts_utf8_bytes() -> None:
+    """The format is documented for other languages: lengths are bytes."""
+    ctx = SecretContext("refreshd:", "credential", "ü-1", "access_token")
+    assert ctx.aad() == b"9:refreshd:10:credential4:\xc3\xbc-112:access_token"

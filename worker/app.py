@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from worker.embedded import ensure_embedded
 from worker.errors import StoreUnavailable
 from worker.eventlog import Retention
+from worker.events import EventSecrets
 from worker.health import HealthServer, Heartbeat
 from worker.horizon import Horizon
 from worker.keyring import codec_from_settings
@@ -167,6 +168,7 @@ def build_refresher(
             rate_wait_max_s=settings.lease_s / 3,
         ),
         ca_file=settings.ca_file,
+        event_secrets=EventSecrets(settings.event_secrets_mode, store.codec, settings.prefix),
     )
 
 

@@ -44,10 +44,14 @@ class SecretContext:
     field: str
 
     def aad(self) -> bytes:
-        """The associated data: each part length-prefixed, so that no two
-        contexts give the same bytes whatever their ids contain."""
-        parts = (self.prefix, self.kind, self.record, self.field)
-        return "".join(f"{len(p)}:{p}" for p in parts).encode()
+        """The associated data: each part's UTF-8 bytes prefixed with their
+        count (``9:refreshd:10:credential...``), so that no two contexts give
+        the same bytes whatever their ids contain."""
+        out = b""
+        for part in (self.prefix, self.kind, self.record, self.field):
+            data = part.encode()
+            out += b"%d:%s" % (len(data), data)
+        return out
 
 
 def looks_encrypted(stored: str) -> bool:

@@ -18,7 +18,7 @@ from worker.answer_fields import (
     MAX_TOKEN_TYPE_CHARS,
     utf8_len,
 )
-from worker.errors import ConfigError
+from worker.errors import ConfigError, SecretUnreadable
 from worker.profile import (
     AuthMethod,
     BodyFormat,
@@ -249,6 +249,9 @@ class Claimed:
     #: when the refresh token itself expires, if the provider said
     refresh_expires_at_ms: int | None = None
     granted_scope: str = ""  # "" for a credential stored before it was recorded
+    #: the stored refresh token does not decrypt with this worker's key ring
+    #: (``worker.keyring``): nothing may be sent, the credential stops
+    unreadable: SecretUnreadable | None = field(default=None, compare=False)
 
     @property
     def original_scope(self) -> str:

@@ -151,7 +151,7 @@ class PendingCommit:
             return False
         try:
             stored = await store.get(self.credential_id)
-        except NotFound:
+        except (NotFound, SecretUnreadable):  # gone, or not what this commit wrote
             return False
         return stored.version > int(self.version) and stored.refresh_token == self.refresh_token
 

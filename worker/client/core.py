@@ -35,6 +35,7 @@ from worker.client.errors import (
     ClientError,
     CredentialConflict,
     CredentialNotFound,
+    CredentialUnreadable,
     Disabled,
     InvalidCredential,
     MinTtlUnreachable,
@@ -52,7 +53,7 @@ from worker.client.token import AccessToken, RecordView, parse_view
 from worker.client.waiting import EventWatch
 from worker.codec import SecretCodec
 from worker.embedded import ensure_embedded
-from worker.errors import ConfigError, Conflict, NotFound, StoreUnavailable
+from worker.errors import ConfigError, Conflict, NotFound, SecretUnreadable, StoreUnavailable
 from worker.eventlog import EventLog
 from worker.keyring import codec_from_settings
 from worker.keys import Keyspace
@@ -228,7 +229,10 @@ class Client:
             raise _translated(exc) from exc
         if not reply:
             raise CredentialNotFound(credential_id)
-        return parse_view(credential_id, reply, self._store)
+        try:
+            return parse_view(credential_id, reply, self._store)
+        except SecretUnreadable as exc:
+            raise CredentialUnreadable(credential_id, exc.reason, exc.detail) from None
 
     # ------------------------------------------------------------ events
 
@@ -269,7 +273,7 @@ class Client:
             )
         return EventStream(self._log, since=since, group=group, consumer=consumer, ack=ack,
                            count=count, block_s=block, claim_idle_s=claim_idle,
-                           follow=follow)  # fmt: skip
+                           follow=follow, codec=self._codec)  # fmt: skip
 
     # ------------------------------------------------------------ writing
 
