@@ -22,6 +22,7 @@ from tests.test_eventlog import generate, refresh_all_once
 from worker.app import open_store
 from worker.eventlog import EventLog
 from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault
+from worker.keyring import generate_key
 from worker.logs import fingerprint
 
 pytestmark = pytest.mark.anyio
@@ -168,6 +169,45 @@ async def test_watch_masks_every_secret_including_a_kept_id_token(redis_url: str
             for secret in secrets:
                 assert secret not in printed.out + printed.err
             assert "https://acme.example" in printed.out
+
+
+async def test_watch_masks_sealed_events_and_reveal_opens_them_with_the_ring(
+    redis_url: str,
+) -> None:
+    """With a key ring the events carry ciphertext (``secrets: encrypted``):
+    watch masks it like a clear token; ``--reveal`` opens it with the ring,
+    and without the key shows it masked with the reason."""
+    ring = f"k1:{generate_key()}"
+    settings = make_settings(redis_url, partitions=2, encryption_keys=ring)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        await seed(store, provider, 1, profile={"keep_fields": ["idToken", "instance_url"]})
+        provider.inject(Fault("status", status=200, body={
+            "access_token": "AT-sealed-value", "token_type": "Bearer", "expires_in": 3600,
+            "refresh_token": "RT-sealed-value", "idToken": "ID-sealed-value",
+            "instance_url": "https://acme.example",
+        }))  # fmt: skip
+        async with worker_running(settings):
+            await wait_for(lambda: provider.stats.faults, within=20, what="the answer sent")
+        masked = Watch(redis_url, "--since", "start", "--count", "1", partitions=2,
+                       encryption_keys=ring)  # fmt: skip
+        revealed = Watch(redis_url, "--since", "start", "--count", "1", "--reveal",
+                         partitions=2, encryption_keys=ring)  # fmt: skip
+        keyless = Watch(redis_url, "--since", "start", "--count", "1", "--reveal", partitions=2)
+        for watcher in (masked, revealed, keyless):
+            assert await anyio.to_thread.run_sync(watcher.finish) == 0, watcher.err
+    [event] = masked.events()
+    assert event["secrets"] == "encrypted"
+    assert event["access_token"].startswith("[")
+    assert event["extra"]["idToken"].startswith("[")
+    assert event["extra"]["instance_url"] == "https://acme.example"
+    [opened] = revealed.events()
+    assert opened["access_token"] == "AT-sealed-value"
+    assert opened["extra"] == {"idToken": "ID-sealed-value", "instance_url": "https://acme.example"}
+    [unopened] = keyless.events()
+    assert unopened["unreadable_secrets"] == "unknown_key"
+    assert unopened["access_token"].startswith("[")
+    for line in masked.out + masked.err + keyless.out + keyless.err:
+        assert "sealed-value" not in line
 
 
 async def test_watch_rides_out_a_redis_outage_without_losing_events(

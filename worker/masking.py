@@ -32,8 +32,9 @@ _SECRET_WORDS = re.compile(
 # Whole names that are secret on their own (an authorization code, a PIN).
 _SECRET_NAMES = frozenset({"code", "pin", "auth", "bearer", "sig"})
 # Names that contain a word above but are never secret (top-level event and
-# record fields refreshd defines itself).
-_PLAIN_NAMES = frozenset({"tokentype", "credentialid", "keyid", "kid"})
+# record fields refreshd defines itself; ``secrets`` is a sealed event's
+# mode, ``encrypted`` or ``omitted``).
+_PLAIN_NAMES = frozenset({"tokentype", "credentialid", "keyid", "kid", "secrets"})
 
 
 def looks_secret(name: str) -> bool:
