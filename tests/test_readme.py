@@ -229,6 +229,7 @@ def test_the_encryption_setup_example_makes_a_ring_refreshd_reads(tmp_path: Path
 
     (block,) = _sh_blocks(_section("Encryption at rest"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
+    env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}"  # an activated venv
     script = block + 'echo "$REFRESHD_ENCRYPTION_KEYS_FILE"\n'
     done = subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, check=True, timeout=30)  # fmt: skip
