@@ -218,6 +218,29 @@ async def test_the_rewrite_script_refuses_a_changed_record_and_a_refresh_in_flig
             assert (await records(store, [cred_id]))[0]["access_token"].startswith("e1.k2.")
 
 
+async def test_an_open_spend_intent_waits_and_a_lapsed_one_does_not(redis_url: str) -> None:
+    """A request is out (intent before its deadline, even with the lock
+    gone): busy. Past its deadline no request can still be answered (the
+    next claim recovers it), so the record is rotated."""
+    settings = make_settings(redis_url, partitions=1)
+    async with FakeProvider() as fake, store_with(settings, K1) as old:
+        await seed(old, fake, 1, expires_in=3600)
+        cred_id = "cred-00000"
+        part = old.keys.partition_of(cred_id)
+        _, _, [claimed] = await old.claim(part, limit=1, lease_ms=5000, token="t", ids=[cred_id])
+        spend = await old.spend(claimed, timeout_ms=800, margin_ms=100, rt_hash="h")
+        assert spend.ok
+        await old.client.delete(part.lock(cred_id))  # the worker died after sending
+        async with store_with(settings, f"{K2},{K1}") as store:
+            first = await rotate(store, busy_wait_s=0)
+            assert first.busy == [cred_id]
+            second = await rotate(store, busy_wait_s=5)  # the deadline passes meanwhile
+            raw = (await records(store, [cred_id]))[0]
+    assert second.credentials_rewritten == 1
+    assert raw["intent"]  # left for the claim's unknown-outcome rule
+    assert raw["refresh_token"].startswith("e1.k2.")
+
+
 # ------------------------------------------------------------------ resuming
 
 
