@@ -244,7 +244,7 @@ def check_key_ring(
     )
     for mount in mounts:
         report.check(mount.get("readOnly") is True, w, "the key ring is mounted readOnly")
-        volume = next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), {})
+        volume: Obj = next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), {})
         secret = volume.get("secret")
         report.check(secret is not None, w, "the key ring volume is a Secret")
         if secret is not None:
