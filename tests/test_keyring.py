@@ -91,7 +91,8 @@ def test_a_moved_ciphertext_does_not_decrypt(other: SecretContext) -> None:
 def test_a_tampered_ciphertext_does_not_decrypt() -> None:
     c = codec()
     stored = c.encode("rt-1" * 30, CTX)
-    for pos in (len("e1.k1.") + 2, len(stored) // 2, len(stored) - 1):
+    # (not the last character: its low bits may be padding that decodes away)
+    for pos in (len("e1.k1.") + 2, len(stored) // 2, len(stored) - 5):
         flipped = "A" if stored[pos] != "A" else "B"
         with pytest.raises(SecretUnreadable, match="undecryptable"):
             c.decode(stored[:pos] + flipped + stored[pos + 1 :], CTX)

@@ -47,8 +47,11 @@ class SecretContext:
         """The associated data: each part's UTF-8 bytes prefixed with their
         count (``9:refreshd:10:credential...``), so that no two contexts give
         the same bytes whatever their ids contain."""
+        p, k, r, f = self.prefix, self.kind, self.record, self.field
+        if p.isascii() and r.isascii() and f.isascii():  # characters are bytes: one format
+            return f"{len(p)}:{p}{len(k)}:{k}{len(r)}:{r}{len(f)}:{f}".encode()
         out = b""
-        for part in (self.prefix, self.kind, self.record, self.field):
+        for part in (p, k, r, f):
             data = part.encode()
             out += b"%d:%s" % (len(data), data)
         return out
