@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -269,6 +270,46 @@ async def test_an_interrupted_rotation_resumes_where_it_stopped(redis_url: str) 
     assert rest.already_current == halfway.credentials.by_key["k2"] + 1  # + the profile
     assert done.credentials.by_key == {"k2": 600}
     assert done.credentials.pending == 0
+
+
+async def test_ctrl_c_stops_the_command_cleanly_and_a_rerun_finishes(redis_url: str) -> None:
+    """`key rotate` as a real process, interrupted (SIGINT) while it waits
+    for a credential held by a refresh: exit 130, no traceback, the rest
+    rotated; run again once the refresh is over, it rewrites only that one."""
+    settings = make_settings(redis_url, partitions=2)
+    async with FakeProvider() as fake, store_with(settings, K1) as old:
+        await seed(old, fake, 50, expires_in=3600)
+        held = "cred-00007"
+        part = old.keys.partition_of(held)
+        _, _, claimed = await old.claim(part, limit=1, lease_ms=60_000, token="t", ids=[held])
+        assert claimed
+        env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
+        env |= {"REFRESHD_REDIS_URL": redis_url, "REFRESHD_LOG_LEVEL": "error",
+                "REFRESHD_PARTITIONS": "2", "REFRESHD_ENCRYPTION_KEYS": f"{K2},{K1}"}  # fmt: skip
+        async with store_with(settings, f"{K2},{K1}") as store:
+            proc = await anyio.open_process(
+                [sys.executable, "-m", "worker", "key", "rotate", "--busy-wait", "60"], env=env
+            )
+            async with proc:
+
+                async def swept() -> bool:
+                    return (await key_status(store)).credentials.pending == 1
+
+                await wait_for(swept, within=30, what="everything but the held credential")
+                proc.send_signal(signal.SIGINT)
+                with anyio.fail_after(10):
+                    code = await proc.wait()
+                assert proc.stderr is not None
+                err = b"".join([chunk async for chunk in proc.stderr]).decode()
+            assert code == 130, err
+            assert "Traceback" not in err
+            await old.client.delete(part.lock(held))  # the refresh is over
+            again = await acli(redis_url, "key", "rotate", keys=f"{K2},{K1}", partitions=2)
+            status = await key_status(store)
+    assert again.code == 0, again.err
+    assert again.json()["credentials_rewritten"] == 1
+    assert again.json()["already_current"] == 50  # 49 credentials and the profile
+    assert status.credentials.by_key == {"k2": 50}
 
 
 # ------------------------------------------------------------------ unknown key
