@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any
 
 import orjson
 
@@ -57,8 +57,6 @@ class EventSecrets:
     ``secrets``."""
 
     __slots__ = ("codec", "mode", "prefix")
-
-    CLEAR: Final = "clear"
 
     def __init__(
         self, mode: str = "clear", codec: SecretCodec | None = None, prefix: str = ""
