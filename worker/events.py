@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any
 
 import orjson
 
@@ -59,8 +59,6 @@ class EventSecrets:
     ``secrets``."""
 
     __slots__ = ("codec", "mode", "prefix")
-
-    CLEAR: Final = "clear"
 
     def __init__(
         self, mode: str = "clear", codec: SecretCodec | None = None, prefix: str = ""

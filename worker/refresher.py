@@ -176,11 +176,11 @@ class Refresher:
         if 0 < c.expires_at_ms < now_ms:
             self.metrics.expired_before_refresh.inc()
         if c.unreadable is not None:
-            return await self._stop_unreadable(c, None, c.unreadable)
+            return await self._stop_unreadable(c, c.unreadable)
         try:
             profile = await self.profiles.get(c.profile)
         except SecretUnreadable as exc:  # the profile's client secret
-            return await self._stop_unreadable(c, None, exc)
+            return await self._stop_unreadable(c, exc)
         except NotFound:
             failure = Permanent("profile_missing", f"profile {c.profile!r} does not exist")
             return await self._finish_failure(c, None, failure, "needs_reauth", spent=False)
@@ -224,9 +224,7 @@ class Refresher:
         finally:
             release()
 
-    async def _stop_unreadable(
-        self, c: Claimed, profile: Profile | None, exc: SecretUnreadable
-    ) -> str:
+    async def _stop_unreadable(self, c: Claimed, exc: SecretUnreadable) -> str:
         """A secret this refresh needs does not decrypt with our key ring:
         send nothing (there is nothing right to send) and stop the
         credential, with the reason, until an operator fixes the ring or
@@ -234,7 +232,7 @@ class Refresher:
         key id, never a value."""
         log.error("secret.unreadable", credential_id=c.id, reason=exc.reason, detail=exc.detail)
         stopped = Permanent(exc.reason, exc.detail)
-        return await self._finish_failure(c, profile, stopped, "quarantined", spent=False)
+        return await self._finish_failure(c, None, stopped, "quarantined", spent=False)
 
     async def _wait_for_slot(self, profile: Profile) -> Callable[[], None] | None:
         """The profile's pacing slot, or None if draining began meanwhile."""
