@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import os
 import signal
@@ -23,8 +24,9 @@ from tests.cli_helpers import Result, run_refreshd
 from tests.harness import add_grants, all_current, make_settings, seed, wait_for, worker_running
 from tests.test_process import worker_process
 from worker.app import open_store
+from worker.cli.progress import Progress
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
-from worker.keyops import key_status, rotate
+from worker.keyops import key_status, record_count, rotate
 from worker.keyring import generate_key, parse_key_ring
 from worker.profiles import ProfileStore
 from worker.redisio import guard, load_script
@@ -264,8 +266,11 @@ async def test_an_interrupted_rotation_resumes_where_it_stopped(redis_url: str) 
             halfway = await key_status(store)
             assert halfway.credentials.by_key["k1"] == halfway.credentials.pending
             assert 0 < halfway.credentials.by_key["k2"] < 600
-            rest = await rotate(store)
+            progress = Progress("re-encrypting", await record_count(store), unit="records",
+                                stream=io.StringIO(), enabled=True)  # fmt: skip
+            rest = await rotate(store, progress=progress.advance)
             done = await key_status(store)
+    assert progress.line().startswith("re-encrypting: 601 of 601 records (100%)")
     assert rest.credentials_rewritten == halfway.credentials.pending
     assert rest.already_current == halfway.credentials.by_key["k2"] + 1  # + the profile
     assert done.credentials.by_key == {"k2": 600}

@@ -40,6 +40,7 @@ __all__ = [
     "KeyStatus",
     "Rotation",
     "key_status",
+    "record_count",
     "rotate",
 ]
 
@@ -168,6 +169,14 @@ def _ring_ids(codec: SecretCodec) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------ rotate
+
+
+async def record_count(store: Store) -> int:
+    """Credentials (from the partitions' status counters, no scan) plus
+    profiles: the total a rotation's progress runs to."""
+    counts = await store.counters()
+    profiles: int = await guard(store.client.zcard(store.keys.profiles))
+    return sum(v for k, v in counts.items() if k.startswith("status:")) + profiles
 
 
 async def rotate(

@@ -11,7 +11,7 @@ from worker.app import open_store
 from worker.cli.common import bounded, emit, fail, load_settings
 from worker.cli.progress import Progress
 from worker.errors import ConfigError
-from worker.keyops import key_status, rotate
+from worker.keyops import key_status, record_count, rotate
 from worker.keyring import KEY_BYTES, KeyRing, generate_key
 
 __all__ = ["register"]
@@ -100,10 +100,7 @@ async def _rotate(args: argparse.Namespace) -> int:
             "(REFRESHD_ENCRYPTION_KEYS or REFRESHD_ENCRYPTION_KEYS_FILE)"
         )
     async with open_store(settings) as store:
-        counts = await store.counters()
-        total = sum(v for k, v in counts.items() if k.startswith("status:"))
-        total += len(await store.client.zrange(store.keys.profiles, 0, -1))
-        progress = Progress("re-encrypting", total, unit="records")
+        progress = Progress("re-encrypting", await record_count(store), unit="records")
         try:
             result = await rotate(store, progress=progress.advance, busy_wait_s=args.busy_wait)
         finally:
