@@ -29,7 +29,8 @@ def test_a_secret_looking_name_is_hidden(name: str) -> None:
 @pytest.mark.parametrize(
     "name",
     ["token_type", "tokenType", "credential_id", "instance_url", "oauth_client_id", "scope",
-     "expires_at", "profile", "reason", "detail", "warnings", "managed_user_id", "tenant"],
+     "expires_at", "profile", "reason", "detail", "warnings", "managed_user_id", "tenant",
+     "refresh_token_expires_in", "issued_token_type", "secrets"],
 )  # fmt: skip
 def test_a_plain_name_is_shown(name: str) -> None:
     assert not looks_secret(name)

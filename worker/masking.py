@@ -37,12 +37,17 @@ _SECRET_NAMES = frozenset({"code", "pin", "auth", "bearer", "sig"})
 _PLAIN_NAMES = frozenset({"tokentype", "credentialid", "keyid", "kid", "secrets"})
 
 
+# Endings that make a name metadata about a secret, not the secret
+# (``refresh_token_expires_in``, ``issued_token_type``).
+_PLAIN_ENDS = ("expiresin", "expiresat", "expiry", "expiration", "type", "ttl")
+
+
 def looks_secret(name: str) -> bool:
     """Whether a field called ``name`` may hold a secret: case, ``-``, ``_``
     and ``.`` do not matter (``idToken``, ``ID-TOKEN`` and ``id_token`` are
     the same name)."""
     flat = re.sub(r"[^a-z0-9]", "", name.lower())
-    if flat in _PLAIN_NAMES:
+    if flat in _PLAIN_NAMES or flat.endswith(_PLAIN_ENDS):
         return False
     return flat in _SECRET_NAMES or _SECRET_WORDS.search(flat) is not None
 
