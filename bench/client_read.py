@@ -28,7 +28,7 @@ import anyio
 
 from bench.infra import start_valkey
 from worker.client import connect
-from worker.codec import PlainCodec
+from worker.keyring import codec_from_settings
 from worker.keys import Keyspace
 from worker.models import CredentialInput
 from worker.profiles import ProfileStore
@@ -47,7 +47,9 @@ def percentile(sorted_ms: list[float], q: float) -> float:
 async def seed(settings: Settings) -> list[str]:
     assert settings.redis_url
     async with connect_redis(settings.redis_url) as client:
-        store = Store(client, Keyspace(settings.prefix, settings.partitions), PlainCodec())
+        store = Store(
+            client, Keyspace(settings.prefix, settings.partitions), codec_from_settings(settings)
+        )
         await store.check_layout()
         await ProfileStore(store).create(
             {"id": "bench", "token_url": "https://auth.example.com/token",

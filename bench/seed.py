@@ -9,6 +9,7 @@ thing an import of already-due credentials does, minus the import time.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -33,7 +34,11 @@ def cred_ids(n: int) -> list[str]:
 
 
 def _settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, http_port=0, log_level="warning")
+    """The benchmark's own settings; a key ring in the environment
+    (``REFRESHD_ENCRYPTION_KEYS``, ``bench.encryption_ab``) seeds encrypted,
+    as the workers it starts will read."""
+    return Settings(redis_url=redis_url, http_port=0, log_level="warning",
+                    encryption_keys=os.environ.get("REFRESHD_ENCRYPTION_KEYS", ""))  # fmt: skip
 
 
 async def seed_refreshd(

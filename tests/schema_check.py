@@ -82,6 +82,12 @@ _KEYWORDS: dict[str, _Check] = {
     "required": lambda i, r, root, p: [
         f"{p}: {k!r} is required" for k in r if isinstance(i, dict) and k not in i
     ],
+    "not": lambda i, r, root, p: (
+        [] if errors(i, r, root, p) else [f"{p}: matches a schema it must not"]
+    ),
+    "enum": lambda i, r, root, p: (
+        [] if any(i == v and type(i) is type(v) for v in r) else [f"{p}: not one of {r!r}"]
+    ),
     "const": lambda i, r, root, p: [] if i == r and type(i) is type(r) else [f"{p}: not {r!r}"],
     "minimum": lambda i, r, root, p: [f"{p}: {i} < {r}"] if isinstance(i, int) and i < r else [],
     "minLength": lambda i, r, root, p: (

@@ -10,11 +10,12 @@ import dataclasses
 import json
 import shlex
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
@@ -35,6 +36,7 @@ from worker.client import ClientConfigError, connect
 from worker.codec import PlainCodec
 from worker.eventlog import EventLog
 from worker.fakeprovider import FakeProvider
+from worker.keyring import generate_key
 from worker.keys import Keyspace
 from worker.models import CredentialInput
 from worker.redisio import script_source
@@ -206,48 +208,184 @@ async def test_the_reader_reads_but_cannot_ask(redis_url: str) -> None:
     assert fake.stats.requests == 0
 
 
-async def test_everything_runs_under_the_shipped_users(redis_url: str) -> None:
-    """The operator imports, the worker refreshes, the consumer asks: each
-    as its own user, none as the server's default user; the worker's user
-    reaches nothing outside the installation's keys."""
+#: commands neither refreshd process needs, asked of the server with ACL DRYRUN
+FORBIDDEN = [
+    ("KEYS", "*"), ("FLUSHALL",), ("FLUSHDB",), ("RANDOMKEY",),
+    ("CONFIG", "SET", "appendonly", "no"), ("CONFIG", "REWRITE"), ("DEBUG", "SLEEP", "0"),
+    ("ACL", "SETUSER", "evil"), ("ACL", "LIST"),
+    ("SHUTDOWN", "NOSAVE"), ("CLIENT", "KILL", "TYPE", "normal"), ("CLIENT", "LIST"),
+    ("MONITOR",), ("SCRIPT", "FLUSH"), ("SCRIPT", "KILL"), ("FUNCTION", "FLUSH"),
+    ("MODULE", "LIST"), ("REPLICAOF", "NO", "ONE"), ("SAVE",), ("BGREWRITEAOF",),
+    ("SLAVEOF", "NO", "ONE"), ("MIGRATE", "h", "1", "k", "0", "1"), ("SWAPDB", "0", "1"),
+    ("DUMP", "{refreshd:0}:cred:x"), ("RESTORE", "{refreshd:0}:cred:x", "0", "x"),
+    ("OBJECT", "ENCODING", "{refreshd:0}:cred:x"), ("RENAME", "{refreshd:0}:due", "x"),
+]  # fmt: skip
+
+
+def trespasses(conn: aioredis.Redis, cred_key: str) -> list[Callable[[], Awaitable[Any]]]:
+    """Calls outside a refreshd process's keys, channels and commands, run for real."""
+    return [
+        lambda: conn.set("elsewhere", "x"),
+        lambda: conn.get("{other:0}:cred:x"),
+        lambda: conn.get("{refreshd:staging:0}:cred:x"),
+        lambda: conn.publish("other:events", "x"),
+        lambda: conn.eval("return redis.call('SET', KEYS[1], 'x')", 1, "elsewhere"),
+        lambda: conn.eval("return redis.call('KEYS', '*')", 0),
+        lambda: conn.dump(cred_key),
+        lambda: conn.keys("*"),
+        lambda: conn.flushall(),
+        lambda: conn.config_set("appendonly", "no"),
+    ]
+
+
+def cli(url: str, *argv: str, stdin: str | None = None, keys: str = "") -> Any:
+    """`refreshd ARGV` as a real process logged in through ``url`` (with the
+    key ring ``keys``, if any); its JSON."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT), "REFRESHD_REDIS_URL": url,
+           "REFRESHD_LOG_LEVEL": "error"}  # fmt: skip
+    if keys:
+        env["REFRESHD_ENCRYPTION_KEYS"] = keys
+    result = run_refreshd(*argv, env=env, stdin=stdin)
+    assert result.code == 0, (argv, result.err)
+    assert "unsafe" not in result.err
+    try:
+        return json.loads(result.out)
+    except ValueError:
+        return result.out  # watch: one JSON line per event
+
+
+async def denied(admin: aioredis.Redis, *names: str) -> list[str]:
+    """What ACL LOG recorded as refused for these users: any entry means a
+    command refreshd needs is missing from the shipped rules."""
+    entries = await admin.execute_command("ACL", "LOG")  # type: ignore[no-untyped-call]
+    found = []
+    for entry in entries:
+        fields = dict(zip(entry[::2], entry[1::2], strict=True))
+        if fields["username"] in names:
+            found.append(f"{fields['username']}: {fields['reason']} {fields['object']}")
+    return found
+
+
+async def test_everything_runs_under_the_shipped_users(redis_url: str, tmp_path: Path) -> None:
+    """The operator creates a profile, imports, lists, gets, refreshes now,
+    watches, rotates keys and deletes through the real CLI; two workers refresh (cluster
+    rate limit, event log, kept extras); the consumer asks for a refresh:
+    each as its own user, none as the server's default user, and ACL LOG
+    records not one refused command of refreshd's own."""
     admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
     settings = make_settings(redis_url)
+    await admin.execute_command("ACL", "LOG", "RESET")  # type: ignore[no-untyped-call]
     try:
         async with (
             as_user(admin, settings, OPERATOR_USER) as (operator, _),
             as_user(admin, settings, WORKER_USER) as (worker, worker_conn),
             as_user(admin, settings, CONSUMER_USER) as (consumer, _),
             FakeProvider() as fake,
-            open_store(operator) as store,
         ):
-            await seed(store, fake, 1, expires_in=30)
-            async with worker_running(worker), connect(consumer) as client:
+            assert operator.redis_url
+            profile = {"id": "p", "token_url": fake.url, "client_id": fake.config.client_id,
+                       "client_secret": fake.config.client_secret, "allow_http": True,
+                       "allow_private_network": True, "rotation": "always",
+                       "rate_limit_per_s": 50, "keep_fields": ["id_token"]}  # fmt: skip
+            (tmp_path / "p.json").write_text(json.dumps(profile))
+            await anyio.to_thread.run_sync(
+                lambda: cli(operator.redis_url or "", "profile", "create", "p",
+                            "--from-file", str(tmp_path / "p.json"))
+            )  # fmt: skip
+            grants = [fake.issue_grant(scope="read") for _ in range(3)]
+            lines = "".join(
+                json.dumps({"id": f"cred-{n:05d}", "profile": "p", "access_token": g.access_token,
+                            "refresh_token": g.refresh_token, "expires_in": 30}) + "\n"
+                for n, g in enumerate(grants)
+            )  # fmt: skip
+            await anyio.to_thread.run_sync(
+                lambda: cli(operator.redis_url or "", "credential", "import", "-", stdin=lines)
+            )
+            async with worker_running(worker, count=2), connect(consumer) as client:
                 token = await client.get(CRED, min_ttl=60, timeout=10)
-            # the start-up server check (INFO, CONFIG GET, WAITAOF) sees everything
-            facts = await inspect_server(worker_conn)
+                refreshed = await anyio.to_thread.run_sync(
+                    lambda: cli(operator.redis_url or "", "credential", "refresh", "cred-00001")
+                )
+            facts = await inspect_server(worker_conn)  # INFO, CONFIG GET, WAITAOF
             assert find_hazards(facts, settings.durability) == {}
-            env = {
-                "PATH": "/usr/bin:/bin",
-                "HOME": str(ROOT),
-                "REFRESHD_REDIS_URL": operator.redis_url or "",
-            }
-            status = run_refreshd("status", env=env)
-            assert status.code == 0, status.err
-            assert json.loads(status.out)["credentials"] == 1
-            assert "unsafe" not in status.err
-            for call in (
-                worker_conn.set("elsewhere", "x"),
-                worker_conn.get("{other:0}:cred:x"),
-                worker_conn.publish("other:events", "x"),
-                worker_conn.config_set("appendonly", "no"),
-                worker_conn.flushall(),
-            ):
-                with pytest.raises(ResponseError, match=REFUSED):
-                    await call
+
+            def operator_reads() -> list[Any]:
+                url = operator.redis_url or ""
+                return [
+                    cli(url, "status"),
+                    cli(url, "credential", "list"),
+                    cli(url, "credential", "get", CRED),
+                    cli(url, "profile", "list"),
+                    cli(url, "watch", "--since", "start", "--count", "2"),
+                    cli(url, "key", "rotate", keys=ring),  # plain -> encrypted
+                    cli(url, "key", "status", keys=ring),
+                    cli(url, "credential", "delete", "cred-00002", keys=ring),
+                    cli(url, "profile", "delete", "p", "--force", keys=ring),
+                ]
+
+            ring = f"k1:{generate_key()}"
+            (
+                status,
+                listed,
+                got,
+                profiles,
+                watched,
+                rotated,
+                keys,
+                _,
+                _,
+            ) = await anyio.to_thread.run_sync(operator_reads)
+            assert await denied(admin, OPERATOR_USER, WORKER_USER, CONSUMER_USER) == []
     finally:
         await admin.aclose()
     assert token.version == 1
-    assert fake.stats.requests == 1
+    assert refreshed["outcome"] in {"refreshed", "in_flight_elsewhere"}
+    assert status["credentials"] == 3
+    assert listed["total"] == 3
+    assert got["id"] == CRED
+    assert [p["id"] for p in profiles["result"]] == ["p"]
+    assert len(watched.splitlines()) == 2
+    assert rotated["credentials_rewritten"] == 3
+    assert keys["credentials"]["by_key"] == {"k1": 3}
+    assert fake.stats.reuse_events == []
+
+
+async def test_the_worker_and_operator_are_refused_what_they_do_not_need(redis_url: str) -> None:
+    """No command outside their lists (KEYS, FLUSHALL, CONFIG SET, DEBUG,
+    ACL, SHUTDOWN...), no other installation's keys or channels; the worker
+    cannot write a profile, even from Lua."""
+    admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    settings = make_settings(redis_url)
+    try:
+        async with (
+            as_user(admin, settings, WORKER_USER) as (_, worker),
+            as_user(admin, settings, OPERATOR_USER) as (_, operator),
+            world(redis_url, expires_in=3600) as (_, store, _fake),
+        ):
+            part = store.keys.partition_of(CRED)
+            profile = store.keys.profile("p")
+            before = await snapshot(store)
+            for name in (WORKER_USER, OPERATOR_USER):
+                for command in FORBIDDEN:  # asked of the ACL, never run
+                    verdict = await admin.execute_command("ACL", "DRYRUN", name, *command)  # type: ignore[no-untyped-call]
+                    assert "no permissions" in str(verdict), (name, command, verdict)
+            for conn in (worker, operator):
+                for call in trespasses(conn, part.cred(CRED)):
+                    with pytest.raises(ResponseError, match=REFUSED):
+                        await call()
+            for call in (
+                lambda: worker.hset(profile, "token_url", "https://attacker.example/token"),
+                lambda: worker.delete(profile),
+                lambda: worker.zadd(store.keys.profiles, {"evil": 0}),
+                lambda: worker.eval("return redis.call('HSET', KEYS[1], 'x', 'y')", 1, profile),
+                lambda: worker.scan(),
+            ):
+                with pytest.raises(ResponseError, match=REFUSED):
+                    await call()
+            assert await snapshot(store) == before
+            assert (await worker.hgetall(profile))["token_url"] == _fake.url  # but it reads it
+    finally:
+        await admin.aclose()
 
 
 # ------------------------------------------------------------ what it may not

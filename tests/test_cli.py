@@ -8,6 +8,7 @@ console script) where two commands must run at once (``watch`` + refresh).
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -1224,3 +1225,34 @@ def test_profile_flags_set_the_rate_and_lifecycle_knobs(cli: Cli) -> None:
     line = cli.fails(2, "profile", "create", "bad", "--token-url", HTTPS_URL,
                      "--max-refresh-interval", "5")  # fmt: skip
     assert "max_refresh_interval_s" in line
+
+
+def test_with_a_key_ring_tokens_are_stored_encrypted_and_revealed_in_clear(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """Encryption at rest through the CLI: import writes ciphertext, `get
+    --reveal` shows the tokens to an operator holding the ring; without
+    the ring it says which key is missing, in one line; a malformed ring is
+    one line that never shows the key."""
+    key = "k1:" + base64.b64encode(bytes(range(32))).decode()
+    monkeypatch.setenv("REFRESHD_ENCRYPTION_KEYS", key)
+    make_profile(cli, "acme")
+    import_lines(cli, tmp_path, cred_line("c1", "acme", 1))
+    [stored] = stored_records(redis_url, ["c1"])  # read without the ring: as stored
+    assert stored["access_token"].startswith("e1.k1.")
+    assert "AT-1-9f3c1e" not in json.dumps(stored)
+    revealed = cli.ok("credential", "get", "c1", "--reveal")
+    assert (revealed["access_token"], revealed["refresh_token"]) == ("AT-1-9f3c1e", "RT-1-4b7d2a")
+    assert cli.ok("profile", "get", "acme")["id"] == "acme"
+
+    monkeypatch.delenv("REFRESHD_ENCRYPTION_KEYS")
+    shown = cli.ok("credential", "get", "c1")  # no --reveal: nothing to decrypt
+    assert shown["access_token"] == "[hidden]"
+    line = cli.fails(1, "credential", "get", "c1", "--reveal")
+    assert "unknown_key" in line
+    assert "'k1'" in line
+
+    monkeypatch.setenv("REFRESHD_ENCRYPTION_KEYS", key[:-8])
+    line = cli.fails(2, "credential", "get", "c1")
+    assert line.startswith("REFRESHD_ENCRYPTION_KEYS: key 'k1' (entry 1)")
+    assert key[3:-8] not in line

@@ -5,18 +5,22 @@ and `refreshd consumer script` prints exactly what the Python client loads."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import sys
+import zlib
 from importlib import resources
 from typing import Any
 
 import anyio
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tests.harness import make_settings, seed
 from worker.app import open_store
+from worker.codec import SecretContext
 from worker.consumer_script import token_script_sha, token_script_source
 from worker.fakeprovider import FakeProvider
 from worker.redisio import load_script
@@ -62,13 +66,14 @@ async def test_the_json_answer_carries_what_the_list_carries(redis_url: str) -> 
     assert asked["due_at"] <= answer["due_at"]
 
 
-async def set_extra(store: Store, extra: dict[str, str]) -> None:
+async def set_extra(store: Store, extra: dict[str, str] | str) -> None:
     """Store kept answer fields in the packed record, through ``record.lua``
-    as the workers' commit does (``keep_fields``)."""
+    as the workers' commit does (``keep_fields``); a str as it is (encoded)."""
     part = store.keys.partition_of(CRED)
     record = (resources.files("worker") / "scripts" / "record.lua").read_text()
     script = "local rec = rec_load(KEYS[1]); rec_set(rec, 'extra', ARGV[1]); rec_save(KEYS[1], rec)"
-    await store.client.eval(record + script, 1, part.cred(CRED), json.dumps(extra))
+    value = extra if isinstance(extra, str) else json.dumps(extra)
+    await store.client.eval(record + script, 1, part.cred(CRED), value)
 
 
 async def test_the_printed_script_is_the_one_the_python_client_loads(redis_url: str) -> None:
@@ -83,3 +88,32 @@ async def test_the_printed_script_is_the_one_the_python_client_loads(redis_url: 
     assert source.stdout.decode() == token_script_source()
     assert sha.stdout.decode().strip() == token_script_sha() == registered.sha
     assert registered.sha == hashlib.sha1(source.stdout).hexdigest()  # noqa: S324
+
+
+async def test_with_encryption_the_json_answer_opens_as_the_readme_says(redis_url: str) -> None:
+    """A consumer in another language holds the ring and decrypts the
+    answer's access token and kept extras with nothing but AES-GCM, raw
+    inflate and the associated data as README "Encryption at rest" states."""
+    key = bytes(range(32))
+    settings = make_settings(redis_url, encryption_keys="k1:" + base64.b64encode(key).decode())
+    async with FakeProvider() as fake, open_store(settings) as store:
+        grants = await seed(store, fake, 1, expires_in=3600)
+        extra = {"instance_url": "https://eu.example", "id_token": "eyJ.x.y"}
+        ctx = SecretContext(store.keys.prefix, "credential", CRED, "extra")
+        await set_extra(store, store.codec.encode(json.dumps(extra), ctx))
+        answer = json.loads(await token_call(store, CRED, "", "json"))
+    assert answer["extra"] == {}
+    assert grants[CRED].access_token not in json.dumps(answer)
+
+    def opened(value: str, field: str) -> str:
+        mark, kid, body = value.split(".", 2)
+        assert (mark, kid) == ("e1", "k1")
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        aad = b"e1.k1." + b"".join(b"%d:%s" % (len(p), p) for p in (
+            b"refreshd:", b"credential", CRED.encode(), field.encode()))  # fmt: skip
+        plain = AESGCM(key).decrypt(raw[:12], raw[12:], aad)
+        data = zlib.decompress(plain[1:], -15) if plain[0] == 1 else plain[1:]
+        return data.decode()
+
+    assert opened(answer["access_token"], "access_token") == grants[CRED].access_token
+    assert json.loads(opened(answer["extra_encrypted"], "extra")) == extra

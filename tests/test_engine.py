@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import anyio
 import pytest
 
@@ -13,8 +15,17 @@ from worker.models import Status
 pytestmark = pytest.mark.anyio
 
 
-async def test_racing_workers_never_send_a_refresh_token_twice(redis_url: str) -> None:
-    settings = make_settings(redis_url, claim_batch=20)
+RING = "k1:" + base64.b64encode(bytes(range(32))).decode()
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+async def test_racing_workers_never_send_a_refresh_token_twice(
+    redis_url: str, encrypted: bool
+) -> None:
+    """With encryption at rest too: the claim carries ciphertext, each
+    worker decrypts the token it sends, and nothing else changes."""
+    ring = {"encryption_keys": RING} if encrypted else {}
+    settings = make_settings(redis_url, claim_batch=20, **ring)
     config = FakeProviderConfig(lifetime_s=3, rotate=True, revoke_on_reuse=True)
     async with FakeProvider(config) as provider, open_store(settings) as store:
         grants = await seed(store, provider, 150)  # all due now: a catch-up burst
@@ -53,3 +64,7 @@ async def test_racing_workers_never_send_a_refresh_token_twice(redis_url: str) -
         published = {(e["credential_id"], e["version"]) for e in events.items}
         assert len(published) == total_versions
         assert all("refresh_token" not in e for e in events.items)
+        if encrypted:
+            raw = await store.raw_fields(next(iter(grants)))
+            assert store.codec.key_id(raw["refresh_token"]) == "k1"
+            assert {e["secrets"] for e in events.items} == {"encrypted"}

@@ -8,6 +8,7 @@ quarantined. Every event read back from the log must validate.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Awaitable
 from pathlib import Path
@@ -27,8 +28,9 @@ from worker.eventmodel import (
     UnknownEvent,
     parse_event,
 )
-from worker.events import EventType
+from worker.events import EventType, open_event
 from worker.fakeprovider import FakeProvider, Fault
+from worker.keyring import codec_from_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -51,8 +53,13 @@ def documented(kind: str) -> set[str]:
     return names | set(defs["failure"]["properties"])
 
 
-async def test_every_emitted_event_matches_the_schema_and_parses_typed(redis_url: str) -> None:
-    settings = make_settings(redis_url, partitions=4)
+@pytest.mark.parametrize("secrets", ["clear", "encrypted", "omitted"])
+async def test_every_emitted_event_matches_the_schema_and_parses_typed(
+    redis_url: str, secrets: str
+) -> None:
+    """In clear, and sealed under a key ring (REFRESHD_EVENT_SECRETS)."""
+    ring = {} if secrets == "clear" else {"encryption_keys": RING, "event_secrets": secrets}
+    settings = make_settings(redis_url, partitions=4, **ring)
     async with FakeProvider() as provider, open_store(settings) as store:
         grants = await seed(
             store, provider, 6, profile={"timeout_s": 0.5, "keep_fields": ["id_token"]}
@@ -102,9 +109,27 @@ async def test_every_emitted_event_matches_the_schema_and_parses_typed(redis_url
         assert "rt-next" not in entry.json
     kept = [e.event for e in entries if e.credential_id == "cred-00003"]
     assert isinstance(kept[0], Refreshed)
-    assert kept[0].extra == {"id_token": "eyJ.id-token.sig"}
     assert "eyJ" not in repr(kept[0])
     assert "at-with-id-token" not in repr(kept[0])
+    refreshed = [e.event for e in entries if isinstance(e.event, Refreshed)]
+    if secrets == "clear":
+        assert kept[0].extra == {"id_token": "eyJ.id-token.sig"}
+        assert all(e.secrets == "" and e.access_token for e in refreshed)
+    elif secrets == "omitted":
+        assert kept[0].extra == {}
+        assert all(e.secrets == "omitted" and e.access_token == "" for e in refreshed)
+    else:
+        assert all(
+            e.secrets == "encrypted" and e.access_token.startswith("e1.k1.") for e in refreshed
+        )
+        assert kept[0].extra["id_token"].startswith("e1.k1.")
+        codec = codec_from_settings(settings)
+        body = open_event(json.loads(entries[[e.event for e in entries].index(kept[0])].json),
+                          codec, settings.prefix)  # fmt: skip
+        assert body["extra"] == {"id_token": "eyJ.id-token.sig"}
+        assert body["access_token"] == "at-with-id-token"
+    for entry in entries:
+        assert "eyJ" not in entry.json or secrets == "clear"
     failed = [e.event for e in entries if isinstance(e.event, Failed)]
     assert all(f.reason and f.failures for f in failed)
 
@@ -113,7 +138,17 @@ async def _has_all(found: Awaitable[set[str]]) -> bool:
     return set(TYPED) <= await found
 
 
+REFRESHED = {"schema": 1, "type": "token.refreshed", "credential_id": "c1", "profile": "p",
+             "version": 3, "ts": 1, "access_token": "at", "token_type": "Bearer",
+             "expires_at": 5, "scope": ""}  # fmt: skip
+RING = "k1:" + base64.b64encode(bytes(range(32))).decode()
+
+
 def test_the_checker_rejects_what_the_schema_forbids() -> None:
+    assert errors(REFRESHED, SCHEMA) == []
+    omitted = {k: v for k, v in REFRESHED.items() if k != "access_token"} | {"secrets": "omitted"}
+    assert errors(omitted, SCHEMA) == []
+    assert errors(REFRESHED | {"secrets": "encrypted"}, SCHEMA) == []
     good = {
         "schema": 1,
         "type": "token.failed",
@@ -132,6 +167,9 @@ def test_the_checker_rejects_what_the_schema_forbids() -> None:
         good | {"schema": 2},
         good | {"type": "token.exploded"},
         good | {"type": "token.refreshed"},  # no access_token
+        REFRESHED | {"secrets": "omitted"},  # omitted, yet there
+        {k: v for k, v in REFRESHED.items() if k != "access_token"},  # missing, not omitted
+        REFRESHED | {"secrets": "clear"},  # clear events carry no such field
         good | {"ts": True},
     ):
         assert errors(broken, SCHEMA), broken

@@ -207,6 +207,7 @@ def test_every_shell_block_is_run_or_marked_and_its_paths_exist() -> None:
     or is marked as needing what no test machine has; a marked block's
     repository paths must exist, so a renamed overlay breaks this test."""
     run = set(_sh_blocks(_section("Using it")) + _sh_blocks(_section("Providers")))
+    run |= set(_sh_blocks(_section("Encryption at rest")))
     checked = 0
     for match in re.finditer(r"```sh\n(.*?)```", README, re.S):
         block = match.group(1)
@@ -218,3 +219,23 @@ def test_every_shell_block_is_run_or_marked_and_its_paths_exist() -> None:
             assert (ROOT / path).exists(), f"README names {path}, which is not in the repository"
             checked += 1
     assert checked >= 3  # the overlays and the profile job
+
+
+def test_the_encryption_setup_example_makes_a_ring_refreshd_reads(tmp_path: Path) -> None:
+    """The key generation lines of "Encryption at rest", run as written:
+    the file they leave is a one-key ring, readable by its owner only."""
+    from worker.keyring import AesGcmCodec, codec_from_settings
+    from worker.settings import Settings
+
+    (block,) = _sh_blocks(_section("Encryption at rest"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
+    env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}"  # an activated venv
+    script = block + 'echo "$REFRESHD_ENCRYPTION_KEYS_FILE"\n'
+    done = subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, check=True, timeout=30)  # fmt: skip
+    path = Path(done.stdout.strip())
+    assert path == tmp_path / "refreshd-keys"
+    assert path.stat().st_mode & 0o777 == 0o600
+    codec = codec_from_settings(Settings.from_env({"REFRESHD_ENCRYPTION_KEYS_FILE": str(path)}))
+    assert isinstance(codec, AesGcmCodec)
+    assert codec.ring.ids == ("k1",)

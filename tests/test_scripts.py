@@ -26,6 +26,7 @@ from tests.redis_server import RedisServer
 from worker.app import open_store
 from worker.codec import PlainCodec
 from worker.errors import Conflict, NotFound
+from worker.keyring import AesGcmCodec, KeyRing
 from worker.keys import Keyspace, Partition
 from worker.landing import spent_fingerprint
 from worker.models import Claimed, CredentialInput, Status
@@ -47,16 +48,10 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
         yield s
 
 
-class MarkedCodec:
-    """A reversible codec that makes the stored form unmistakable, to prove
-    the store encodes on the way in and decodes on the way out."""
-
-    def encode(self, plaintext: str) -> str:
-        return "enc:" + plaintext[::-1]
-
-    def decode(self, stored: str) -> str:
-        assert stored.startswith("enc:"), stored
-        return stored[4:][::-1]
+def MarkedCodec() -> AesGcmCodec:
+    """The encrypting codec, to prove the store encodes on the way in and
+    decodes on the way out."""
+    return AesGcmCodec(KeyRing([("k1", bytes(range(32)))]))
 
 
 async def create(
@@ -216,7 +211,8 @@ async def test_claim_decodes_what_the_codec_encoded(store: Store) -> None:
         scope="read",
     )
     raw = await store.raw_fields("c1")
-    assert raw["access_token"] == "enc:terces-ta"
+    assert raw["access_token"].startswith("e1.k1.")
+    assert coded.codec.key_id(raw["access_token"]) == "k1"
     assert "rt-secret" not in raw.values()
     key = part(store, "c1").cred("c1")
     record = await store.client.execute_command("GET", key, **{NEVER_DECODE: True})  # type: ignore[no-untyped-call]

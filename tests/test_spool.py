@@ -40,6 +40,7 @@ from worker.batcher import ScriptBatcher, _Call
 from worker.errors import StoreUnavailable
 from worker.events import EventType, build_event
 from worker.fakeprovider import FakeProvider, Fault
+from worker.keyring import AesGcmCodec, KeyRing
 from worker.logs import fingerprint
 from worker.metrics import Metrics
 from worker.models import Claimed, Status
@@ -54,15 +55,9 @@ pytestmark = pytest.mark.anyio
 QUARANTINED = EventType.QUARANTINED.value
 
 
-class MarkingCodec:
-    """Stands in for encryption at rest: what it encodes is unreadable as is."""
-
-    def encode(self, plaintext: str) -> str:
-        return "enc:" + plaintext[::-1]
-
-    def decode(self, stored: str) -> str:
-        assert stored.startswith("enc:"), stored
-        return stored[4:][::-1]
+def MarkingCodec() -> AesGcmCodec:
+    """Encryption at rest, as a worker with a key ring spools."""
+    return AesGcmCodec(KeyRing([("spool1", bytes(range(32)))]))
 
 
 # ------------------------------------------------------------ end to end
@@ -444,7 +439,7 @@ async def test_commits_never_acknowledged_are_spooled_when_the_batcher_stops(
             claimed, "refreshed", next_due=pending.next_due, fields=pending.fields,
             event=pending.event,
         )  # fmt: skip
-        assert _timeless(PendingCommit.from_commit_args(args, store.codec)) == _timeless(pending)
+        assert _timeless(PendingCommit.from_commit_args(args, store)) == _timeless(pending)
         refresher = build_refresher(settings, store, http, Metrics())
         refresher.spool = spool
         batcher = ScriptBatcher(store, on_unconfirmed=refresher.keep_unconfirmed)

@@ -3,6 +3,7 @@ masking every secret, and living through a Redis outage."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -14,24 +15,31 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.cli_helpers import run_refreshd
 from tests.harness import make_settings, seed, wait_for, worker_running
 from tests.redis_server import RedisServer
 from tests.test_eventlog import generate, refresh_all_once
 from worker.app import open_store
 from worker.eventlog import EventLog
 from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault
+from worker.keyring import generate_key
 from worker.logs import fingerprint
 
 pytestmark = pytest.mark.anyio
+
+
+def cli_env(redis_url: str, partitions: int = 16) -> dict[str, str]:
+    """The environment of a `refreshd` process on this server, nothing inherited."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
+    return env | {"REFRESHD_REDIS_URL": redis_url, "REFRESHD_LOG_LEVEL": "error",
+                  "REFRESHD_PARTITIONS": str(partitions)}  # fmt: skip
 
 
 class Watch:
     """`python -m worker watch ...` with its output collected line by line."""
 
     def __init__(self, redis_url: str, *args: str, partitions: int = 16, **settings: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
-        env |= {"REFRESHD_REDIS_URL": redis_url, "REFRESHD_LOG_LEVEL": "error",
-                "REFRESHD_PARTITIONS": str(partitions)}  # fmt: skip
+        env = cli_env(redis_url, partitions)
         env |= {f"REFRESHD_{name.upper()}": value for name, value in settings.items()}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "watch", *args],
@@ -102,10 +110,24 @@ async def test_watch_since_a_printed_cursor_resumes_after_that_event(redis_url: 
                            "has 16 partitions"]  # fmt: skip
 
 
+#: kept extras a provider may answer with: every one whose name looks secret
+#: is masked, whatever its case or separators; the others are shown
+SECRET_EXTRAS = {
+    "id_token": "ID-secret-value",
+    "idToken": "IDC-secret-value",
+    "mfa_passcode": "PC-secret-value",
+    "signing_key": "SK-secret-value",
+    "client_assertion": "CA-secret-value",
+    "Session-Password": "PW-secret-value",
+}
+PLAIN_EXTRAS = {"instance_url": "https://acme.example", "oauth_client_id": "client-7"}
+
+
 async def test_watch_masks_every_secret_including_a_kept_id_token(redis_url: str) -> None:
     settings = make_settings(redis_url, partitions=2)
     async with FakeProvider() as provider, open_store(settings) as store:
-        grants = await seed(store, provider, 1, profile={"keep_fields": ["id_token"]})
+        kept = [*SECRET_EXTRAS, *PLAIN_EXTRAS]
+        grants = await seed(store, provider, 1, profile={"keep_fields": kept})
         provider.inject(
             Fault(
                 "status",
@@ -115,7 +137,8 @@ async def test_watch_masks_every_secret_including_a_kept_id_token(redis_url: str
                     "token_type": "Bearer",
                     "expires_in": 3600,
                     "refresh_token": "RT-secret-value",
-                    "id_token": "ID-secret-value",
+                    **SECRET_EXTRAS,
+                    **PLAIN_EXTRAS,
                 },
             )
         )
@@ -125,14 +148,66 @@ async def test_watch_masks_every_secret_including_a_kept_id_token(redis_url: str
             assert await anyio.to_thread.run_sync(watcher.finish) == 0, watcher.err
         [event] = watcher.events()
         assert event["access_token"] == f"[{fingerprint('AT-secret-value')}]"
-        assert event["extra"] == {"id_token": f"[{fingerprint('ID-secret-value')}]"}
+        assert event["token_type"] == "Bearer"
+        masked = {name: f"[{fingerprint(value)}]" for name, value in SECRET_EXTRAS.items()}
+        assert event["extra"] == masked | PLAIN_EXTRAS
         everything = "\n".join(watcher.out + watcher.err)
-        for secret in ("AT-secret", "RT-secret", "ID-secret", grants["cred-00000"].refresh_token):
+        secrets = ["AT-secret", "RT-secret", *SECRET_EXTRAS.values(),
+                   grants["cred-00000"].refresh_token]  # fmt: skip
+        for secret in secrets:
             assert secret not in everything
         shown = Watch(redis_url, "--since", "start", "--count", "1", "--reveal", partitions=2)
         assert await anyio.to_thread.run_sync(shown.finish) == 0
-        assert shown.events()[0]["extra"] == {"id_token": "ID-secret-value"}
+        assert shown.events()[0]["extra"] == SECRET_EXTRAS | PLAIN_EXTRAS
         assert "RT-secret" not in "\n".join(shown.out)
+        # the other printing commands hide the same fields
+        for command in (["credential", "get", "cred-00000"], ["credential", "list"]):
+            printed = await anyio.to_thread.run_sync(
+                functools.partial(run_refreshd, *command, env=cli_env(redis_url, 2))
+            )
+            assert printed.code == 0, printed.err
+            for secret in secrets:
+                assert secret not in printed.out + printed.err
+            assert "https://acme.example" in printed.out
+
+
+async def test_watch_masks_sealed_events_and_reveal_opens_them_with_the_ring(
+    redis_url: str,
+) -> None:
+    """With a key ring the events carry ciphertext (``secrets: encrypted``):
+    watch masks it like a clear token; ``--reveal`` opens it with the ring,
+    and without the key shows it masked with the reason."""
+    ring = f"k1:{generate_key()}"
+    settings = make_settings(redis_url, partitions=2, encryption_keys=ring)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        await seed(store, provider, 1, profile={"keep_fields": ["idToken", "instance_url"]})
+        provider.inject(Fault("status", status=200, body={
+            "access_token": "AT-sealed-value", "token_type": "Bearer", "expires_in": 3600,
+            "refresh_token": "RT-sealed-value", "idToken": "ID-sealed-value",
+            "instance_url": "https://acme.example",
+        }))  # fmt: skip
+        async with worker_running(settings):
+            await wait_for(lambda: provider.stats.faults, within=20, what="the answer sent")
+        masked = Watch(redis_url, "--since", "start", "--count", "1", partitions=2,
+                       encryption_keys=ring)  # fmt: skip
+        revealed = Watch(redis_url, "--since", "start", "--count", "1", "--reveal",
+                         partitions=2, encryption_keys=ring)  # fmt: skip
+        keyless = Watch(redis_url, "--since", "start", "--count", "1", "--reveal", partitions=2)
+        for watcher in (masked, revealed, keyless):
+            assert await anyio.to_thread.run_sync(watcher.finish) == 0, watcher.err
+    [event] = masked.events()
+    assert event["secrets"] == "encrypted"
+    assert event["access_token"].startswith("[")
+    assert event["extra"]["idToken"].startswith("[")
+    assert event["extra"]["instance_url"] == "https://acme.example"
+    [opened] = revealed.events()
+    assert opened["access_token"] == "AT-sealed-value"
+    assert opened["extra"] == {"idToken": "ID-sealed-value", "instance_url": "https://acme.example"}
+    [unopened] = keyless.events()
+    assert unopened["unreadable_secrets"] == "unknown_key"
+    assert unopened["access_token"].startswith("[")
+    for line in masked.out + masked.err + keyless.out + keyless.err:
+        assert "sealed-value" not in line
 
 
 async def test_watch_rides_out_a_redis_outage_without_losing_events(

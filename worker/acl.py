@@ -23,6 +23,7 @@ __all__ = [
     "acl_file",
     "acl_rules",
     "key_tag_patterns",
+    "operator_acl_rules",
     "worker_acl_rules",
 ]
 
@@ -87,15 +88,64 @@ def acl_rules(keys: Keyspace, *, refresh: bool = True) -> list[str]:
     return rules
 
 
+# Every command refreshd's own processes send, by what needs it. A command
+# missing here is refused with NOPERM (tests/test_acl.py runs a worker and
+# the operator commands as these users and reads ACL LOG); nothing in
+# @dangerous or @admin is granted but the server check's INFO and CONFIG
+# GET, and nothing that reaches every key (KEYS, FLUSHALL, RANDOMKEY).
+_CONNECT = ("+@connection", "-@dangerous")  # AUTH, HELLO, CLIENT SETINFO, PING, SELECT
+#: the server check at start and every 5 s (worker.serverchecks); the
+#: durability waits of each spend and commit
+_SERVER = ("+info", "+config|get", "+waitaof", "+wait")
+#: the scripts (EVALSHA; SCRIPT LOAD after NOSCRIPT, SCRIPT EXISTS before a
+#: pipeline of script calls) and every command they
+#: run (worker/scripts/*.lua), which the ACL checks one by one
+_SCRIPTS = (
+    "+eval", "+evalsha", "+script|load", "+script|exists",
+    "+get", "+set", "+del", "+exists", "+pexpire", "+pttl", "+time", "+hincrby",
+    "+zadd", "+zrem", "+zrange", "+zscore", "+xadd", "+xtrim", "+xrevrange", "+publish",
+)  # fmt: skip
+#: the worker's own calls: layout check, profiles, counters, horizon gauge,
+#: wake-ups (pipelines in MULTI/EXEC)
+_WORKER = (
+    "+hsetnx", "+hset", "+hget", "+hmget", "+hgetall", "+zcard", "+zcount",
+    "+subscribe", "+unsubscribe", "+multi", "+exec", "+discard",
+)  # fmt: skip
+#: the operator commands on top: listings and key rotation walk the keyspace
+#: (SCAN per partition pattern), profiles are written and deleted, watch
+#: reads the event log
+_OPERATOR = ("+scan", "+unlink", "+xread", "+xrange", "+xlen")
+
+
 def worker_acl_rules(keys: Keyspace) -> list[str]:
-    """ACL rules for ``refreshd run`` and the operator commands: every
-    command but the dangerous ones (plus the server checks' INFO and CONFIG
-    GET), on this installation's keys and channels only."""
+    """ACL rules for ``refreshd run``: the commands it sends (and no other),
+    on this installation's keys and channels only. Profiles are read-only:
+    a worker never writes one, so a stolen worker password cannot point a
+    profile's token URL elsewhere."""
+    return _own_rules(keys, (*_CONNECT, *_SERVER, *_SCRIPTS, *_WORKER), profiles="%R")
+
+
+def operator_acl_rules(keys: Keyspace) -> list[str]:
+    """ACL rules for the operator commands (``profile``, ``credential``,
+    ``key``, ``status``, ``watch``): the worker's commands (``credential
+    refresh`` runs a refresh) plus walking the keyspace and deleting, with
+    profiles writable."""
+    return _own_rules(keys, (*_CONNECT, *_SERVER, *_SCRIPTS, *_WORKER, *_OPERATOR), profiles="")
+
+
+def _own_rules(keys: Keyspace, commands: tuple[str, ...], *, profiles: str) -> list[str]:
+    """refreshd's own processes: ``commands`` on the partitions' keys, the
+    layout, the horizon and the rate limiters (read-write), the profiles
+    (``profiles`` is the mode: ``%R`` read-only, ``""`` read-write), the two
+    channels."""
+    any_limiter = _escape(keys.rate_limit("\0")).replace("\0", "*")
+    profile_keys = (_escape(keys.profiles), _escape(keys.profile("")) + "*")
     return [
-        "resetkeys", "resetchannels", "-@all", "+@all", "-@dangerous", "+info", "+config|get",
+        "resetkeys", "resetchannels", "-@all", *commands,
         *(f"~{tag}:*" for tag in key_tag_patterns(keys)),
-        *(f"~{_escape(name)}" for name in (keys.layout, keys.profiles)),
-        f"~{_escape(keys.profile(''))}*",
+        *(f"~{_escape(name)}" for name in (keys.layout, keys.refresh_horizon)),
+        f"~{any_limiter}",
+        *(f"{profiles}~{name}" for name in profile_keys),
         *(f"&{_escape(name)}" for name in (keys.events, keys.wake)),
     ]  # fmt: skip
 
@@ -103,15 +153,12 @@ def worker_acl_rules(keys: Keyspace) -> list[str]:
 def acl_file(keys: Keyspace) -> str:
     """The users as ACL file lines (the format takes no comments), enabled
     but without a password: one cannot log in until a ``>password`` or
-    ``#<sha256>`` is added to its line, so the file is safe as shipped. The
-    worker and the operator get the same rules under two names, so either
-    can be revoked alone."""
-    worker = " ".join(worker_acl_rules(keys))
+    ``#<sha256>`` is added to its line, so the file is safe as shipped."""
     return (
         f"user {CONSUMER_USER} on {' '.join(acl_rules(keys, refresh=True))}\n"
         f"user {READER_USER} on {' '.join(acl_rules(keys, refresh=False))}\n"
-        f"user {WORKER_USER} on {worker}\n"
-        f"user {OPERATOR_USER} on {worker}\n"
+        f"user {WORKER_USER} on {' '.join(worker_acl_rules(keys))}\n"
+        f"user {OPERATOR_USER} on {' '.join(operator_acl_rules(keys))}\n"
     )
 
 

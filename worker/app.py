@@ -17,12 +17,13 @@ import anyio
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from worker.codec import PlainCodec
 from worker.embedded import ensure_embedded
 from worker.errors import StoreUnavailable
 from worker.eventlog import Retention
+from worker.events import EventSecrets
 from worker.health import HealthServer, Heartbeat
 from worker.horizon import Horizon
+from worker.keyring import codec_from_settings
 from worker.keys import Keyspace
 from worker.logs import get_logger
 from worker.metrics import Metrics
@@ -135,8 +136,9 @@ async def open_store(
     url = await resolve_redis_url(settings, announce=announce)
     async with connect(url, max_connections=pool_size) as client:
         durability = await probe_durability(client, settings, refuse=refuse_unsafe)
-        store = Store(client, Keyspace(settings.prefix, settings.partitions), PlainCodec(),
-                      durability, Retention.from_settings(settings))  # fmt: skip
+        store = Store(client, Keyspace(settings.prefix, settings.partitions),
+                      codec_from_settings(settings), durability,
+                      Retention.from_settings(settings))  # fmt: skip
         await store.check_layout()
         yield store
 
@@ -166,6 +168,7 @@ def build_refresher(
             rate_wait_max_s=settings.lease_s / 3,
         ),
         ca_file=settings.ca_file,
+        event_secrets=EventSecrets(settings.event_secrets_mode, store.codec, settings.prefix),
     )
 
 

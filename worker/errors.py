@@ -7,6 +7,8 @@
     ├── NotFound                 no such credential or profile
     ├── Conflict                 the operation clashes with stored state
     ├── StoreUnavailable         Redis cannot be reached (retry later)
+    ├── SecretUnreadable         a stored secret does not decrypt (tampered,
+    │                            moved, or under a key not in the ring)
     └── RefreshFailure           a refresh attempt failed; the subclass says how
         ├── NotSent              nothing reached the provider: safe to retry
         ├── Transient            the provider answered "try later" (5xx, 429)
@@ -29,6 +31,7 @@ __all__ = [
     "Permanent",
     "RefreshFailure",
     "RefreshdError",
+    "SecretUnreadable",
     "StoreUnavailable",
     "Transient",
 ]
@@ -52,6 +55,19 @@ class Conflict(RefreshdError):
 
 class StoreUnavailable(RefreshdError):
     """Redis did not answer; the operation may be retried later."""
+
+
+class SecretUnreadable(RefreshdError):
+    """A stored secret cannot be read with this process's key ring.
+    ``reason`` is ``unknown_key`` (its key id is not in the ring, or there
+    is no ring) or ``undecryptable`` (altered, moved to another record or
+    field, or not of the format). The message names the record, field and
+    key id, never a key or a value."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 class RefreshFailure(RefreshdError):

@@ -52,13 +52,18 @@ class Event:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Refreshed(Event):
     """New tokens were stored (``token.refreshed``): ``version`` is the
-    stored version that holds ``access_token``."""
+    stored version that holds ``access_token``. ``secrets`` says how the
+    event carried its secrets (``REFRESHD_EVENT_SECRETS``): ``""`` in
+    clear; ``"encrypted"`` (``access_token`` and secret extras are still
+    ciphertext: ``worker.client`` opens them when it has the key ring);
+    ``"omitted"`` (``access_token`` is ``""``: read the credential)."""
 
     access_token: str = field(repr=False)
     token_type: str = ""
     expires_at_ms: int | None = None
     scope: str = ""
     extra: Mapping[str, str] = field(default_factory=dict, repr=False)
+    secrets: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,13 +139,17 @@ def _typed(body: Mapping[str, Any]) -> Event:
         extra = body.get("extra") or {}
         if not isinstance(extra, Mapping):
             raise TypeError("extra")
+        omitted = body.get("secrets") == "omitted"  # REFRESHD_EVENT_SECRETS
         return Refreshed(
             **common,
-            access_token=_str(body["access_token"]),
+            access_token=_str(
+                (body.get("access_token") or "") if omitted else body["access_token"]
+            ),
             token_type=_str(body.get("token_type") or ""),
             expires_at_ms=_opt_int(body.get("expires_at")),
             scope=_str(body.get("scope") or ""),
             extra={_str(k): _str(v) for k, v in extra.items()},
+            secrets=_str(body.get("secrets") or ""),
         )
     failure = _FAILURES.get(kind)
     if failure is None:

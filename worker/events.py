@@ -6,18 +6,25 @@ event never disagree. Its JSON Schema is docs/events.schema.json; typed
 classes for consumers are in ``worker.eventmodel``. Bump ``SCHEMA`` on any incompatible
 change; adding a field is compatible (``warnings`` was added so, within
 schema 1). The refresh token is never published.
+
+With a key ring (``REFRESHD_EVENT_SECRETS``, ``EventSecrets``), the access
+token and every secret kept extra (``id_token``...) are published
+encrypted (under the event's own context: its credential id and the field)
+or left out, and the event says so in ``secrets``; ``open_event`` turns a
+sealed event back into a clear one for a holder of the ring.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
 import orjson
 
-__all__ = ["SCHEMA", "EventType", "build_event", "mask_event"]
+from worker.codec import SecretCodec, SecretContext
+
+__all__ = ["SCHEMA", "EventSecrets", "EventType", "build_event", "open_event"]
 
 SCHEMA = 1
 
@@ -27,6 +34,92 @@ class EventType(StrEnum):
     FAILED = "token.failed"
     NEEDS_REAUTH = "credential.needs_reauth"
     QUARANTINED = "credential.quarantined"
+
+
+def _secret_key(name: str) -> bool:
+    """The same judgement as every printing command (``worker.masking``):
+    an extra that ``watch`` would mask (``idToken``, ``mfa_passcode``,
+    ``signing_key``...) is never published in clear either."""
+    from worker.masking import looks_secret
+
+    return looks_secret(name)
+
+
+def _context(prefix: str, credential_id: str, field: str) -> SecretContext:
+    return SecretContext(prefix, "event", credential_id, field)
+
+
+class EventSecrets:
+    """How a ``token.refreshed`` event carries its secrets: the access
+    token (for ``secret_rotation`` profiles, the rotated secret) and each
+    kept extra whose name says secret. ``clear``: as they are;
+    ``encrypted``: each through the codec, bound to the event's credential
+    and field (``extra.<name>`` for an extra); ``omitted``: left out, the
+    consumer reads the credential. Every event not clear names its mode in
+    ``secrets``."""
+
+    __slots__ = ("codec", "mode", "prefix")
+
+    def __init__(
+        self, mode: str = "clear", codec: SecretCodec | None = None, prefix: str = ""
+    ) -> None:
+        if mode not in ("clear", "encrypted", "omitted"):
+            raise ValueError(f"event secrets mode {mode!r}")
+        if mode == "encrypted" and (codec is None or not codec.encrypting):
+            raise ValueError("encrypted event secrets need an encrypting codec")
+        self.mode = mode
+        self.codec = codec
+        self.prefix = prefix
+
+    def apply(self, body: dict[str, Any]) -> None:
+        """Seal or drop the secrets of one event body, in place."""
+        if self.mode == "clear":
+            return
+        credential_id = body["credential_id"]
+        extra: dict[str, str] | None = body.get("extra")
+        if self.mode == "omitted":
+            body.pop("access_token", None)
+            if extra:
+                body["extra"] = {k: v for k, v in extra.items() if not _secret_key(k)}
+        else:
+            assert self.codec is not None
+            encode, prefix = self.codec.encode, self.prefix
+            body["access_token"] = encode(
+                body["access_token"] or "", _context(prefix, credential_id, "access_token")
+            )
+            if extra:
+                body["extra"] = {
+                    k: encode(v, _context(prefix, credential_id, f"extra.{k}"))
+                    if _secret_key(k)
+                    else v
+                    for k, v in extra.items()
+                }
+        if body.get("extra") == {}:
+            del body["extra"]
+        body["secrets"] = self.mode
+
+
+def open_event(body: dict[str, Any], codec: SecretCodec, prefix: str) -> dict[str, Any]:
+    """A copy of an event body with its encrypted secrets decrypted (and
+    ``secrets`` gone), or the body itself when nothing is sealed. Raises
+    ``SecretUnreadable`` when a value does not decrypt with ``codec``."""
+    if body.get("secrets") != "encrypted":
+        return body
+    out = dict(body)
+    del out["secrets"]
+    credential_id = str(out.get("credential_id", ""))
+    token = out.get("access_token")
+    if isinstance(token, str):
+        out["access_token"] = codec.decode(token, _context(prefix, credential_id, "access_token"))
+    extra = out.get("extra")
+    if isinstance(extra, dict):
+        out["extra"] = {
+            k: codec.decode(v, _context(prefix, credential_id, f"extra.{k}"))
+            if _secret_key(k) and isinstance(v, str)
+            else v
+            for k, v in extra.items()
+        }
+    return out
 
 
 def build_event(
@@ -46,12 +139,15 @@ def build_event(
     extra: dict[str, str] | None = None,
     warnings: Sequence[str] = (),
     detail: str = "",
+    secrets: EventSecrets | None = None,
 ) -> str:
     """One event as compact JSON. ``warnings`` (any type, only when there
     are some): the fallbacks applied to an odd provider answer, from the
     fixed vocabulary of ``worker.answer_fields``. Keep ``schema`` and
     ``type`` the first two keys: commit.lua reads them by position for the
-    log entry's ``v`` and ``type`` fields instead of decoding the event."""
+    log entry's ``v`` and ``type`` fields instead of decoding the event.
+    ``secrets``: how a ``token.refreshed`` event carries its secrets
+    (default: clear)."""
     body: dict[str, Any] = {
         "schema": SCHEMA,
         "type": kind.value,
@@ -69,6 +165,8 @@ def build_event(
         }
         if extra:
             body["extra"] = extra
+        if secrets is not None:
+            secrets.apply(body)
     else:
         body["reason"] = reason
         if failures is not None:
@@ -80,24 +178,3 @@ def build_event(
     if warnings:
         body["warnings"] = list(warnings)
     return orjson.dumps(body).decode()  # compact; non-ASCII as UTF-8, not \u escapes
-
-
-def mask_event(raw: str | dict[str, Any]) -> dict[str, Any]:
-    """For display (``refreshd watch``): every secret field - the access
-    token, and each kept extra whose name says secret (``id_token``, any
-    ``*_token``, ``*_secret``, password) - becomes a short fingerprint
-    unless the operator asks to reveal it. A refresh token never reaches an
-    event, but one would be masked all the same."""
-    from worker.logs import fingerprint, is_secret_key
-
-    def masked(value: Any) -> Any:
-        return f"[{fingerprint(value)}]" if isinstance(value, str) and value else value
-
-    body: dict[str, Any] = json.loads(raw) if isinstance(raw, str) else dict(raw)
-    for name in list(body):
-        if name != "extra" and is_secret_key(name):
-            body[name] = masked(body[name])
-    extra = body.get("extra")
-    if isinstance(extra, dict):
-        body["extra"] = {k: masked(v) if is_secret_key(k) else v for k, v in extra.items()}
-    return body

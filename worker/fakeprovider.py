@@ -177,6 +177,9 @@ class FakeProvider:
         self.stats = ProviderStats()
         #: How many times each refresh token value arrived, whatever the outcome.
         self.send_counts: dict[str, int] = {}
+        #: Every access and refresh token this provider issued, oldest first (tests
+        #: look for each of them where no token may be; grows like the spent list).
+        self.minted: list[str] = []
         #: FIFO of pending faults; `inject` appends.
         self.faults: deque[Fault] = deque()
         self._port = port
@@ -239,7 +242,7 @@ class FakeProvider:
         """Mint a grant without HTTP, standing in for the authorization-code step."""
         self._seq += 1
         g = _Grant(f"grant-{self._seq}", " ".join(scope.split()), self._access_token(), "")
-        g.refresh_token = rt = _refresh_token()
+        g.refresh_token = rt = self._refresh_token()
         self._grants[g.grant_id] = self._live[rt] = g
         return IssuedGrant(g.grant_id, g.access_token, rt, self.config.lifetime_s, g.scope)
 
@@ -410,7 +413,7 @@ class FakeProvider:
             old = grant.refresh_token
             del self._live[old]
             self._spent[old] = (grant, now)
-            grant.refresh_token = new = _refresh_token()
+            grant.refresh_token = new = self._refresh_token()
             self._live[new] = grant
         self.stats.refreshed += 1
         body: dict[str, object] = {"access_token": grant.access_token, "token_type": "Bearer"}
@@ -436,11 +439,14 @@ class FakeProvider:
             self.stats.revoked_grants += 1
 
     def _access_token(self) -> str:
-        return secrets.token_urlsafe(self._at_nbytes)[: self.config.access_token_bytes]
+        token = secrets.token_urlsafe(self._at_nbytes)[: self.config.access_token_bytes]
+        self.minted.append(token)
+        return token
 
-
-def _refresh_token() -> str:
-    return secrets.token_urlsafe(32)
+    def _refresh_token(self) -> str:
+        token = secrets.token_urlsafe(32)
+        self.minted.append(token)
+        return token
 
 
 def _parse_basic(authorization: str) -> tuple[str, str] | None:

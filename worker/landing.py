@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 
 from worker.answers import TokenSet
-from worker.events import EventType, build_event
+from worker.events import EventSecrets, EventType, build_event
 from worker.logs import fingerprint
 from worker.models import Claimed, Profile, Rotation
 from worker.scheduling import Schedule
@@ -51,8 +51,14 @@ class Landing:
 
 
 def plan_landing(
-    c: Claimed, profile: Profile, tokens: TokenSet, schedule: Schedule, now_ms: int
+    c: Claimed,
+    profile: Profile,
+    tokens: TokenSet,
+    schedule: Schedule,
+    now_ms: int,
+    secrets: EventSecrets | None = None,
 ) -> Landing:
+    """``secrets``: how the event carries the new access token (clear by default)."""
     fields: dict[str, str | int] = {"refresh_token": tokens.refresh_token, "scope": tokens.scope}
     if tokens.rotated and c.refresh_token:
         fields["spent_rt"] = spent_fingerprint(c.refresh_token)
@@ -114,6 +120,7 @@ def plan_landing(
         scope=tokens.scope,
         extra=tokens.extra,
         warnings=tokens.warnings,
+        secrets=secrets,
     )
     return Landing(fields, next_due, event, "")
 

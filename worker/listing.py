@@ -129,7 +129,7 @@ async def _read_rows(store: Store, ids: list[str]) -> list[Credential]:
 
     async def one(cred_id: str) -> None:
         with contextlib.suppress(NotFound):
-            found[cred_id] = await store.get(cred_id)
+            found[cred_id] = await store.get(cred_id, secrets=False)
 
     for first in range(0, len(ids), 32):
         async with anyio.create_task_group() as tg:

@@ -18,7 +18,7 @@ from worker.answer_fields import (
     MAX_TOKEN_TYPE_CHARS,
     utf8_len,
 )
-from worker.errors import ConfigError
+from worker.errors import ConfigError, SecretUnreadable
 from worker.profile import (
     AuthMethod,
     BodyFormat,
@@ -211,18 +211,17 @@ class Credential:
     granted_scope: str = ""
 
     def public(self, *, reveal: bool = False) -> dict[str, Any]:
-        from worker.logs import is_secret_key
+        from worker.masking import HIDDEN, mask_fields
 
         out = asdict(self)
         out["status"] = self.status.value
         out["params"] = dict(self.params)
         out["extra"] = dict(self.extra)
         if not reveal:
-            out["access_token"] = "[hidden]" if self.access_token else ""
-            out["refresh_token"] = "[hidden]" if self.refresh_token else ""
-            out["extra"] = {
-                k: ("[hidden]" if is_secret_key(k) else v) for k, v in self.extra.items()
-            }
+            out["access_token"] = HIDDEN if self.access_token else ""
+            out["refresh_token"] = HIDDEN if self.refresh_token else ""
+            out["extra"] = mask_fields(self.extra)  # id_token, idToken, signing_key...
+            out["params"] = mask_fields(self.params)  # a passcode given per credential
         return out
 
 
@@ -250,6 +249,9 @@ class Claimed:
     #: when the refresh token itself expires, if the provider said
     refresh_expires_at_ms: int | None = None
     granted_scope: str = ""  # "" for a credential stored before it was recorded
+    #: the stored refresh token does not decrypt with this worker's key ring
+    #: (``worker.keyring``): nothing may be sent, the credential stops
+    unreadable: SecretUnreadable | None = field(default=None, compare=False)
 
     @property
     def original_scope(self) -> str:

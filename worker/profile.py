@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
+from worker.masking import mask_fields
 from worker.tokenhosts import check_token_host
 from worker.urltemplate import parse_url_template
 
@@ -479,4 +480,6 @@ class Profile:
         out.pop("client_secret")
         out["has_client_secret"] = bool(self.client_secret)
         out["secret_params"] = sorted(self.secret_params)  # names only
+        # a secret put in extra_params by mistake (secret_params is its place)
+        out["extra_params"] = mask_fields(self.extra_params)
         return out

@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 
-from worker.codec import SecretCodec
+from worker.codec import SecretCodec, SecretContext
 from worker.errors import ConfigError, Conflict, NotFound, StoreUnavailable
 from worker.listing import CredentialFilter, matching_ids
 from worker.logs import get_logger
@@ -35,14 +35,19 @@ _FIELDS = [f.name for f in fields(Profile)]
 log = get_logger("refreshd.profiles")
 
 
-def _to_hash(profile: Profile, codec: SecretCodec) -> dict[str, str]:
+def _ctx(prefix: str, profile_id: str, name: str) -> SecretContext:
+    return SecretContext(prefix, "profile", profile_id, name)
+
+
+def _to_hash(profile: Profile, codec: SecretCodec, prefix: str) -> dict[str, str]:
     """Flat strings for a Redis hash; secrets through the codec."""
     out: dict[str, str] = {}
     for name, value in profile.to_fields().items():
         if name == "client_secret":
-            out[name] = codec.encode(value) if value else ""
+            out[name] = codec.encode(value, _ctx(prefix, profile.id, name)) if value else ""
         elif name == "secret_params":
-            out[name] = codec.encode(json.dumps(value, sort_keys=True)) if value else ""
+            secrets = json.dumps(value, sort_keys=True)
+            out[name] = codec.encode(secrets, _ctx(prefix, profile.id, name)) if value else ""
         elif isinstance(value, dict | list):
             out[name] = json.dumps(value, sort_keys=True)
         elif isinstance(value, bool):
@@ -52,19 +57,20 @@ def _to_hash(profile: Profile, codec: SecretCodec) -> dict[str, str]:
     return out
 
 
-def _from_hash(raw: dict[str, str], codec: SecretCodec) -> Profile:
-    return Profile.from_mapping(_stored_fields(raw, codec))
+def _from_hash(raw: dict[str, str], codec: SecretCodec, prefix: str, profile_id: str) -> Profile:
+    return Profile.from_mapping(_stored_fields(raw, codec, prefix, profile_id))
 
 
-def _stored_fields(raw: dict[str, str], codec: SecretCodec) -> dict[str, Any]:
+def _stored_fields(
+    raw: dict[str, str], codec: SecretCodec, prefix: str, profile_id: str
+) -> dict[str, Any]:
     """The stored fields, secrets decoded, not yet validated: an update must
     be able to repair a profile that a newer release's rules refuse (a
     private token host stored before ``allow_private_network`` existed)."""
     data: dict[str, Any] = {k: v for k, v in raw.items() if k in _FIELDS}
-    if data.get("client_secret"):
-        data["client_secret"] = codec.decode(data["client_secret"])
-    if data.get("secret_params"):
-        data["secret_params"] = codec.decode(data["secret_params"])
+    for name in ("client_secret", "secret_params"):
+        if data.get(name):
+            data[name] = codec.decode(data[name], _ctx(prefix, profile_id, name))
     return data
 
 
@@ -102,7 +108,7 @@ class ProfileStore:
         # both believe they made it.
         if not await guard(self.client.hsetnx(key, "id", profile.id)):
             raise Conflict(f"profile {profile.id!r} already exists")
-        mapping: dict[Any, Any] = _to_hash(profile, self.codec)
+        mapping: dict[Any, Any] = _to_hash(profile, self.codec, self.keys.prefix)
         mapping |= {"created_at": now, "updated_at": now}
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(key, mapping=mapping)
@@ -117,7 +123,7 @@ class ProfileStore:
         raw: dict[str, str] = await guard(self.client.hgetall(self.keys.profile(profile_id)))
         if not raw or "token_url" not in raw:
             raise NotFound(f"no profile {profile_id!r}")
-        current = _stored_fields(raw, self.codec)
+        current = _stored_fields(raw, self.codec, self.keys.prefix, profile_id)
         if changes.get("id", profile_id) != profile_id:
             raise ConfigError("a profile's id cannot change; create a new profile")
         changes = dict(changes)
@@ -130,7 +136,7 @@ class ProfileStore:
         profile = Profile.from_mapping(reapply_preset(current, changes))
         _warn_if_private(profile)
         _warn_if_deprecated(profile)
-        mapping: dict[Any, Any] = _to_hash(profile, self.codec)
+        mapping: dict[Any, Any] = _to_hash(profile, self.codec, self.keys.prefix)
         mapping["updated_at"] = str(int(time.time() * 1000))
         await guard(self.client.hset(self.keys.profile(profile_id), mapping=mapping))
         return await self.get(profile_id)
@@ -142,7 +148,7 @@ class ProfileStore:
         raw: dict[str, str] = await guard(self.client.hgetall(key))
         if not raw or "token_url" not in raw:
             raise NotFound(f"no profile {profile_id!r}")
-        return _from_hash(raw, self.codec)
+        return _from_hash(raw, self.codec, self.keys.prefix, profile_id)
 
     async def get(self, profile_id: str) -> dict[str, Any]:
         profile = await self.load(profile_id)

@@ -34,6 +34,7 @@ __all__ = [
     "connect",
     "describe_url",
     "guard",
+    "load_plain_script",
     "load_script",
     "load_scripts",
     "parse_sentinel_url",
@@ -123,6 +124,14 @@ def load_script(client: aioredis.Redis, name: str) -> AsyncScript:
     """One credential script (see ``script_source``); ``worker.client``
     loads its own this way."""
     return client.register_script(script_source(name))
+
+
+def load_plain_script(client: aioredis.Redis, name: str) -> AsyncScript:
+    """A script that does not read credential records (no ``record.lua``
+    in front): ``worker/scripts/<name>.lua`` as it is."""
+    return client.register_script(
+        (resources.files("worker") / "scripts" / f"{name}.lua").read_text()
+    )
 
 
 def load_scripts(client: aioredis.Redis) -> Scripts:

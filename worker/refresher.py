@@ -40,10 +40,11 @@ from worker.errors import (
     NotSent,
     Permanent,
     RefreshFailure,
+    SecretUnreadable,
     StoreUnavailable,
     Transient,
 )
-from worker.events import EventType, build_event
+from worker.events import EventSecrets, EventType, build_event
 from worker.horizon import record_refresh_expiry
 from worker.landing import plan_landing
 from worker.logs import debug_enabled, fingerprint, get_logger
@@ -115,6 +116,7 @@ class Refresher:
         on_scheduled: Callable[[int], None] | None = None,
         spool: Spool | None = None,
         ca_file: str = "",
+        event_secrets: EventSecrets | None = None,
     ) -> None:
         self.store = store
         self.profiles = profiles
@@ -128,6 +130,8 @@ class Refresher:
         )
         #: REFRESHD_CA_FILE: added to each profile's own CA (``worker.tlstrust``)
         self.ca_file = ca_file
+        #: REFRESHD_EVENT_SECRETS: how events carry the new access token
+        self.event_secrets = event_secrets or EventSecrets()
         self.draining = False
         self._waiting: set[anyio.CancelScope] = set()
         #: called with each refresh's schedule lag in seconds (demo, benchmarks)
@@ -171,8 +175,12 @@ class Refresher:
             self.on_lag(lag_s)
         if 0 < c.expires_at_ms < now_ms:
             self.metrics.expired_before_refresh.inc()
+        if c.unreadable is not None:
+            return await self._stop_unreadable(c, c.unreadable)
         try:
             profile = await self.profiles.get(c.profile)
+        except SecretUnreadable as exc:  # the profile's client secret
+            return await self._stop_unreadable(c, exc)
         except NotFound:
             failure = Permanent("profile_missing", f"profile {c.profile!r} does not exist")
             return await self._finish_failure(c, None, failure, "needs_reauth", spent=False)
@@ -216,6 +224,16 @@ class Refresher:
         finally:
             release()
 
+    async def _stop_unreadable(self, c: Claimed, exc: SecretUnreadable) -> str:
+        """A secret this refresh needs does not decrypt with our key ring:
+        send nothing (there is nothing right to send) and stop the
+        credential, with the reason, until an operator fixes the ring or
+        the record and resumes it. The detail names the record, field and
+        key id, never a value."""
+        log.error("secret.unreadable", credential_id=c.id, reason=exc.reason, detail=exc.detail)
+        stopped = Permanent(exc.reason, exc.detail)
+        return await self._finish_failure(c, None, stopped, "quarantined", spent=False)
+
     async def _wait_for_slot(self, profile: Profile) -> Callable[[], None] | None:
         """The profile's pacing slot, or None if draining began meanwhile."""
         if self.draining:
@@ -254,7 +272,7 @@ class Refresher:
         synchronously; the next start replays them (one that did land is
         recognised as landed)."""
         for args in commit_args:
-            pending = PendingCommit.from_commit_args(args, self.store.codec)
+            pending = PendingCommit.from_commit_args(args, self.store)
             if pending is None:
                 continue
             path = None
@@ -383,7 +401,7 @@ class Refresher:
 
     async def _finish_success(self, c: Claimed, profile: Profile, tokens: TokenSet) -> str:
         now_ms = _now_ms()
-        landing = plan_landing(c, profile, tokens, self.schedule, now_ms)
+        landing = plan_landing(c, profile, tokens, self.schedule, now_ms, self.event_secrets)
         if tokens.warnings:
             for warning in tokens.warnings:
                 self._child(self.metrics.answer_warnings, c.profile, warning).inc()

@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import ConfigError
+from worker.keyring import key_ring_from_settings
 
-__all__ = ["SETTINGS_DOC", "UNSAFE_REDIS_HAZARDS", "Settings", "default_data_dir"]
+__all__ = ["EVENT_SECRETS", "SETTINGS_DOC", "UNSAFE_REDIS_HAZARDS", "Settings", "default_data_dir"]
 
 #: The names REFRESHD_UNSAFE_REDIS accepts (``worker.serverchecks.Hazard``).
 UNSAFE_REDIS_HAZARDS = frozenset({"not_durable", "no_waitaof", "eviction", "policy_unknown"})
 
+
+#: what REFRESHD_EVENT_SECRETS accepts (``Settings.event_secrets_mode`` resolves auto)
+EVENT_SECRETS = ("auto", "encrypted", "omitted", "clear")
 
 #: how SETTINGS_DOC (``--help``, the README table) shows the data directory's default
 DATA_DIR_DEFAULT = "$XDG_DATA_HOME/refreshd or ~/.local/share/refreshd"
@@ -238,6 +242,33 @@ class Settings:
             "length bound.",
         ),
     )
+    encryption_keys: str = field(
+        default="",
+        repr=False,
+        metadata=_doc(
+            "REFRESHD_ENCRYPTION_KEYS",
+            "Key ring for encryption at rest: kid:base64key entries (a 32-byte AES-256 key "
+            "each), comma-separated, primary first; the primary encrypts, every key "
+            "decrypts. Unset (and no _FILE): secrets are stored as they are.",
+        ),
+    )
+    encryption_keys_file: str = field(
+        default="",
+        metadata=_doc(
+            "REFRESHD_ENCRYPTION_KEYS_FILE",
+            "File holding the key ring instead (one kid:base64key per line, primary "
+            "first, # comments): a mounted secret. Not both.",
+        ),
+    )
+    event_secrets: str = field(
+        default="auto",
+        metadata=_doc(
+            "REFRESHD_EVENT_SECRETS",
+            "How events carry the access token (and a rotated secret): 'encrypted' "
+            "(under the key ring; worker.client decrypts), 'omitted' (consumers read the "
+            "credential), 'clear'. 'auto': encrypted when a key ring is set, else clear.",
+        ),
+    )
     worker_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         metadata=_doc("REFRESHD_WORKER_ID", "Name of this process in logs and lock values."),
@@ -328,10 +359,32 @@ class Settings:
                 "REFRESHD_LOG_LEVEL must be debug, info, warning or error",
             ),
             (self.log_format in {"json", "console"}, "REFRESHD_LOG_FORMAT must be json or console"),
+            (
+                self.event_secrets in EVENT_SECRETS,
+                "REFRESHD_EVENT_SECRETS must be one of " + ", ".join(EVENT_SECRETS),
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        ring = key_ring_from_settings(self)  # one line on a malformed ring, now
+        if ring is None and self.event_secrets == "encrypted":
+            raise ConfigError(
+                "REFRESHD_EVENT_SECRETS=encrypted needs a key ring (REFRESHD_ENCRYPTION_KEYS "
+                "or REFRESHD_ENCRYPTION_KEYS_FILE)"
+            )
+
+    @property
+    def encrypted(self) -> bool:
+        """True when a key ring is set (secrets are encrypted at rest)."""
+        return bool(self.encryption_keys or self.encryption_keys_file)
+
+    @property
+    def event_secrets_mode(self) -> str:
+        """``encrypted``, ``omitted`` or ``clear``: ``auto`` resolved."""
+        if self.event_secrets == "auto":
+            return "encrypted" if self.encrypted else "clear"
+        return self.event_secrets
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -405,6 +458,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "event_log": _bool,
     "event_log_max_age_s": float,
     "event_log_max_length": int,
+    "encryption_keys": str,
+    "encryption_keys_file": str,
+    "event_secrets": str,
     "worker_id": str,
     "log_level": str,
     "log_format": str,

@@ -43,8 +43,8 @@ from typing import Any, Literal, cast
 
 import anyio
 
-from worker.codec import SecretCodec
-from worker.errors import NotFound, RefreshdError
+from worker.codec import SecretCodec, SecretContext
+from worker.errors import NotFound, RefreshdError, SecretUnreadable
 from worker.logs import fingerprint, get_logger
 from worker.metrics import Metrics
 from worker.models import Claimed
@@ -92,15 +92,18 @@ class PendingCommit:
                    int(time.time() * 1000))  # fmt: skip
 
     @classmethod
-    def from_commit_args(cls, args: Sequence[Any], codec: SecretCodec) -> PendingCommit | None:
+    def from_commit_args(cls, args: Sequence[Any], store: Store) -> PendingCommit | None:
         """The commit a commit script call (``Store.commit_call``'s ARGV)
-        was making; None for a release, which carries nothing to keep."""
+        was making, its secret fields decoded; None for a release, which
+        carries nothing to keep."""
         token, version, outcome, next_due, _channel, event, cred_id, reason = args[:8]
         if outcome not in _OUTCOMES:
             return None
         flat = args[_PAIRS_AT:]
         fields = {
-            str(name): codec.decode(str(value)) if name in SECRET_FIELDS else value
+            str(name): store.decode(str(cred_id), str(name), str(value))
+            if name in SECRET_FIELDS
+            else value
             for name, value in zip(flat[0::2], flat[1::2], strict=True)
         }
         return cls(str(cred_id), str(token), str(version), outcome, next_due, fields, str(event),
@@ -148,7 +151,7 @@ class PendingCommit:
             return False
         try:
             stored = await store.get(self.credential_id)
-        except NotFound:
+        except (NotFound, SecretUnreadable):  # gone, or not what this commit wrote
             return False
         return stored.version > int(self.version) and stored.refresh_token == self.refresh_token
 
@@ -162,6 +165,7 @@ class Spool:
         this store's to apply)."""
         self.directory = directory
         self.codec = codec
+        self.scope = scope
         self.tag = hashlib.sha256(scope.encode()).hexdigest()[:8]
 
     def path_for(self, commit: PendingCommit) -> Path:
@@ -206,10 +210,10 @@ class Spool:
             "reason": commit.reason,
             "received_ms": commit.received_ms,
             "fields": {
-                k: self.codec.encode(str(v)) if k in SECRET_FIELDS else v
+                k: self._encode(commit.credential_id, k, str(v)) if k in SECRET_FIELDS else v
                 for k, v in commit.fields.items()
             },
-            "event": self.codec.encode(commit.event),
+            "event": self._encode(commit.credential_id, "event", commit.event),
         }
         data = json.dumps(doc, sort_keys=True).encode()
         path = self.path_for(commit)
@@ -230,6 +234,15 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot write {path}: {exc.strerror or exc}") from exc
         return path
+
+    def _context(self, credential_id: str, field: str) -> SecretContext:
+        return SecretContext(self.scope, "spool", credential_id, field)
+
+    def _encode(self, credential_id: str, field: str, plaintext: str) -> str:
+        return self.codec.encode(plaintext, self._context(credential_id, field))
+
+    def _decode(self, credential_id: str, field: str, stored: str) -> str:
+        return self.codec.decode(stored, self._context(credential_id, field))
 
     def _ensure_directory(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -268,7 +281,7 @@ class Spool:
     def load(self, path: Path) -> PendingCommit:
         try:
             return self._parse(json.loads(path.read_bytes()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, SecretUnreadable) as exc:
             raise SpoolError(f"cannot read {path}: {exc}") from exc
 
     def _parse(self, doc: Any) -> PendingCommit:
@@ -281,18 +294,19 @@ class Spool:
             raise ValueError("bad outcome or fields")
         if not (next_due == "" or type(next_due) is int):
             raise ValueError("bad next_due")
+        cred_id = _text(doc["credential_id"])
         decoded: dict[str, str | int] = {
-            str(k): self.codec.decode(_text(v)) if k in SECRET_FIELDS else _scalar(v)
+            str(k): self._decode(cred_id, str(k), _text(v)) if k in SECRET_FIELDS else _scalar(v)
             for k, v in fields.items()
         }
         return PendingCommit(
-            credential_id=_text(doc["credential_id"]),
+            credential_id=cred_id,
             claim_token=_text(doc["claim_token"]),
             version=_text(doc["version"]),
             outcome=cast(Outcome, outcome),
             next_due=next_due,
             fields=decoded,
-            event=self.codec.decode(_text(doc["event"])),
+            event=self._decode(cred_id, "event", _text(doc["event"])),
             reason=_text(doc["reason"]),
             received_ms=int(doc["received_ms"]),
         )

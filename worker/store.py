@@ -32,8 +32,8 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from worker.batcher import ScriptBatcher, execute_scripts
-from worker.codec import SecretCodec
-from worker.errors import Conflict, NotFound, StoreUnavailable
+from worker.codec import SecretCodec, SecretContext
+from worker.errors import Conflict, NotFound, SecretUnreadable, StoreUnavailable
 from worker.eventlog import Retention
 from worker.keys import Keyspace, Partition
 from worker.logs import fingerprint, get_logger
@@ -105,6 +105,21 @@ class Store:
         self.scripts: Scripts = load_scripts(client)
         self.batcher: ScriptBatcher | None = None  # set by a running worker
 
+    # ------------------------------------------------------------ secrets
+
+    def secret_context(self, credential_id: str, field: str) -> SecretContext:
+        """Where a credential's secret field lives (the codec binds it)."""
+        return SecretContext(self.keys.prefix, "credential", credential_id, field)
+
+    def encode(self, credential_id: str, field: str, plaintext: str) -> str:
+        """A credential's secret field as it is stored (``SECRET_FIELDS``)."""
+        return self.codec.encode(plaintext, self.secret_context(credential_id, field))
+
+    def decode(self, credential_id: str, field: str, stored: str) -> str:
+        """The plaintext of a stored secret field; raises
+        ``SecretUnreadable`` when it does not decrypt with this ring."""
+        return self.codec.decode(stored, self.secret_context(credential_id, field))
+
     # ------------------------------------------------------------ layout
 
     async def check_layout(self) -> None:
@@ -133,8 +148,8 @@ class Store:
         """Register ``cred``; returns True when it was new."""
         part = self.keys.partition_of(cred.id)
         fields: list[str | int] = [
-            "access_token", self.codec.encode(cred.access_token),
-            "refresh_token", self.codec.encode(cred.refresh_token),
+            "access_token", self.encode(cred.id, "access_token", cred.access_token),
+            "refresh_token", self.encode(cred.id, "refresh_token", cred.refresh_token),
             "token_type", cred.token_type,
             "scope", cred.scope,
             "granted_scope", cred.scope,
@@ -167,11 +182,16 @@ class Store:
             raise Conflict(f"credential {cred.id} is being refreshed right now; try again")
         return bool(res[1])
 
-    async def get(self, credential_id: str) -> Credential:
+    async def get(self, credential_id: str, *, secrets: bool = True) -> Credential:
+        """The credential, its secrets decoded (``SecretUnreadable`` when
+        one does not decrypt). ``secrets=False`` is for callers that only
+        show ``public()`` (listings, status checks): the token fields keep
+        their stored form, unread, and kept extras that do not decrypt are
+        left out, so one damaged record cannot break a listing."""
         raw, due, locked = await self._read(credential_id)
         if not raw:
             raise NotFound(f"no credential {credential_id!r}")
-        return self._credential(credential_id, raw, due, locked)
+        return self._credential(credential_id, raw, due, locked, secrets=secrets)
 
     async def raw_fields(self, credential_id: str) -> dict[str, str]:
         """The stored record, field by field, as written (secrets encoded):
@@ -207,18 +227,38 @@ class Store:
         return fields, None if due is None else float(due), bool(locked)
 
     def _credential(
-        self, credential_id: str, raw: Mapping[str, str], due: float | None, locked: bool
+        self,
+        credential_id: str,
+        raw: Mapping[str, str],
+        due: float | None,
+        locked: bool,
+        *,
+        secrets: bool = True,
     ) -> Credential:
         def num(name: str) -> int:
             return int(float(raw.get(name) or 0))
+
+        def secret(name: str) -> str:
+            return (
+                self.decode(credential_id, name, raw.get(name, ""))
+                if secrets
+                else raw.get(name, "")
+            )
+
+        try:
+            extra = _json_map(self.decode(credential_id, "extra", raw.get("extra", "")))
+        except SecretUnreadable:
+            if secrets:
+                raise
+            extra = {}
 
         return Credential(
             id=credential_id,
             profile=raw.get("profile", ""),
             status=Status(raw.get("status", "active")),
             version=num("version"),
-            access_token=self.codec.decode(raw.get("access_token", "")),
-            refresh_token=self.codec.decode(raw.get("refresh_token", "")),
+            access_token=secret("access_token"),
+            refresh_token=secret("refresh_token"),
             token_type=raw.get("token_type", ""),
             scope=raw.get("scope", ""),
             expires_at_ms=num("expires_at"),
@@ -232,7 +272,7 @@ class Store:
             last_error_at_ms=num("last_error_at") or None,
             refresh_expires_at_ms=num("refresh_expires_at") or None,
             params=_json_map(raw.get("params", "")),
-            extra=_json_map(self.codec.decode(raw.get("extra", ""))),
+            extra=extra,
             granted_scope=raw.get("granted_scope", ""),
         )
 
@@ -306,30 +346,39 @@ class Store:
 
     def _claimed(self, part: Partition, token: str, res: list[Any]) -> list[Claimed]:
         now_ms = int(res[0])
-        decode = self.codec.decode
-        return [
-            Claimed(
-                id=item[0],
-                partition=part.index,
-                token=token,
-                due_ms=int(float(item[1])),
-                profile=item[2],
-                refresh_token=decode(item[3]),
-                token_type=item[4],
-                scope=item[5],
-                expires_at_ms=int(float(item[6])),
-                version=item[7],
-                failures=int(item[8]),
-                ambiguous_at_ms=int(item[9]) if item[9] else None,
-                recovered=item[10] == "1",
-                claimed_at_ms=now_ms,
-                params=_json_map(item[11]),
-                granted_scope=item[12],
-                failing_since_ms=int(item[13]) if item[13] else None,
-                refresh_expires_at_ms=int(float(item[14])) if item[14] else None,
-            )
-            for item in res[2:]
-        ]
+        return [self._claimed_one(part, token, now_ms, item) for item in res[2:]]
+
+    def _claimed_one(self, part: Partition, token: str, now_ms: int, item: list[Any]) -> Claimed:
+        """One claimed credential. A refresh token that does not decrypt
+        (altered, moved, or under a key not in the ring) is not an error of
+        the claim: the credential carries it (``unreadable``) and the
+        refresher stops it without sending anything."""
+        unreadable: SecretUnreadable | None = None
+        try:
+            refresh_token = self.decode(item[0], "refresh_token", item[3])
+        except SecretUnreadable as exc:
+            refresh_token, unreadable = "", exc
+        return Claimed(
+            id=item[0],
+            partition=part.index,
+            token=token,
+            due_ms=int(float(item[1])),
+            profile=item[2],
+            refresh_token=refresh_token,
+            token_type=item[4],
+            scope=item[5],
+            expires_at_ms=int(float(item[6])),
+            version=item[7],
+            failures=int(item[8]),
+            ambiguous_at_ms=int(item[9]) if item[9] else None,
+            recovered=item[10] == "1",
+            claimed_at_ms=now_ms,
+            params=_json_map(item[11]),
+            granted_scope=item[12],
+            failing_since_ms=int(item[13]) if item[13] else None,
+            refresh_expires_at_ms=int(float(item[14])) if item[14] else None,
+            unreadable=unreadable,
+        )
 
     async def claim_many(
         self, requests: Sequence[tuple[Partition, int, str]], *, lease_ms: int
@@ -423,7 +472,7 @@ class Store:
         flat: list[Any] = []
         for name, value in fields.items():
             if name in SECRET_FIELDS:
-                value = self.codec.encode(str(value))
+                value = self.encode(c.id, name, str(value))
             flat += [name, value]
         keys = [part.cred(c.id), part.lock(c.id), part.due, part.stats, part.log]
         args = [c.token, c.version, outcome, next_due, self.keys.events, event, c.id, reason,

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ KUBECTL = str(BIN / "kubectl")
 KUBERNETES_VALIDATE = str(BIN / "kubernetes-validate")
 NODE_CHECK = ROOT / "deploy" / "ci" / "validate-crds.mjs"
 RULES_FILE = ROOT / "dashboards" / "prometheus" / "refreshd.rules.yml"
+ENCRYPTION_EXAMPLE = ROOT / "deploy" / "examples" / "encryption-keys-secret.yaml"
 
 #: Kubernetes versions the core objects must be valid for.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
@@ -210,6 +212,107 @@ def check_egress_peers(
         )
 
 
+def check_key_ring(
+    where: str,
+    w: str,
+    pod: Obj,
+    container: Obj,
+    env: dict[str, str],
+    secret_refs: dict[str, Any],
+    report: Report,
+) -> None:
+    """The key ring comes from a Secret mounted read-only as a file, never
+    from a ConfigMap or an inline value; production overlays encrypt."""
+    report.check(
+        "REFRESHD_ENCRYPTION_KEYS" not in env,
+        w,
+        "REFRESHD_ENCRYPTION_KEYS (the keys themselves) inline or in the ConfigMap; mount the "
+        "Secret as a file (components/encryption)",
+    )
+    if Path(where).name.startswith("prod"):
+        report.check(
+            "REFRESHD_ENCRYPTION_KEYS_FILE" in env or "REFRESHD_ENCRYPTION_KEYS" in secret_refs,
+            w,
+            "production encrypts secrets at rest (components/encryption)",
+        )
+    path = env.get("REFRESHD_ENCRYPTION_KEYS_FILE")
+    if not path:
+        return
+    mounts = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"] + "/")]
+    report.check(
+        len(mounts) == 1, w, f"REFRESHD_ENCRYPTION_KEYS_FILE {path} is on a mounted volume"
+    )
+    for mount in mounts:
+        report.check(mount.get("readOnly") is True, w, "the key ring is mounted readOnly")
+        volume: Obj = next((v for v in pod.get("volumes", []) if v["name"] == mount["name"]), {})
+        secret = volume.get("secret")
+        report.check(secret is not None, w, "the key ring volume is a Secret")
+        if secret is not None:
+            report.check(
+                secret.get("optional") is not True,
+                w,
+                "the key ring Secret is not optional: a worker must not start without its keys",
+            )
+            report.check(
+                secret.get("defaultMode", 0o644) & 0o007 == 0,
+                w,
+                "the key ring file is not world-readable (defaultMode 0440)",
+            )
+
+
+@contextmanager
+def key_ring_stand_in(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The settings with REFRESHD_ENCRYPTION_KEYS_FILE pointing at a fresh
+    throwaway ring (the real one lives in the cluster), so the rest of the
+    configuration can be checked as the worker would."""
+    if "REFRESHD_ENCRYPTION_KEYS_FILE" not in env:
+        yield env
+        return
+    from worker.keyring import generate_key
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ring = Path(tmp) / "keyring"
+        ring.write_text(f"ci:{generate_key()}\n")
+        yield env | {"REFRESHD_ENCRYPTION_KEYS_FILE": str(ring)}
+
+
+#: a key ring entry holding a real AES-256 key (32 bytes: 43 base64 characters
+#: and padding), in base64 or base64url
+KEY_MATERIAL = re.compile(
+    r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{1,16}:[A-Za-z0-9+/_-]{43}=?(?![A-Za-z0-9+/=_-])"
+)
+
+
+def check_no_key_material(report: Report) -> None:
+    """No file under deploy/ holds an encryption key: the example Secret
+    carries a placeholder the worker refuses, and so must any other."""
+    from worker.keyring import parse_key_ring
+
+    for path in sorted((ROOT / "deploy").rglob("*")):
+        if not path.is_file() or "node_modules" in path.parts or path.suffix == ".json":
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        where = str(path.relative_to(ROOT))
+        for match in KEY_MATERIAL.finditer(text):
+            try:
+                parse_key_ring(match.group(0), source=where, one_per_line=True)
+            except ConfigError:
+                continue  # looks like one, is not one
+            report.check(False, where, "holds an encryption key; keys never go into git")
+    example = yaml.safe_load(ENCRYPTION_EXAMPLE.read_text())
+    try:
+        parse_key_ring(example["stringData"]["keyring"], source="example", one_per_line=True)
+    except ConfigError:
+        pass
+    else:
+        report.check(
+            False, str(ENCRYPTION_EXAMPLE), "the placeholder must be refused by the worker"
+        )
+
+
 def check_refreshd(where: str, objs: list[Obj], report: Report) -> None:
     by_kind: dict[str, list[Obj]] = {}
     for obj in objs:
@@ -275,10 +378,13 @@ def check_refreshd(where: str, objs: list[Obj], report: Report) -> None:
         report.check(
             not re.search(r"://[^/@\s]*:[^/@\s]+@", value), w, f"{key} holds a password inline"
         )
+    check_key_ring(where, w, pod, container, env, secret_refs, report)
     try:
-        settings = Settings.from_env(
-            env | {"REFRESHD_REDIS_URL": "redis://localhost:6379/0", "REFRESHD_WORKER_ID": "x"}
-        )
+        with key_ring_stand_in(env) as checked:
+            settings = Settings.from_env(
+                checked
+                | {"REFRESHD_REDIS_URL": "redis://localhost:6379/0", "REFRESHD_WORKER_ID": "x"}
+            )
     except ConfigError as exc:
         report.check(False, w, f"the worker would refuse this configuration: {exc}")
         return
@@ -416,6 +522,7 @@ def main() -> int:
                     f"{name_of(ns)} enforces the restricted Pod Security Standard",
                 )
 
+    check_no_key_material(report)
     print(f"custom resources ({len(crds)} distinct):")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(list(crds.values()), f)

@@ -18,8 +18,8 @@ from worker.app import build_refresher, open_store, schedule_from
 from worker.cli.common import bounded, emit, load_settings, table
 from worker.cli.progress import Progress
 from worker.errors import ConfigError, Conflict, NotFound, RefreshdError
-from worker.events import mask_event
 from worker.listing import MAX_PAGE, CredentialFilter, list_credentials
+from worker.masking import mask_event
 from worker.metrics import Metrics
 from worker.models import CredentialInput, Profile, Status
 from worker.profiles import ProfileStore
@@ -294,7 +294,8 @@ def _count_lines(stream: BinaryIO | TextIO) -> int | None:
 async def _get(args: argparse.Namespace) -> int:
     settings = load_settings()
     async with open_store(settings) as store:
-        emit((await store.get(args.id)).public(reveal=args.reveal))
+        # only --reveal decrypts: a record that does not is still shown
+        emit((await store.get(args.id, secrets=args.reveal)).public(reveal=args.reveal))
     return 0
 
 
@@ -337,7 +338,7 @@ async def _refresh(args: argparse.Namespace) -> int:
     holds it, wait for that refresh's event instead of starting another."""
     settings = load_settings()
     async with open_store(settings) as store, make_http_client(max_connections=4) as http:
-        cred = await store.get(args.id)
+        cred = await store.get(args.id, secrets=False)
         if cred.status is not Status.ACTIVE:
             raise Conflict(
                 f"credential {args.id} is {cred.status.value}; fix the cause, then "
@@ -353,8 +354,8 @@ async def _refresh(args: argparse.Namespace) -> int:
             if claimed:
                 refresher = build_refresher(settings, store, http, Metrics())
                 outcome = await refresher.refresh(claimed[0])
-                emit({"credential_id": args.id, "outcome": outcome,
-                      "credential": (await store.get(args.id)).public()})  # fmt: skip
+                after = await store.get(args.id, secrets=False)
+                emit({"credential_id": args.id, "outcome": outcome, "credential": after.public()})
                 return 0 if outcome == "refreshed" else 1
             with anyio.move_on_after(args.wait):
                 while True:

@@ -21,9 +21,10 @@ import anyio
 
 from worker.app import open_store
 from worker.cli.common import load_settings
-from worker.errors import ConfigError, StoreUnavailable
+from worker.errors import ConfigError, SecretUnreadable, StoreUnavailable
 from worker.eventlog import Cursor, EventLog, EventsTrimmed
-from worker.events import mask_event
+from worker.events import open_event
+from worker.masking import mask_event
 from worker.redisio import REDIS_UNAVAILABLE
 from worker.settings import Settings
 from worker.store import Store
@@ -38,7 +39,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "watch",
         help="print events as they happen, or from the event log since a cursor",
     )
-    p.add_argument("--reveal", action="store_true", help="print secrets (tokens) unmasked")
+    p.add_argument(
+        "--reveal",
+        action="store_true",
+        help="print secrets (tokens) unmasked, sealed events opened with the key ring",
+    )
     p.add_argument("--count", type=int, default=0, help="exit after this many events")
     p.add_argument(
         "--since",
@@ -54,9 +59,17 @@ class _Printer:
         self.reveal, self.count, self.seen = reveal, count, 0
         self.announced = False  # the "watching" notice, once (not again per reconnect)
 
-    def show(self, body: dict[str, Any], cursor: Cursor | None) -> bool:
-        """Print one event; True when ``--count`` is reached."""
-        shown = body if self.reveal else mask_event(body)
+    def show(self, body: dict[str, Any], cursor: Cursor | None, store: Store) -> bool:
+        """Print one event; True when ``--count`` is reached. ``--reveal``
+        opens a sealed event with this process's key ring; one it cannot
+        open is shown masked, with ``unreadable_secrets`` saying why."""
+        if self.reveal:
+            try:
+                shown = open_event(body, store.codec, store.keys.prefix)
+            except SecretUnreadable as exc:
+                shown = mask_event(body) | {"unreadable_secrets": exc.reason}
+        else:
+            shown = mask_event(body)
         if cursor is not None:
             shown["cursor"] = cursor.encode()
         print(json.dumps(shown, sort_keys=True), flush=True)
@@ -88,7 +101,8 @@ async def watch(args: argparse.Namespace) -> int:
         try:
             async for entry in log.follow(cursor, block_ms=2000):
                 state["cursor"] = entry.cursor
-                if printer.show(_body(entry.json, entry.type, entry.credential_id), entry.cursor):
+                body = _body(entry.json, entry.type, entry.credential_id)
+                if printer.show(body, entry.cursor, store):
                     return True
         except EventsTrimmed as exc:
             raise _Trimmed(
@@ -111,7 +125,7 @@ async def _follow_pubsub(store: Store, printer: _Printer) -> bool:
             printer.announced = True
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None and printer.show(_body(message["data"], "", ""), None):
+            if message is not None and printer.show(_body(message["data"], "", ""), None, store):
                 return True
 
 

@@ -35,6 +35,7 @@ from worker.client.errors import (
     ClientError,
     CredentialConflict,
     CredentialNotFound,
+    CredentialUnreadable,
     Disabled,
     InvalidCredential,
     MinTtlUnreachable,
@@ -50,10 +51,11 @@ from worker.client.events import AckMode, EventStream, Since
 from worker.client.listing import CredentialInfo, CredentialList
 from worker.client.token import AccessToken, RecordView, parse_view
 from worker.client.waiting import EventWatch
-from worker.codec import PlainCodec, SecretCodec
+from worker.codec import SecretCodec
 from worker.embedded import ensure_embedded
-from worker.errors import ConfigError, Conflict, NotFound, StoreUnavailable
+from worker.errors import ConfigError, Conflict, NotFound, SecretUnreadable, StoreUnavailable
 from worker.eventlog import EventLog
+from worker.keyring import codec_from_settings
 from worker.keys import Keyspace
 from worker.listing import CredentialFilter, list_credentials
 from worker.logs import get_logger
@@ -90,6 +92,7 @@ async def connect(
     goes without re-reading the record (the safety net under pub/sub)."""
     try:
         settings = settings or Settings.from_env()
+        codec = codec or codec_from_settings(settings)
         url = settings.redis_url
         if not url:  # the embedded server, as for every refreshd command
             server = await anyio.to_thread.run_sync(ensure_embedded, settings.data_dir)
@@ -102,7 +105,7 @@ async def connect(
     keys = Keyspace(settings.prefix, settings.partitions)
     async with connect_redis(url, max_connections=pool_size) as redis:
         watch = EventWatch(redis, keys.events)
-        client = Client(redis, keys, codec or PlainCodec(), settings, watch,
+        client = Client(redis, keys, codec, settings, watch,
                         poll_interval=poll_interval)  # fmt: skip
         await client._check_layout()
         async with anyio.create_task_group() as tg:
@@ -226,7 +229,10 @@ class Client:
             raise _translated(exc) from exc
         if not reply:
             raise CredentialNotFound(credential_id)
-        return parse_view(credential_id, reply, self._codec)
+        try:
+            return parse_view(credential_id, reply, self._store)
+        except SecretUnreadable as exc:
+            raise CredentialUnreadable(credential_id, exc.reason, exc.detail) from None
 
     # ------------------------------------------------------------ events
 
@@ -267,7 +273,7 @@ class Client:
             )
         return EventStream(self._log, since=since, group=group, consumer=consumer, ack=ack,
                            count=count, block_s=block, claim_idle_s=claim_idle,
-                           follow=follow)  # fmt: skip
+                           follow=follow, codec=self._codec)  # fmt: skip
 
     # ------------------------------------------------------------ writing
 

@@ -10,6 +10,8 @@
     ├── EventsTrimmed            events(): events after the cursor were trimmed before they
     │                            were read (also an eventlog.EventsTrimmed; ``resume``)
     ├── CredentialNotFound       no such credential
+    ├── CredentialUnreadable     a stored (or published) secret does not decrypt with this
+    │                            client's key ring: altered, moved, or under a key not in it
     ├── InvalidCredential        put(): the import validation refused it
     ├── CredentialConflict       put()/delete(): a refresh is in flight, or the
     │                            refresh token was already spent (the message says which)
@@ -37,12 +39,14 @@ from worker.errors import RefreshdError
 
 if TYPE_CHECKING:
     from worker.client.token import AccessToken
+    from worker.eventlog import LogEntry
 
 __all__ = [
     "ClientConfigError",
     "ClientError",
     "CredentialConflict",
     "CredentialNotFound",
+    "CredentialUnreadable",
     "CursorError",
     "Disabled",
     "EventsTrimmed",
@@ -89,6 +93,23 @@ class CredentialNotFound(ClientError):
     def __init__(self, credential_id: str) -> None:
         super().__init__(f"no credential {credential_id!r}")
         self.credential_id = credential_id
+
+
+class CredentialUnreadable(ClientError):
+    """A secret of the credential (or of an event about it) does not
+    decrypt with this client's key ring (``REFRESHD_ENCRYPTION_KEYS``):
+    ``reason`` is ``unknown_key`` (its key id is not in the ring, or the
+    client has none) or ``undecryptable`` (altered, or copied from another
+    record). ``entry`` is the event-log entry when ``events()`` raised it:
+    iterating again goes on after it."""
+
+    def __init__(
+        self, credential_id: str, reason: str, detail: str, *, entry: LogEntry | None = None
+    ) -> None:
+        super().__init__(f"credential {credential_id}: {detail}")
+        self.credential_id = credential_id
+        self.reason = reason
+        self.entry = entry
 
 
 class InvalidCredential(ClientError):

@@ -24,23 +24,29 @@ The stream keeps its position across errors: after ``StoreUnreachable``
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Awaitable
 from types import TracebackType
 from typing import Literal, Self, TypeVar
 
 import anyio
+import orjson
 from redis.exceptions import ResponseError
 
 from worker import eventlog
 from worker.client.errors import (
     ClientConfigError,
+    CredentialUnreadable,
     CursorError,
     EventsTrimmed,
     StoreUnreachable,
 )
-from worker.errors import StoreUnavailable
+from worker.codec import SecretCodec
+from worker.errors import SecretUnreadable, StoreUnavailable
 from worker.eventlog import Cursor, EventLog, GroupReader, LogEntry
+from worker.eventmodel import Refreshed, parse_event
+from worker.events import open_event
 
 __all__ = ["AckMode", "EventStream", "Since"]
 
@@ -69,12 +75,16 @@ class EventStream:
         block_s: float,
         claim_idle_s: float,
         follow: bool,
+        codec: SecretCodec | None = None,
     ) -> None:
+        """``codec``: the client's; with a key ring it opens events whose
+        secrets were published encrypted (``REFRESHD_EVENT_SECRETS``)."""
         if count < 1:
             raise ClientConfigError("events(): count must be at least 1")
         if ack not in ("auto", "manual"):
             raise ClientConfigError(f"events(): ack must be 'auto' or 'manual', not {ack!r}")
         self._log = log
+        self._codec = codec if codec is not None and codec.encrypting else None
         self._count = count
         self._block_ms = max(1, int(block_s * 1000)) if follow else None
         self._follow = follow
@@ -133,7 +143,26 @@ class EventStream:
             if not await self._fill():
                 raise StopAsyncIteration
         self._current = self._buffer.popleft()
+        event = self._current.event
+        if (
+            self._codec is not None
+            and isinstance(event, Refreshed)
+            and event.secrets == "encrypted"
+        ):
+            self._current = self._opened(self._current, self._codec)
         return self._current
+
+    def _opened(self, entry: LogEntry, codec: SecretCodec) -> LogEntry:
+        """``entry`` with its event's secrets decrypted (``entry.json`` stays
+        as published). One that does not decrypt raises
+        ``CredentialUnreadable``; the next iteration goes on after it."""
+        try:
+            body = open_event(orjson.loads(entry.json), codec, self._log.keys.prefix)
+        except SecretUnreadable as exc:
+            raise CredentialUnreadable(
+                entry.credential_id, exc.reason, exc.detail, entry=entry
+            ) from None
+        return dataclasses.replace(entry, event=parse_event(body))
 
     async def ack(self, *entries: LogEntry) -> int:
         """Acknowledge processed entries of a group now (with ``ack="manual"``,

@@ -8,10 +8,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worker.codec import SecretCodec
 from worker.models import Status
+
+if TYPE_CHECKING:
+    from worker.store import Store
 
 __all__ = ["AccessToken"]
 
@@ -74,16 +76,17 @@ class RecordView:
         return self.token if self.token.expires_in() > 0 else None
 
 
-def parse_view(credential_id: str, reply: Sequence[Any], codec: SecretCodec) -> RecordView:
-    """``reply`` is token.lua's list (all text, as the script sends it)."""
+def parse_view(credential_id: str, reply: Sequence[Any], store: Store) -> RecordView:
+    """``reply`` is token.lua's list (all text, as the script sends it);
+    ``store`` decodes its secret fields."""
     (status, profile, version, access, token_type, expires_at, scope, extra, failures, reason,
      refreshed_at, due, action, receivers) = reply  # fmt: skip
-    raw_extra = codec.decode(extra) if extra else ""
+    raw_extra = store.decode(credential_id, "extra", extra) if extra else ""
     kept = json.loads(raw_extra) if raw_extra else {}
     token = AccessToken(
         credential_id=credential_id,
         profile=profile,
-        access_token=codec.decode(access) if access else "",
+        access_token=store.decode(credential_id, "access_token", access) if access else "",
         token_type=token_type,
         expires_at_ms=int(float(expires_at)),
         scope=scope,

@@ -24,7 +24,9 @@ or, with format "json", the text `null` (no such credential) or
    "expires_at", "scope", "extra", "failures", "reason", "refreshed_at",
    "due_at", "action", "receivers"}
 with numbers as numbers (epoch ms for the times; due_at and refreshed_at
-0 when unknown) and `extra` an object of strings,
+0 when unknown) and `extra` an object of strings (with encryption at
+rest, README "Encryption at rest": `access_token` is its ciphertext,
+`extra` is {} and "extra_encrypted" the ciphertext of the object),
 where `action` says what the request did ("" when only reading):
   "moved"     the version is no longer `seen`: a refresh (or a put) landed
   "stopped"   the credential is not active: nothing to ask for
@@ -69,9 +71,16 @@ if seen ~= '' then
   end
 end
 if format == 'json' then
-  local ok, extra = pcall(cjson.decode, rec_get(rec, 'extra') or '{}')
-  if not ok or type(extra) ~= 'table' then extra = {} end
+  local raw_extra = rec_get(rec, 'extra') or '{}'
+  local ok, extra = pcall(cjson.decode, raw_extra)
+  local sealed = nil
+  if not ok or type(extra) ~= 'table' then
+    extra = {}
+    -- encrypted at rest (worker.keyring): the consumer holding the ring opens it
+    if string.sub(raw_extra, 1, 3) == 'e1.' then sealed = raw_extra end
+  end
   return cjson.encode({
+    extra_encrypted = sealed,
     id = id, status = status, profile = rec_get(rec, 'profile') or '',
     version = tonumber(version), access_token = rec_get(rec, 'access_token') or '',
     token_type = rec_get(rec, 'token_type') or '',

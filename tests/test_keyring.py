@@ -1,0 +1,282 @@
+"""The AES-256-GCM codec and its key ring (worker.keyring): round trips, the
+binding of a ciphertext to its record and field, unreadable values, and
+malformed rings as one ConfigError line that never shows a key."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+
+from worker import keyring
+from worker.codec import PlainCodec, SecretContext
+from worker.errors import ConfigError, SecretUnreadable
+from worker.keyring import (
+    AesGcmCodec,
+    KeyRing,
+    codec_from_settings,
+    generate_key,
+    key_ring_from_settings,
+    parse_key_ring,
+)
+from worker.settings import Settings
+
+K1, K2 = bytes(range(32)), bytes(range(1, 33))
+B1, B2 = base64.b64encode(K1).decode(), base64.b64encode(K2).decode()
+B16 = base64.b64encode(bytes(range(16))).decode()  # an AES-128 key
+CTX = SecretContext("refreshd:", "credential", "c1", "refresh_token")
+
+
+def codec(*keys: tuple[str, bytes]) -> AesGcmCodec:
+    return AesGcmCodec(KeyRing(keys or [("k1", K1)]))
+
+
+@pytest.mark.parametrize(
+    "plaintext",
+    [
+        "rt-1",
+        "x" * 63,  # below the deflate threshold
+        "at0." + "0123456789" * 80,  # deflates well
+        base64.urlsafe_b64encode(os.urandom(600)).decode(),  # random: deflate may not pay
+        "ünïcødé ☃ token",
+        '{"id_token": "eyJhbGciOi.x.y"}',
+    ],
+)
+def test_round_trip_names_its_key_and_hides_the_value(plaintext: str) -> None:
+    c = codec()
+    stored = c.encode(plaintext, CTX)
+    assert stored.startswith("e1.k1.")
+    assert plaintext not in stored
+    assert c.key_id(stored) == "k1"
+    assert c.decode(stored, CTX) == plaintext
+    assert c.encode(plaintext, CTX) != stored  # a fresh nonce every time
+
+
+def test_empty_stays_empty() -> None:
+    assert codec().encode("", CTX) == ""
+    assert codec().decode("", CTX) == ""
+    assert codec().key_id("") is None
+
+
+def test_deflated_tokens_cost_little_more_than_plain_text() -> None:
+    """base64 adds a third; deflating base64-like tokens first wins most of
+    it back (raw: 800 characters would take 1,112)."""
+    token = base64.urlsafe_b64encode(os.urandom(600)).decode()  # 800 characters
+    assert len(codec().encode(token, CTX)) <= len(token) * 1.12
+    repetitive = "at0." + f"{7:010d}" * 80  # 3 symbols: about 2 bits each
+    assert len(codec().encode(repetitive, CTX)) < 250
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        SecretContext("refreshd:", "credential", "c2", "refresh_token"),  # another record
+        SecretContext("refreshd:", "credential", "c1", "access_token"),  # another field
+        SecretContext("other:", "credential", "c1", "refresh_token"),  # another install
+        SecretContext("refreshd:", "spool", "c1", "refresh_token"),  # another kind
+        SecretContext("refreshd:", "credential", "c1refresh", "_token"),  # same letters
+    ],
+)
+def test_a_moved_ciphertext_does_not_decrypt(other: SecretContext) -> None:
+    c = codec()
+    stored = c.encode("rt-1", CTX)
+    with pytest.raises(SecretUnreadable) as err:
+        c.decode(stored, other)
+    assert err.value.reason == "undecryptable"
+    assert other.record in str(err.value)
+    assert "rt-1" not in str(err.value)
+
+
+def test_a_tampered_ciphertext_does_not_decrypt() -> None:
+    c = codec()
+    stored = c.encode("rt-1" * 30, CTX)
+    # (not the last character: its low bits may be padding that decodes away)
+    for pos in (len("e1.k1.") + 2, len(stored) // 2, len(stored) - 5):
+        flipped = "A" if stored[pos] != "A" else "B"
+        with pytest.raises(SecretUnreadable, match="undecryptable"):
+            c.decode(stored[:pos] + flipped + stored[pos + 1 :], CTX)
+    for broken in ("e1.k1.", "e1.k1.AAAA", stored[:40], "e1.k1.!!!!" + stored[10:]):
+        with pytest.raises(SecretUnreadable, match="undecryptable"):
+            c.decode(broken, CTX)
+
+
+def test_relabelling_with_another_key_id_does_not_decrypt() -> None:
+    """The key id is part of the associated data: a ring where k2 is the
+    same key as k1 still refuses k1's value presented as k2's."""
+    c = codec(("k1", K1), ("k2", K1))
+    stored = c.encode("rt-1", CTX)
+    with pytest.raises(SecretUnreadable, match="undecryptable"):
+        c.decode("e1.k2." + stored[len("e1.k1.") :], CTX)
+
+
+def test_a_key_id_not_in_the_ring_is_unknown_key() -> None:
+    stored = codec(("old", K1)).encode("rt-1", CTX)
+    with pytest.raises(SecretUnreadable) as err:
+        codec(("new", K2)).decode(stored, CTX)
+    assert err.value.reason == "unknown_key"
+    assert "'old'" in str(err.value)
+    assert "new" in str(err.value)
+
+
+def test_the_same_key_id_with_another_key_is_undecryptable() -> None:
+    stored = codec(("k1", K1)).encode("rt-1", CTX)
+    with pytest.raises(SecretUnreadable, match="undecryptable"):
+        codec(("k1", K2)).decode(stored, CTX)
+
+
+def test_primary_encrypts_every_key_decrypts() -> None:
+    old = codec(("k1", K1))
+    ring = codec(("k2", K2), ("k1", K1))
+    legacy = old.encode("rt-old", CTX)
+    assert ring.decode(legacy, CTX) == "rt-old"
+    assert ring.key_id(ring.encode("rt-new", CTX)) == "k2"
+    assert ring.primary_key_id == "k2"
+    assert ring.encrypting
+
+
+def test_plain_values_read_as_they_are_with_a_ring() -> None:
+    """A database written before encryption was on keeps working."""
+    assert codec().decode("rt-plain", CTX) == "rt-plain"
+    assert codec().key_id("rt-plain") is None
+    assert codec().decode("eyJhbGciOiJIUzI1NiJ9.e30.sig", CTX) == "eyJhbGciOiJIUzI1NiJ9.e30.sig"
+
+
+def test_plain_codec_refuses_ciphertext_instead_of_passing_it_on() -> None:
+    stored = codec().encode("rt-1", CTX)
+    plain = PlainCodec()
+    assert plain.encode("rt-1", CTX) == "rt-1"
+    assert plain.decode("rt-1", CTX) == "rt-1"
+    assert plain.key_id(stored) == "k1"
+    assert plain.key_id("rt-1") is None
+    assert not plain.encrypting
+    assert plain.primary_key_id is None
+    with pytest.raises(SecretUnreadable) as err:
+        plain.decode(stored, CTX)
+    assert err.value.reason == "unknown_key"
+
+
+# ------------------------------------------------------------ the ring
+
+
+def test_inline_ring_primary_first_commas_or_spaces() -> None:
+    ring = parse_key_ring(f"k2:{B2}, k1:{B1}", source="X", one_per_line=False)
+    assert ring.ids == ("k2", "k1")
+    assert ring.primary == "k2"
+    assert parse_key_ring(f"k2:{B2}\nk1:{B1}", source="X", one_per_line=False).ids == ("k2", "k1")
+    urlsafe = base64.urlsafe_b64encode(bytes([251] * 32)).decode().rstrip("=")
+    assert parse_key_ring(f"u:{urlsafe}", source="X", one_per_line=False).ids == ("u",)
+
+
+def test_file_ring_skips_comments_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"# rotated 2026-12\nk2:{B2}\n\n  k1:{B1}  \n")
+    ring = key_ring_from_settings(Settings(encryption_keys_file=str(path)))
+    assert ring is not None
+    assert ring.ids == ("k2", "k1")
+    assert "K" not in repr(ring).replace("KeyRing", "")  # ids only
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (f"k1:{B16}", "key 'k1' (entry 1) is 16 bytes; AES-256 needs 32"),
+        (f"k1:{B1},k2:{B1[:-2]}!!", "key 'k2' (entry 2) is not valid base64"),
+        (f"k1:{B1},k1:{B2}", "key id 'k1' appears twice (entry 2)"),
+        (B1, "entry 1 is not kid:base64key"),
+        (f"bad id:{B1}", "entry 1 is not kid:base64key"),
+        (f"{'k' * 17}:{B1}", "entry 1 is not kid:base64key"),
+        (" , ", "no key in it"),
+    ],
+)
+def test_a_malformed_ring_is_one_line_without_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        Settings(encryption_keys=text)
+    assert str(err.value).startswith("REFRESHD_ENCRYPTION_KEYS: ")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    for secret in (B1, B16, B1[:-2], B2):
+        assert secret not in str(err.value)
+
+
+def test_a_malformed_file_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"# comment\nk1:{B1}\nk2:{B2[:-8]}\n")
+    with pytest.raises(ConfigError, match=r"^REFRESHD_ENCRYPTION_KEYS_FILE: key 'k2' \(line 2\)"):
+        Settings(encryption_keys_file=str(path))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        Settings(encryption_keys_file=str(tmp_path / "missing"))
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="is not text"):
+        Settings(encryption_keys_file=str(path))
+
+
+def test_both_sources_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(f"k1:{B1}\n")
+    with pytest.raises(ConfigError, match="not both"):
+        Settings(encryption_keys=f"k1:{B1}", encryption_keys_file=str(path))
+
+
+def test_settings_never_show_the_key() -> None:
+    settings = Settings.from_env({"REFRESHD_ENCRYPTION_KEYS": f"k1:{B1}"})
+    assert B1 not in repr(settings)
+    assert settings.encrypted
+    assert settings.event_secrets_mode == "encrypted"
+    assert isinstance(codec_from_settings(settings), AesGcmCodec)
+    assert isinstance(codec_from_settings(Settings()), PlainCodec)
+    assert B1 not in repr(codec_from_settings(settings))
+
+
+def test_event_secrets_setting() -> None:
+    assert Settings().event_secrets_mode == "clear"
+    keyed = {"REFRESHD_ENCRYPTION_KEYS": f"k1:{B1}"}
+    for mode in ("encrypted", "omitted", "clear"):
+        chosen = Settings.from_env(keyed | {"REFRESHD_EVENT_SECRETS": mode})
+        assert chosen.event_secrets_mode == mode
+    assert Settings(event_secrets="omitted").event_secrets_mode == "omitted"
+    with pytest.raises(ConfigError, match="needs a key ring"):
+        Settings(event_secrets="encrypted")
+    with pytest.raises(ConfigError, match="REFRESHD_EVENT_SECRETS must be one of"):
+        Settings(event_secrets="hidden")
+
+
+def test_generated_keys_work_in_a_ring() -> None:
+    key = generate_key()
+    assert len(base64.b64decode(key)) == 32
+    assert key != generate_key()
+    ring = parse_key_ring(f"g1:{key}", source="X", one_per_line=False)
+    c = AesGcmCodec(ring)
+    assert c.decode(c.encode("s", CTX), CTX) == "s"
+
+
+def test_associated_data_counts_utf8_bytes() -> None:
+    """The format is documented for other languages: lengths are bytes."""
+    ctx = SecretContext("refreshd:", "credential", "ü-1", "access_token")
+    assert ctx.aad() == b"9:refreshd:10:credential4:\xc3\xbc-112:access_token"
+
+
+def test_a_value_encrypted_twice_is_deflated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refresh encrypts its access token for the event, then its refresh
+    token and access token for the record: the access token's deflated
+    bytes are reused (the deflate is most of the cost), each with its own
+    nonce and context."""
+    c = codec()
+    access = "at." + base64.urlsafe_b64encode(os.urandom(600)).decode()
+    refresh = "rt-short"
+    calls: list[str] = []
+    real = keyring._pack
+
+    def counting(plaintext: str) -> tuple[int, bytes]:
+        calls.append(plaintext)
+        return real(plaintext)
+
+    monkeypatch.setattr(keyring, "_pack", counting)
+    in_record = SecretContext("refreshd:", "credential", "c1", "access_token")
+    event = c.encode(access, SecretContext("refreshd:", "event", "c1", "access_token"))
+    c.encode(refresh, CTX)
+    record = c.encode(access, in_record)
+    assert calls == [access, refresh]
+    assert event != record
+    assert c.decode(record, in_record) == access

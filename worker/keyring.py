@@ -1,0 +1,280 @@
+"""Encryption at rest: an AES-256-GCM key ring behind the secret codec.
+
+A key ring is a list of 256-bit keys, each with a short key id; the first
+(the primary) encrypts every new value, every key in the ring decrypts.
+A stored value names its format and key id::
+
+    e1.<kid>.<base64url(nonce || ciphertext || tag)>     (no padding)
+
+with a fresh random 96-bit nonce per value. The associated data is the
+format, the key id and the value's ``SecretContext`` (prefix, record kind,
+record id, field), so a ciphertext moved to another record or field, or
+relabelled with another key id, fails to decrypt. Inside the ciphertext,
+one byte says whether the value was deflated first (Huffman codes only):
+tokens are mostly base64 text, 6 bits of information per character, and
+deflating them wins back most of what base64 adds to the ciphertext.
+
+Keys come from ``REFRESHD_ENCRYPTION_KEYS`` (``kid:base64key`` entries,
+comma-separated, primary first) or ``REFRESHD_ENCRYPTION_KEYS_FILE`` (one
+entry per line, ``#`` comments; a mounted Kubernetes Secret). A malformed
+ring is one ``ConfigError`` line naming the entry, never the key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from worker.codec import ENCRYPTED_MARK, PlainCodec, SecretCodec, SecretContext, looks_encrypted
+from worker.errors import ConfigError, SecretUnreadable
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
+
+__all__ = [
+    "KEY_BYTES",
+    "AesGcmCodec",
+    "KeyRing",
+    "codec_from_settings",
+    "generate_key",
+    "key_ring_from_settings",
+    "parse_key_ring",
+]
+
+#: AES-256: every key is 32 bytes (44 characters of base64)
+KEY_BYTES: Final = 32
+_NONCE: Final = 12
+_TAG: Final = 16
+#: values shorter than this are not worth deflating (a refresh token often is)
+_DEFLATE_MIN: Final = 128
+#: how values are deflated: Huffman coding only (no string matching), a
+#: small window and memory level. Tokens are random text over a small
+#: alphabet, which Huffman codes pack as well as full deflate does, at a
+#: fraction of zlib's default cost (a 32 KiB window and 256 KiB of state,
+#: allocated afresh for every value).
+_WBITS: Final = -10
+_MEMLEVEL: Final = 4
+_RAW, _DEFLATED = 0, 1
+_KID = re.compile(r"[A-Za-z0-9_-]{1,16}")
+
+
+class KeyRing:
+    """Key ids and their AES-GCM ciphers, primary first. Its repr shows
+    the key ids only; the key bytes are not kept beyond the ciphers."""
+
+    __slots__ = ("_ciphers", "ids")
+
+    def __init__(self, keys: Iterable[tuple[str, bytes]]) -> None:
+        self._ciphers: dict[str, AESGCM] = {}
+        for kid, key in keys:
+            if not _KID.fullmatch(kid):
+                raise ValueError("a key id is 1-16 letters, digits, '_' or '-'")
+            if kid in self._ciphers:
+                raise ValueError(f"key id {kid!r} appears twice")
+            if len(key) != KEY_BYTES:
+                raise ValueError(f"key {kid!r} is {len(key)} bytes, AES-256 needs {KEY_BYTES}")
+            self._ciphers[kid] = AESGCM(key)
+        if not self._ciphers:
+            raise ValueError("a key ring needs at least one key")
+        #: every key id, primary first
+        self.ids: tuple[str, ...] = tuple(self._ciphers)
+
+    @property
+    def primary(self) -> str:
+        """The key id new values are encrypted under."""
+        return self.ids[0]
+
+    def cipher(self, kid: str) -> AESGCM | None:
+        return self._ciphers.get(kid)
+
+    def __repr__(self) -> str:
+        return f"KeyRing(ids={list(self.ids)!r})"
+
+
+def parse_key_ring(text: str, *, source: str, one_per_line: bool) -> KeyRing:
+    """A ring from ``kid:base64key`` entries, primary first: separated by
+    commas (or lines) for the variable, one per line for the file, where
+    blank lines and ``#`` comments are skipped. ``source`` names the
+    setting in the error, which names the entry by position and key id and
+    never shows its key."""
+    if one_per_line:
+        lines = (line.strip() for line in text.splitlines())
+        entries = [line for line in lines if line and not line.startswith("#")]
+        where = "line"
+    else:
+        entries = [e.strip() for e in re.split(r"[,\s]+", text) if e.strip()]
+        where = "entry"
+    keys: list[tuple[str, bytes]] = []
+    for n, entry in enumerate(entries, 1):
+        kid, sep, encoded = entry.partition(":")
+        kid = kid.strip()
+        if not sep or not _KID.fullmatch(kid):
+            raise ConfigError(
+                f"{source}: {where} {n} is not kid:base64key (a key id of 1-16 letters, "
+                "digits, '_' or '-', a colon, then the key)"
+            )
+        try:
+            key = base64.b64decode(_standard_b64(encoded.strip()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{source}: key {kid!r} ({where} {n}) is not valid base64") from None
+        if len(key) != KEY_BYTES:
+            raise ConfigError(
+                f"{source}: key {kid!r} ({where} {n}) is {len(key)} bytes; AES-256 needs "
+                f"{KEY_BYTES} (generate one with `refreshd key generate`)"
+            )
+        if any(kid == seen for seen, _ in keys):
+            raise ConfigError(f"{source}: key id {kid!r} appears twice ({where} {n})")
+        keys.append((kid, key))
+    if not keys:
+        raise ConfigError(f"{source}: no key in it (kid:base64key, primary first)")
+    return KeyRing(keys)
+
+
+def _standard_b64(text: str) -> str:
+    """Accept base64 and base64url, with or without padding."""
+    text = text.replace("-", "+").replace("_", "/")
+    return text + "=" * (-len(text) % 4)
+
+
+def key_ring_from_settings(settings: Settings) -> KeyRing | None:
+    """The ring the settings name, or None when encryption is off."""
+    if settings.encryption_keys and settings.encryption_keys_file:
+        raise ConfigError(
+            "set one of REFRESHD_ENCRYPTION_KEYS and REFRESHD_ENCRYPTION_KEYS_FILE, not both"
+        )
+    if settings.encryption_keys:
+        return parse_key_ring(
+            settings.encryption_keys, source="REFRESHD_ENCRYPTION_KEYS", one_per_line=False
+        )
+    if settings.encryption_keys_file:
+        path = Path(settings.encryption_keys_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"REFRESHD_ENCRYPTION_KEYS_FILE {path} cannot be read: {exc.strerror or exc}"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"REFRESHD_ENCRYPTION_KEYS_FILE {path} is not text") from None
+        return parse_key_ring(text, source="REFRESHD_ENCRYPTION_KEYS_FILE", one_per_line=True)
+    return None
+
+
+def codec_from_settings(settings: Settings) -> SecretCodec:
+    """The codec every process of an installation uses: AES-GCM over the
+    configured ring, or ``PlainCodec`` when none is set."""
+    ring = key_ring_from_settings(settings)
+    return PlainCodec() if ring is None else AesGcmCodec(ring)
+
+
+def generate_key() -> str:
+    """A new random AES-256 key, base64 (what follows ``kid:`` in a ring)."""
+    return base64.b64encode(os.urandom(KEY_BYTES)).decode()
+
+
+class AesGcmCodec:
+    """AES-256-GCM over a key ring (the module docstring has the format)."""
+
+    __slots__ = ("_last", "_mark", "_primary", "ring")
+
+    def __init__(self, ring: KeyRing) -> None:
+        self.ring = ring
+        primary = ring.cipher(ring.primary)
+        assert primary is not None
+        self._primary = primary
+        self._mark = f"{ENCRYPTED_MARK}{ring.primary}."
+        #: the last value deflated (by identity) and its packed bytes: a refresh
+        #: encrypts its access token twice, for the event and for the record
+        self._last: tuple[str, int, bytes] = ("", _RAW, b"")
+
+    @property
+    def encrypting(self) -> bool:
+        return True
+
+    @property
+    def primary_key_id(self) -> str | None:
+        return self.ring.primary
+
+    def encode(self, plaintext: str, ctx: SecretContext) -> str:
+        if not plaintext:
+            return ""
+        last, kind, data = self._last
+        if plaintext is not last:
+            kind, data = _pack(plaintext)
+            if kind == _DEFLATED:  # short values are cheap again, and must not evict it
+                self._last = (plaintext, kind, data)
+        nonce = os.urandom(_NONCE)
+        sealed = self._primary.encrypt(nonce, bytes((kind,)) + data, _aad(self._mark, ctx))
+        return self._mark + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
+
+    def decode(self, stored: str, ctx: SecretContext) -> str:
+        if not looks_encrypted(stored):
+            return stored  # written before encryption was on: `key rotate` rewrites it
+        kid, _, body = stored[len(ENCRYPTED_MARK) :].partition(".")
+        cipher = self.ring.cipher(kid)
+        if cipher is None:
+            raise SecretUnreadable(
+                "unknown_key",
+                f"{_where(ctx)} is encrypted under key id {kid[:32]!r}, which is not in the "
+                f"key ring ({', '.join(self.ring.ids)})",
+            )
+        try:
+            return _open(cipher, body, _aad(f"{ENCRYPTED_MARK}{kid}.", ctx))
+        except (InvalidTag, binascii.Error, ValueError, zlib.error):
+            raise SecretUnreadable(
+                "undecryptable",
+                f"{_where(ctx)} does not decrypt with key {kid!r}: altered, or copied from "
+                "another record or field",
+            ) from None
+
+    def key_id(self, stored: str) -> str | None:
+        if not looks_encrypted(stored):
+            return None
+        return stored[len(ENCRYPTED_MARK) :].partition(".")[0]
+
+    def __repr__(self) -> str:
+        return f"AesGcmCodec({self.ring!r})"
+
+
+def _pack(plaintext: str) -> tuple[int, bytes]:
+    """(kind, bytes) of a value before encryption: deflated when it is long
+    enough for that to pay and it does."""
+    data = plaintext.encode()
+    if len(data) >= _DEFLATE_MIN:
+        deflate = zlib.compressobj(1, zlib.DEFLATED, _WBITS, _MEMLEVEL, zlib.Z_HUFFMAN_ONLY)
+        packed = deflate.compress(data) + deflate.flush()
+        if len(packed) < len(data):
+            return _DEFLATED, packed
+    return _RAW, data
+
+
+def _open(cipher: AESGCM, body: str, aad: bytes) -> str:
+    """Decrypt and unpack one value's body; ValueError (or the cipher's
+    InvalidTag) when it is not one this ring sealed for ``aad``."""
+    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    if len(raw) <= _NONCE + _TAG:
+        raise ValueError("too short")
+    plain = cipher.decrypt(raw[:_NONCE], raw[_NONCE:], aad)
+    kind, data = plain[0], plain[1:]
+    if kind == _DEFLATED:
+        data = zlib.decompress(data, -15)  # any window: the format says raw deflate
+    elif kind != _RAW:
+        raise ValueError("unknown payload kind")
+    return data.decode()
+
+
+def _aad(mark: str, ctx: SecretContext) -> bytes:
+    return mark.encode() + ctx.aad()
+
+
+def _where(ctx: SecretContext) -> str:
+    return f"{ctx.kind} {ctx.record!r} field {ctx.field}"
