@@ -312,3 +312,22 @@ async def _all_stopped(store: Store, ids: list[str]) -> bool:
         if (await store.get(cid, secrets=False)).status is not Status.QUARANTINED:
             return False
     return True
+
+
+async def test_the_claim_reply_carries_ciphertext_only(redis_url: str) -> None:
+    """Up to a batch of refresh tokens cross the wire in each claim reply:
+    with a ring, each is ciphertext, decrypted by the worker that sends it."""
+    async with FakeProvider() as provider, open_store(keyed(redis_url, partitions=1)) as store:
+        grants = await seed(store, provider, 5, expires_in=0)
+        part = store.keys.partition(0)
+        reply = await store.scripts.claim(
+            keys=[part.due, part.stats], args=[part.base, 10, 5000, "tok", ""]
+        )
+        assert len(reply) == 2 + 5
+        wire = repr(reply)
+        assert all(g.refresh_token not in wire for g in grants.values())
+        assert all(store.codec.key_id(item[3]) == "k1" for item in reply[2:])
+        claimed = store._claimed(part, "tok", reply)
+        assert {c.id: c.refresh_token for c in claimed} == {
+            cid: g.refresh_token for cid, g in grants.items()
+        }

@@ -51,7 +51,7 @@ def test_round_trip_names_its_key_and_hides_the_value(plaintext: str) -> None:
     assert plaintext not in stored
     assert c.key_id(stored) == "k1"
     assert c.decode(stored, CTX) == plaintext
-    assert c.encode(plaintext, CTX) != stored  # a fresh nonce every time
+    assert c.encode("".join(list(plaintext)), CTX) != stored  # a fresh nonce every time
 
 
 def test_empty_stays_empty() -> None:
@@ -257,14 +257,15 @@ def test_associated_data_counts_utf8_bytes() -> None:
     assert ctx.aad() == b"9:refreshd:10:credential4:\xc3\xbc-112:access_token"
 
 
-def test_a_value_encrypted_twice_is_deflated_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A refresh encrypts its access token for the event, then its refresh
-    token and access token for the record: the access token's deflated
-    bytes are reused (the deflate is most of the cost), each with its own
-    nonce and context."""
+def test_a_value_sealed_twice_in_one_place_is_one_ciphertext(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refresh seals its access token for its event, then its refresh
+    token and access token for the record, under the credential's context:
+    the record gets the event's ciphertext (one deflate, one encryption).
+    Another context, or an equal but different string, is sealed afresh."""
     c = codec()
     access = "at." + base64.urlsafe_b64encode(os.urandom(600)).decode()
-    refresh = "rt-short"
     calls: list[str] = []
     real = keyring._pack
 
@@ -273,10 +274,13 @@ def test_a_value_encrypted_twice_is_deflated_once(monkeypatch: pytest.MonkeyPatc
         return real(plaintext)
 
     monkeypatch.setattr(keyring, "_pack", counting)
-    in_record = SecretContext("refreshd:", "credential", "c1", "access_token")
-    event = c.encode(access, SecretContext("refreshd:", "event", "c1", "access_token"))
-    c.encode(refresh, CTX)
-    record = c.encode(access, in_record)
-    assert calls == [access, refresh]
-    assert event != record
-    assert c.decode(record, in_record) == access
+    here = SecretContext("refreshd:", "credential", "c1", "access_token")
+    event = c.encode(access, here)
+    c.encode("rt-short", CTX)
+    record = c.encode(access, here)
+    assert record == event
+    assert calls == [access, "rt-short"]
+    assert c.encode(access, SecretContext("refreshd:", "credential", "c2", "access_token")) != event
+    assert c.encode("".join(list(access)), here) != event  # not the same object
+    assert len(calls) == 4
+    assert c.decode(record, here) == access

@@ -13,8 +13,7 @@ data), so a value copied to another record or field no longer decrypts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, NamedTuple, Protocol
 
 from worker.errors import SecretUnreadable
 
@@ -33,10 +32,11 @@ ENCRYPTED_MARK: Final = "e1."
 RecordKind = Literal["credential", "profile", "event", "spool"]
 
 
-@dataclass(frozen=True, slots=True)
-class SecretContext:
+class SecretContext(NamedTuple):
     """Where a secret lives: the key prefix of the installation, the kind
-    of record, its id (credential or profile id) and the field name."""
+    of record, its id (credential or profile id) and the field name. (A
+    named tuple: four are made per refresh, at a third of a frozen
+    dataclass's cost.)"""
 
     prefix: str
     kind: RecordKind

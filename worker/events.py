@@ -46,6 +46,11 @@ def _secret_key(name: str) -> bool:
 
 
 def _context(prefix: str, credential_id: str, field: str) -> SecretContext:
+    """The access token is bound to the credential's own field: the event
+    carries the very ciphertext the record stores (one encryption, not
+    two). A kept extra, one JSON value in the record, is sealed per name."""
+    if field == "access_token":
+        return SecretContext(prefix, "credential", credential_id, field)
     return SecretContext(prefix, "event", credential_id, field)
 
 
@@ -54,7 +59,8 @@ class EventSecrets:
     token (for ``secret_rotation`` profiles, the rotated secret) and each
     kept extra whose name says secret. ``clear``: as they are;
     ``encrypted``: each through the codec, bound to the event's credential
-    and field (``extra.<name>`` for an extra); ``omitted``: left out, the
+    and field (the access token exactly as its record stores it;
+    ``extra.<name>`` for an extra); ``omitted``: left out, the
     consumer reads the credential. Every event not clear names its mode in
     ``secrets``."""
 

@@ -192,9 +192,11 @@ class AesGcmCodec:
         assert primary is not None
         self._primary = primary
         self._mark = f"{ENCRYPTED_MARK}{ring.primary}."
-        #: the last value deflated (by identity) and its packed bytes: a refresh
-        #: encrypts its access token twice, for the event and for the record
-        self._last: tuple[str, int, bytes] = ("", _RAW, b"")
+        #: the last long value sealed: (the plaintext, by identity; its
+        #: associated data; the stored form). A refresh writes its access
+        #: token twice, into its event and into the record, under the same
+        #: context: the second is the same ciphertext, not a second one.
+        self._last: tuple[str, bytes, str] = ("", b"", "")
 
     @property
     def encrypting(self) -> bool:
@@ -207,14 +209,17 @@ class AesGcmCodec:
     def encode(self, plaintext: str, ctx: SecretContext) -> str:
         if not plaintext:
             return ""
-        last, kind, data = self._last
-        if plaintext is not last:
-            kind, data = _pack(plaintext)
-            if kind == _DEFLATED:  # short values are cheap again, and must not evict it
-                self._last = (plaintext, kind, data)
+        aad = _aad(self._mark, ctx)
+        last, last_aad, stored = self._last
+        if plaintext is last and aad == last_aad:
+            return stored
+        kind, data = _pack(plaintext)
         nonce = os.urandom(_NONCE)
-        sealed = self._primary.encrypt(nonce, bytes((kind,)) + data, _aad(self._mark, ctx))
-        return self._mark + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
+        sealed = self._primary.encrypt(nonce, bytes((kind,)) + data, aad)
+        stored = self._mark + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
+        if kind == _DEFLATED:  # a short value is cheap to seal again, and must not evict it
+            self._last = (plaintext, aad, stored)
+        return stored
 
     def decode(self, stored: str, ctx: SecretContext) -> str:
         if not looks_encrypted(stored):
