@@ -108,6 +108,10 @@ class Store:
         self.batcher: ScriptBatcher | ClusterBatcher | None = None  # set by a running worker
         #: a cluster's per-node routing (None on one server, Sentinel)
         self.router = router_of(client)
+        #: on a cluster under REFRESHD_DURABILITY=auto, what each primary's
+        #: batches wait for (``host:port`` -> its own replicas and AOF: a
+        #: failover leaves one shard without a replica, not all of them)
+        self.node_durability: dict[str, Durability] = {}
 
     # ------------------------------------------------------------ layout
 
@@ -464,6 +468,10 @@ class Store:
         if isinstance(outcome, Exception):
             raise outcome
         return outcome[0]
+
+    def durability_at(self, address: str) -> Durability:
+        """What a batch on the primary at ``address`` waits for."""
+        return self.node_durability.get(address, self.durability)
 
     def event_channel(self, part: Partition) -> str:
         """Where a commit publishes its event: the installation's channel
