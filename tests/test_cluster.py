@@ -540,3 +540,21 @@ async def test_the_rate_limiter_is_shared_on_a_cluster(cluster_url: str) -> None
         router = router_of(store.client)
         assert router is not None
         assert len({router.address_of(store.keys.rate_limit(p)) for p in profiles}) > 1
+
+
+async def test_idle_workers_wake_on_a_cluster(cluster_url: str) -> None:
+    """The wake-up channel reaches sleeping workers: a min-TTL read is
+    served at once, not at the next due time (15 s) or the 30 s safety net."""
+    settings = make_settings(cluster_url, partitions=6, idle_wakeup_s=30.0)
+    async with (
+        FakeProvider() as provider,
+        open_store(settings) as store,
+        connect(settings, poll_interval=5) as client,
+    ):
+        await seed(store, provider, 6, expires_in=30)
+        async with running(settings, store):
+            await anyio.sleep(1.0)  # every worker asleep until the first due time
+            started = time.monotonic()
+            for n in range(6):
+                assert (await client.get(f"cred-{n:05d}", min_ttl=60, timeout=10)).version == 1
+            assert time.monotonic() - started < 5
