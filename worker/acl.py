@@ -69,10 +69,13 @@ def acl_rules(keys: Keyspace, *, refresh: bool = True) -> list[str]:
         "+get", "+zscore", "+exists", "+time", "+script|load",
         # the layout check at connect; following the log; live events
         "+hmget", "+xread", "+xrange", "+xrevrange", "+multi", "+exec", "+discard",
-        "+subscribe", "+unsubscribe",
+        "+subscribe", "+unsubscribe", "+ssubscribe", "+sunsubscribe",
+        # a Redis Cluster client reads the slot map first
+        "+cluster|slots",
         *under("cred:*", "%R"), *under("due", "%R"), *under("lock:*", "%R"), *under("log", "%R"),
         f"%R~{_escape(keys.layout)}",
-        f"&{_escape(keys.events)}",
+        # live events: one channel, or on a Redis Cluster a shard channel per partition
+        f"&{_escape(keys.events)}", *(f"&{tag}:events" for tag in tags),
         # EVAL declares its keys read-write: grant that to the script call
         # alone; the commands inside are checked against the rules above
         "(" + " ".join(["+eval", "+evalsha", *script_keys]) + ")",
@@ -104,12 +107,16 @@ _SCRIPTS = (
     "+eval", "+evalsha", "+script|load", "+script|exists",
     "+get", "+set", "+del", "+exists", "+pexpire", "+pttl", "+time", "+hincrby",
     "+zadd", "+zrem", "+zrange", "+zscore", "+xadd", "+xtrim", "+xrevrange", "+publish",
+    "+spublish",  # commit.lua's event on a Redis Cluster's shard channel
 )  # fmt: skip
 #: the worker's own calls: layout check, profiles, counters, horizon gauge,
 #: wake-ups (pipelines in MULTI/EXEC)
 _WORKER = (
     "+hsetnx", "+hset", "+hget", "+hmget", "+hgetall", "+zcard", "+zcount",
     "+subscribe", "+unsubscribe", "+multi", "+exec", "+discard",
+    # on a Redis Cluster: the slot map, a migrating slot's redirection and
+    # the shard channels (worker.cluster, worker.eventsub)
+    "+cluster|slots", "+cluster|shards", "+asking", "+ssubscribe", "+sunsubscribe",
 )  # fmt: skip
 #: the operator commands on top: listings and key rotation walk the keyspace
 #: (SCAN per partition pattern), profiles are written and deleted, watch
@@ -147,6 +154,8 @@ def _own_rules(keys: Keyspace, commands: tuple[str, ...], *, profiles: str) -> l
         f"~{any_limiter}",
         *(f"{profiles}~{name}" for name in profile_keys),
         *(f"&{_escape(name)}" for name in (keys.events, keys.wake)),
+        # the commit script's SPUBLISH on a Redis Cluster (worker.eventsub)
+        *(f"&{tag}:events" for tag in key_tag_patterns(keys)),
     ]  # fmt: skip
 
 

@@ -62,7 +62,7 @@ from worker.logs import get_logger
 from worker.models import CredentialInput, Status
 from worker.profiles import ProfileStore
 from worker.redisio import connect as connect_redis
-from worker.redisio import guard, load_script, run_script
+from worker.redisio import guard, load_script
 from worker.scheduling import Schedule
 from worker.serverchecks import check_hazards, find_hazards, inspect_server
 from worker.settings import Settings
@@ -104,7 +104,7 @@ async def connect(
         raise StoreUnreachable(str(exc)) from exc
     keys = Keyspace(settings.prefix, settings.partitions)
     async with connect_redis(url, max_connections=pool_size) as redis:
-        watch = EventWatch(redis, keys.events)
+        watch = EventWatch(redis, keys)
         client = Client(redis, keys, codec, settings, watch,
                         poll_interval=poll_interval)  # fmt: skip
         await client._check_layout()
@@ -219,11 +219,12 @@ class Client:
     async def _view(self, credential_id: str, *, seen: int | None = None) -> RecordView:
         part = self._keys.partition_of(credential_id)
         try:
-            reply = await run_script(
-                self._redis,
+            # one pooled connection on one server; on a cluster, to the
+            # partition's primary, redirections followed
+            reply = await self._store.run_script(
                 self._token_script,
-                (part.cred(credential_id), part.due, part.lock(credential_id)),
-                (credential_id, "" if seen is None else seen, self._keys.wake),
+                keys=[part.cred(credential_id), part.due, part.lock(credential_id)],
+                args=[credential_id, "" if seen is None else seen, self._keys.wake],
             )
         except (StoreUnavailable, ResponseError) as exc:
             raise _translated(exc) from exc
