@@ -30,6 +30,7 @@ from tests.redis_server import RedisServer
 from worker.app import open_store
 from worker.client import CredentialUnreadable, Quarantined, Refreshed, connect
 from worker.codec import PlainCodec, SecretContext
+from worker.errors import SecretUnreadable
 from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault, IssuedGrant
 from worker.keyring import AesGcmCodec, KeyRing
 from worker.models import CredentialInput, Status
@@ -331,3 +332,33 @@ async def test_the_claim_reply_carries_ciphertext_only(redis_url: str) -> None:
         assert {c.id: c.refresh_token for c in claimed} == {
             cid: g.refresh_token for cid, g in grants.items()
         }
+
+
+async def test_a_profile_whose_secret_does_not_decrypt_can_be_shown_and_repaired(
+    redis_url: str,
+) -> None:
+    settings = keyed(redis_url)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        profiles = ProfileStore(store)
+        await seed(store, provider, 1, profile={"secret_params": {"passcode": "123456"}})
+        key = store.keys.profile("p")
+        for name in ("client_secret", "secret_params"):
+            stored = str(await store.client.hget(key, name))
+            await store.client.hset(key, name, stored[:-2] + "zz")
+        shown = await profiles.get("p")
+        assert shown["unreadable_secrets"] == ["client_secret", "secret_params"]
+        assert shown["has_client_secret"] is True
+        assert [p["id"] for p in await profiles.list()] == ["p"]  # one bad secret hides nothing
+        with pytest.raises(SecretUnreadable, match="give a new client_secret"):
+            await profiles.update("p", {"timeout_s": 3})
+        repaired = await profiles.update(
+            "p",
+            {
+                "client_secret": provider.config.client_secret,
+                "secret_params": {"passcode": "654321"},
+            },
+        )
+        assert "unreadable_secrets" not in repaired
+        profile = await profiles.load("p")
+        assert profile.client_secret == provider.config.client_secret
+        assert dict(profile.secret_params) == {"passcode": "654321"}

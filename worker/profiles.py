@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from worker.codec import SecretCodec, SecretContext
-from worker.errors import ConfigError, Conflict, NotFound, StoreUnavailable
+from worker.errors import ConfigError, Conflict, NotFound, SecretUnreadable, StoreUnavailable
 from worker.listing import CredentialFilter, matching_ids
 from worker.logs import get_logger
 from worker.models import Profile, validate_id
@@ -62,15 +62,29 @@ def _from_hash(raw: dict[str, str], codec: SecretCodec, prefix: str, profile_id:
 
 
 def _stored_fields(
-    raw: dict[str, str], codec: SecretCodec, prefix: str, profile_id: str
+    raw: dict[str, str],
+    codec: SecretCodec,
+    prefix: str,
+    profile_id: str,
+    *,
+    unreadable: list[str] | None = None,
 ) -> dict[str, Any]:
     """The stored fields, secrets decoded, not yet validated: an update must
     be able to repair a profile that a newer release's rules refuse (a
-    private token host stored before ``allow_private_network`` existed)."""
+    private token host stored before ``allow_private_network`` existed).
+    A secret that does not decrypt raises ``SecretUnreadable``, or, given
+    ``unreadable``, is left out and named there (showing and repairing
+    such a profile needs no secret)."""
     data: dict[str, Any] = {k: v for k, v in raw.items() if k in _FIELDS}
     for name in ("client_secret", "secret_params"):
         if data.get(name):
-            data[name] = codec.decode(data[name], _ctx(prefix, profile_id, name))
+            try:
+                data[name] = codec.decode(data[name], _ctx(prefix, profile_id, name))
+            except SecretUnreadable:
+                if unreadable is None:
+                    raise
+                unreadable.append(name)
+                del data[name]
     return data
 
 
@@ -130,7 +144,15 @@ class ProfileStore:
         raw: dict[str, str] = await guard(self.client.hgetall(self.keys.profile(profile_id)))
         if not raw or "token_url" not in raw:
             raise NotFound(f"no profile {profile_id!r}")
-        current = _stored_fields(raw, self.codec, self.keys.prefix, profile_id)
+        lost: list[str] = []
+        current = _stored_fields(raw, self.codec, self.keys.prefix, profile_id, unreadable=lost)
+        for name in lost:  # replacing a secret that does not decrypt repairs it
+            if name not in changes:
+                raise SecretUnreadable(
+                    "undecryptable",
+                    f"profile {profile_id!r}: its stored {name} does not decrypt with this key "
+                    f"ring; give a new {name} in this update",
+                )
         if changes.get("id", profile_id) != profile_id:
             raise ConfigError("a profile's id cannot change; create a new profile")
         changes = dict(changes)
@@ -158,15 +180,27 @@ class ProfileStore:
         return _from_hash(raw, self.codec, self.keys.prefix, profile_id)
 
     async def get(self, profile_id: str) -> dict[str, Any]:
-        profile = await self.load(profile_id)
+        """The public view (no secret). A secret that does not decrypt does
+        not hide the profile: it is named in ``unreadable_secrets``."""
+        validate_id("profile", profile_id)
         key = self.keys.profile(profile_id)
-        created, updated = await guard(self.client.hmget(key, ["created_at", "updated_at"]))
+        raw: dict[str, str] = await guard(self.client.hgetall(key))
+        if not raw or "token_url" not in raw:
+            raise NotFound(f"no profile {profile_id!r}")
+        lost: list[str] = []
+        fields = _stored_fields(raw, self.codec, self.keys.prefix, profile_id, unreadable=lost)
+        if "client_secret" in lost:  # stored and present; public() never shows it
+            fields["client_secret"] = "[unreadable]"  # noqa: S105 - a placeholder, not a secret
+        profile = Profile.from_mapping(fields)
         counts = await self.store.counters()
-        return profile.public() | {
+        out = profile.public() | {
             "credentials_count": counts.get(f"profile:{profile_id}", 0),
-            "created_at": int(created or 0),
-            "updated_at": int(updated or 0),
+            "created_at": int(raw.get("created_at") or 0),
+            "updated_at": int(raw.get("updated_at") or 0),
         }
+        if lost:
+            out["unreadable_secrets"] = lost
+        return out
 
     async def list(self, *, page: int = 1, per_page: int = 100) -> list[dict[str, Any]]:
         if page < 1:
