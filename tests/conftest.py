@@ -7,6 +7,7 @@ import pytest
 
 pytest_plugins = [
     "tests.fixtures_redis",
+    "tests.fixtures_cluster",
 ]
 
 
