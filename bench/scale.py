@@ -214,7 +214,7 @@ def block(costs: Costs, a: Assumptions, sizes: Sequence[int] = SIZES) -> str:
     lead = a.schedule.lead_s(a.lifetime_s)
     lines += [
         "",
-        f"Measured costs ({costs.source} for Redis CPU; README \"Benchmark\"): "
+        f'Measured costs ({costs.source} for Redis CPU; README "Benchmark"): '
         f"{costs.bytes_per_credential:,.0f} B of Redis memory per credential, "
         f"{costs.bytes_per_event:,.0f} B per retained event, Redis CPU "
         f"{costs.redis_cpu_ms:.3f} ms and worker CPU {costs.worker_cpu_ms:.3f} ms per refresh.",
