@@ -131,7 +131,8 @@ def table(results: dict[str, Any]) -> str:
             _f(a) + _mark(a <= 1200), f"{_f(b)} (plain hash + ZSET)", _ratio(a, b, 2),
             "≤ 1,200 B")  # fmt: skip
     _consumer_rows(r, row)
-    if arq or cu:
+    _cluster_rows(r, row)
+    if arq or cu or r.get("cluster"):
         # the repeats' total covers the median runs shown above as well
         shown = ("catch_up_1p", "catch_up_arq")
         counted = [v for k, v in r.items() if isinstance(v, dict) and k not in shown]
@@ -166,6 +167,38 @@ def _consumer_rows(r: dict[str, Any], row: Any) -> None:
             f"{redis['off']:.3f} → {redis['on']:.3f}", "≤ +10 %")  # fmt: skip
         row("Redis bytes per retained event (log on - off, per refresh)",
             _f(ab["redis_bytes_per_retained_event"]), "", "", "")  # fmt: skip
+
+
+def _cluster_rows(r: dict[str, Any], row: Any) -> None:
+    """Scenario ``cluster``: one server, a primary with a replica, and a
+    3-shard cluster with a replica per primary, each its median run."""
+    cl = r.get("cluster")
+    if not cl:
+        return
+    kinds = [cl[k] for k in ("single", "replica", "cluster")]
+    shards = cl["cluster"]["shards"]
+    what = f"one server / primary + replica / {shards} shards + replicas"
+    runs = f"; median of {cl['rounds']}" if cl["rounds"] > 1 else ""
+    row(f"catch-up refreshes/s, {what} ({cl['credentials']:,}{runs})",
+        " / ".join(_f(k["refreshes_per_s"]) for k in kinds), "",
+        "all on the same 2 cores: a shard's CPU per refresh is the figure", "")  # fmt: skip
+    per_node = " / ".join(f"{s['cpu_ms_per_refresh']:.3f}" for s in cl["cluster"]["per_shard"])
+    replicas = cl["cluster"]["replica_cpu_ms_per_refresh"]
+    row(f"Redis CPU ms per refresh per shard (primaries), {what}",
+        " / ".join(f"{k['redis_cpu_ms_per_refresh_per_shard']:.3f}" for k in kinds), "",
+        f"each primary over its own refreshes: {per_node}; replicas "
+        f"{cl['replica']['replica_cpu_ms_per_refresh']:.3f} / {replicas:.3f}", "")  # fmt: skip
+    ceiling = [1000 / k["redis_cpu_ms_per_refresh_per_shard"] for k in kinds]
+    row("Redis ceiling, refreshes/s (one core per shard / CPU per refresh)",
+        " / ".join(_f(c * (shards if i == 2 else 1)) for i, c in enumerate(ceiling)), "",
+        f"{shards} shards = {_f(ceiling[2] * shards / ceiling[0], 2)}x one server", "")  # fmt: skip
+    row(
+        f"worker CPU ms per refresh, {what}",
+        " / ".join(f"{k['cpu_ms_per_refresh']['worker']:.3f}" for k in kinds),
+        "",
+        "",
+        "",
+    )
 
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:
