@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 from worker.app import build_refresher, build_worker, open_store
 from worker.cli.credentials import import_lines
 from worker.errors import StoreUnavailable
+from worker.eventsub import EventSubscription
 from worker.fakeprovider import FakeProvider, IssuedGrant
 from worker.logs import fingerprint
 from worker.metrics import Metrics
@@ -180,13 +181,14 @@ class Events:
     async def listen(
         self, store: Store, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        async with store.client.pubsub() as pubsub:
-            await pubsub.subscribe(store.keys.events)
+        # one channel, or every partition's shard channel on a cluster
+        async with EventSubscription(store.client, store.keys) as events:
+            await events.confirm(5.0)
             task_status.started()
             while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None:
-                    self.items.append(json.loads(message["data"]))
+                data = await events.get(1.0)
+                if data is not None:
+                    self.items.append(json.loads(data))
 
 
 async def is_current(

@@ -37,11 +37,12 @@ asyncio client already is; callers still wait inside anyio shields.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import hiredis
@@ -49,15 +50,23 @@ from anyio.abc import TaskGroup, TaskStatus
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
+from worker.cluster import router_of
 from worker.errors import StoreUnavailable
 from worker.logs import get_logger
-from worker.redisio import guard
+from worker.redisio import REDIS_UNAVAILABLE, guard
 
 __all__ = ["ScriptBatcher", "execute_scripts"]
 
 log = get_logger("refreshd.batcher")
 
 Result = tuple[list[Any], bool]
+
+
+class Resubmit(Protocol):
+    async def __call__(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], *,
+        wait_durable: bool = True,
+    ) -> Result: ...  # fmt: skip
 
 
 @dataclass(eq=False, slots=True)
@@ -67,6 +76,7 @@ class _Call:
     args: Sequence[Any]
     wait_durable: bool
     future: asyncio.Future[Result]
+    asking: bool = False  # a cluster's ASK redirection: ASKING goes first
 
     def resolve(self, outcome: Result | BaseException) -> None:
         if self.future.done():
@@ -88,8 +98,12 @@ class ScriptBatcher:
         reapply_patience_s: float = math.inf,
         on_not_durable: Callable[[str, int], None] | None = None,
         on_unconfirmed: Callable[[list[Sequence[Any]]], None] | None = None,
+        resubmit: Resubmit | None = None,
     ) -> None:
         self._store = store  # worker.store.Store (not imported: it imports us)
+        #: where re-applied commits go: this batcher, or on a cluster the
+        #: router (after a failover the commit belongs to another node)
+        self._resubmit: Resubmit = resubmit or self.call
         self._connections = connections
         self._max_batch = max_batch
         self._ack_attempts = ack_attempts
@@ -165,6 +179,7 @@ class ScriptBatcher:
         args: Sequence[Any],
         *,
         wait_durable: bool = True,
+        asking: bool = False,
     ) -> Result:
         """Run ``script`` in the next batch; returns (result, durable). With
         ``wait_durable=False`` it returns once the script has run and the
@@ -172,11 +187,13 @@ class ScriptBatcher:
         docstring). Once queued, the call runs, and its caller must learn the
         outcome (a spend recorded unseen would strand an intent): callers
         wait inside a cancel shield - the refresher holds one from the spend
-        to the commit - rather than each call paying for its own."""
+        to the commit - rather than each call paying for its own. ``asking``
+        sends ASKING just before the script (a cluster slot being migrated
+        here: ``worker.clusterbatch``)."""
         if not self._running:
             raise StoreUnavailable("worker stopping")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Call(script, keys, args, wait_durable, future))
+        self._queue.append(_Call(script, keys, args, wait_durable, future, asking))
         self._ready.set()
         return await future
 
@@ -213,10 +230,13 @@ class ScriptBatcher:
             acks.append(("WAITAOF", 1, 0, durability.timeout_ms))
         if durability.replicas:
             acks.append(("WAIT", durability.replicas, durability.timeout_ms))
-        payload = [
-            hiredis.pack_command(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))
-            for c in batch
-        ]
+        payload = []
+        for c in batch:
+            if c.asking:
+                payload.append(hiredis.pack_command(("ASKING",)))
+            payload.append(
+                hiredis.pack_command(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))
+            )
         payload += [hiredis.pack_command(a) for a in acks]
         pool = store.client.connection_pool
         # the socket timeout bounds the whole exchange; the acks bound themselves
@@ -235,13 +255,16 @@ class ScriptBatcher:
             with anyio.fail_after(limit):
                 await guard(conn.send_packed_command(payload))
                 for item in batch:
+                    if item.asking:  # its OK; the script's own reply follows regardless
+                        with contextlib.suppress(ResponseError):
+                            await guard(conn.read_response(timeout=math.inf))
                     try:
-                        reply = await guard(conn.read_response(timeout=math.inf))
+                        reply = await _reply(conn)
                     except NoScriptError:
                         missing_script.append(item)  # it did not run
                         continue
                     except ResponseError as exc:
-                        item.resolve(exc)
+                        item.resolve(_refused(exc))
                         continue
                     if not acks or not item.wait_durable:
                         item.resolve((reply, True))
@@ -326,7 +349,9 @@ class ScriptBatcher:
                     failed: list[_Call] = []
                     for item in pending:
                         try:
-                            await self.call(item.script, item.keys, item.args, wait_durable=True)
+                            await self._resubmit(
+                                item.script, item.keys, item.args, wait_durable=True
+                            )
                         except StoreUnavailable:
                             failed.append(item)
                         except Exception:  # a script error: nothing more to try
@@ -345,6 +370,29 @@ class ScriptBatcher:
                 self.on_unconfirmed([item.args for item in pending])
 
 
+async def _reply(conn: Any) -> Any:
+    """One script's reply. An error reply is that call's alone (the batch
+    reads on); only a failing connection is ``StoreUnavailable``."""
+    try:
+        return await conn.read_response(timeout=math.inf)
+    except ResponseError:
+        raise
+    except REDIS_UNAVAILABLE as exc:
+        raise StoreUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+
+
+def _refused(exc: ResponseError) -> Exception:
+    """An error reply meaning "not now" (TRYAGAIN, CLUSTERDOWN, READONLY:
+    the script did not run) reaches its caller as ``StoreUnavailable`` with
+    the reply as its cause (``worker.clusterbatch`` sends those again);
+    any other error reply (MOVED, ASK, a script error) as itself."""
+    if isinstance(exc, REDIS_UNAVAILABLE):
+        refused = StoreUnavailable(f"redis unavailable: {type(exc).__name__}")
+        refused.__cause__ = exc
+        return refused
+    return exc
+
+
 def _acknowledged(replies: list[Any], durability: Any) -> bool:
     """WAITAOF answers [local fsyncs, replica fsyncs]; WAIT answers a count."""
     if any(isinstance(r, Exception) for r in replies):
@@ -361,27 +409,42 @@ Call = tuple[AsyncScript, Sequence[str], Sequence[Any]]
 
 
 async def execute_scripts(
-    client: Any, durability: Any, calls: Sequence[Call]
+    client: Any, durability: Any, calls: Sequence[Call], *, asking: Sequence[bool] = ()
 ) -> list[Result | Exception]:
     """One pipeline, outside a running worker (CLI, tools): every script,
     then the durability waits once. Returns (result, durable) or the error,
     per call. NOSCRIPT (a restarted server) reloads the script and runs just
-    those calls again: they did not run."""
+    those calls again: they did not run. On a cluster the calls are split
+    by node, each node's share one pipeline (``worker.clusterbatch``);
+    ``asking[i]`` sends ASKING before call ``i`` (a slot being migrated)."""
+    router = router_of(client)
+    if router is not None:
+        # imported here: worker.clusterbatch builds on this module
+        from worker.clusterbatch import execute_clustered
+
+        return await execute_clustered(router, durability, calls)
     out: list[Result | Exception] = [StoreUnavailable("not executed") for _ in calls]
     todo = list(range(len(calls)))
     for attempt in range(2):
         pipe = client.pipeline(transaction=False)
         for i in todo:
             script, keys, args = calls[i]
+            if asking and asking[i]:
+                pipe.execute_command("ASKING")
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         if durability.fsync:
             pipe.execute_command("WAITAOF", 1, 0, durability.timeout_ms)
         if durability.replicas:
             pipe.execute_command("WAIT", durability.replicas, durability.timeout_ms)
         replies = await guard(pipe.execute(raise_on_error=False))
-        durable = _acknowledged(replies[len(todo) :], durability)
+        asked = sum(1 for i in todo if asking and asking[i])
+        durable = _acknowledged(replies[len(todo) + asked :], durability)
+        script_replies = iter(replies[: len(todo) + asked])
         again: list[int] = []
-        for i, res in zip(todo, replies[: len(todo)], strict=True):
+        for i in todo:
+            if asking and asking[i]:
+                next(script_replies)  # ASKING's OK
+            res = next(script_replies)
             if isinstance(res, NoScriptError) and attempt == 0:
                 again.append(i)
             else:

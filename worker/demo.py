@@ -39,6 +39,7 @@ from worker.cli.common import human_number
 from worker.cli.credentials import import_lines
 from worker.democonsumer import ConsumerProcess
 from worker.errors import ConfigError, RefreshdError
+from worker.eventsub import EventSubscription
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
 from worker.metrics import Metrics
 from worker.profiles import ProfileStore
@@ -145,13 +146,12 @@ async def _seed(
 
 
 async def _count_events(store: Store, tally: _Tally, *, task_status: TaskStatus[None]) -> None:
-    async with store.client.pubsub() as pubsub:
-        await pubsub.subscribe(store.keys.events)
+    async with EventSubscription(store.client, store.keys) as events:
         task_status.started()
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
-                kind = json.loads(message["data"])["type"]
+            data = await events.get(1.0)
+            if data is not None:
+                kind = json.loads(data)["type"]
                 tally.events[kind] = tally.events.get(kind, 0) + 1
 
 

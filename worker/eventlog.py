@@ -24,21 +24,27 @@ kept, once the consumer has accepted the gap.
 
 Reads cover every partition in one round trip (one XREAD over all streams,
 with the trim check in the same MULTI): that needs all streams on one
-server, as on a single Redis or Sentinel. On Redis Cluster a reader would
-read per node; the commit side already works there unchanged.
+server, as on a single Redis or Sentinel. On a Redis Cluster the streams
+live in different slots, which neither one XREAD nor one MULTI may span:
+there each partition is read in its own MULTI (the trim check and the read
+still see the same stream), all partitions at once, and a blocking read
+polls the stream tails every ``CLUSTER_POLL_S`` instead of blocking.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import anyio
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
+from worker.cluster import router_of
 from worker.errors import ConfigError, RefreshdError
 from worker.eventmodel import Event, EventFormatError, UnknownEvent, parse_event
 from worker.keys import Keyspace
@@ -48,6 +54,7 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 __all__ = [
+    "CLUSTER_POLL_S",
     "CURSOR_VERSION",
     "Batch",
     "Cursor",
@@ -193,6 +200,31 @@ def _entry(partition: int, stream_id: str, fields: dict[str, str] | None) -> Log
     )
 
 
+#: on a cluster, how often a blocking read looks at the stream tails
+CLUSTER_POLL_S = 0.1
+
+
+async def _per_stream(client: aioredis.Redis, build: Any, names: Sequence[str]) -> list[Any]:
+    """One MULTI per stream (``build(pipe, name)`` queues its commands), all
+    streams at once: a cluster's substitute for one MULTI over every stream.
+    Each goes to the stream's node on a plain single-node connection
+    (redis-py's cluster transactions run each command in a thread of its
+    own). Returns each stream's replies, in order."""
+    router = router_of(client)
+    assert router is not None
+    out: list[Any] = [None] * len(names)
+
+    async def one(n: int, name: str) -> None:
+        pipe = router.client_for(name).pipeline(transaction=True)
+        build(pipe, name)
+        out[n] = await guard(pipe.execute())
+
+    async with anyio.create_task_group() as tg:
+        for n, name in enumerate(names):
+            tg.start_soon(one, n, name)
+    return out
+
+
 class EventLog:
     """Reads the log of one installation (its prefix and partition count)
     on a client made with ``decode_responses=True``. Blocking reads hold one
@@ -202,6 +234,8 @@ class EventLog:
     def __init__(self, client: aioredis.Redis, keys: Keyspace) -> None:
         self.client = client
         self.keys = keys
+        #: on a cluster, per-partition reads (see the module docstring)
+        self.sharded = router_of(client) is not None
         self._streams = keys.logs()
         self._index = {name: n for n, name in enumerate(self._streams)}
 
@@ -234,7 +268,10 @@ class EventLog:
         # Wait for anything new, then read it with the trim check: the
         # check and the read must see the same stream (one MULTI).
         streams: dict[Any, Any] = dict(zip(self._streams, cursor.positions, strict=True))
-        woke = await guard(self.client.xread(streams, count=1, block=block_ms))
+        if self.sharded:
+            woke = await self._poll_tails(cursor, block_ms)
+        else:
+            woke = await guard(self.client.xread(streams, count=1, block=block_ms))
         if not woke:
             return batch
         return await self._read_checked(cursor, count)
@@ -271,13 +308,40 @@ class EventLog:
                 f"has {self.keys.partitions} partitions"
             )
 
+    async def _poll_tails(self, cursor: Cursor, block_ms: int) -> bool:
+        """Whether any stream grew past ``cursor`` within ``block_ms`` (a
+        cluster's blocking read: one XREVRANGE per stream, pipelined)."""
+        deadline = time.monotonic() + block_ms / 1000
+        while True:
+            pipe = self.client.pipeline(transaction=False)
+            for name in self._streams:
+                pipe.xrevrange(name, count=1)
+            tails: list[list[Any]] = await guard(pipe.execute())
+            for tail, pos in zip(tails, cursor.positions, strict=True):
+                if tail and (pos == "0" or _key(tail[0][0]) > _key(pos)):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            await anyio.sleep(CLUSTER_POLL_S)
+
     async def _read_checked(self, cursor: Cursor, count: int) -> Batch:
-        pipe = self.client.pipeline(transaction=True)
-        for name in self._streams:
-            pipe.xrange(name, count=1)
-        pipe.xread(dict(zip(self._streams, cursor.positions, strict=True)), count=count)
-        replies: list[Any] = await guard(pipe.execute())
-        heads, read = replies[:-1], replies[-1]
+        positions = dict(zip(self._streams, cursor.positions, strict=True))
+        if self.sharded:
+            per = await _per_stream(
+                self.client,
+                lambda pipe, name: (pipe.xrange(name, count=1),
+                                    pipe.xread({name: positions[name]}, count=count)),
+                self._streams,
+            )  # fmt: skip
+            heads = [head for head, _ in per]
+            read = [item for _, got in per for item in got or []]
+        else:
+            pipe = self.client.pipeline(transaction=True)
+            for name in self._streams:
+                pipe.xrange(name, count=1)
+            pipe.xread(positions, count=count)  # type: ignore[arg-type]
+            replies: list[Any] = await guard(pipe.execute())
+            heads, read = replies[:-1], replies[-1]
         trimmed = [
             n
             for n, (head, pos) in enumerate(zip(heads, cursor.positions, strict=True))
@@ -395,9 +459,16 @@ class GroupReader:
     async def _read_own(self, count: int) -> Batch:
         assert self._own is not None
         streams = dict(zip(self.log._streams, self._own, strict=True))
-        read: list[Any] = await guard(
-            self.log.client.xreadgroup(self.group, self.consumer, streams, count=count)  # type: ignore[arg-type]
-        )
+        read: list[Any]
+        if self.log.sharded:  # one XREADGROUP per stream: they are in different slots
+            pipe = self.log.client.pipeline(transaction=False)
+            for name, pos in streams.items():
+                pipe.xreadgroup(self.group, self.consumer, {name: pos}, count=count)
+            read = [item for got in await guard(pipe.execute()) for item in got or []]
+        else:
+            read = await guard(
+                self.log.client.xreadgroup(self.group, self.consumer, streams, count=count)  # type: ignore[arg-type]
+            )
         entries: list[LogEntry] = []
         trimmed: set[int] = set()
         for name, items in read or []:
@@ -432,6 +503,8 @@ class GroupReader:
 
     async def _read_new(self, count: int, block_ms: int | None) -> Batch:
         client, streams = self.log.client, self.log._streams
+        if self.log.sharded:
+            return await self._read_new_sharded(count, block_ms)
         pipe = client.pipeline(transaction=True)
         for name in streams:
             pipe.xinfo_groups(name)
@@ -462,3 +535,30 @@ class GroupReader:
             n = self.log._index[name]
             entries.extend(_entry(n, sid, fields) for sid, fields in items)
         return Batch(_in_order(entries), None, tuple(trimmed))
+
+    async def _read_new_sharded(self, count: int, block_ms: int | None) -> Batch:
+        """``_read_new`` on a cluster: one MULTI per stream (group info,
+        head, XREADGROUP), polled until ``block_ms`` when nothing is new."""
+        streams = self.log._streams
+        deadline = time.monotonic() + (block_ms or 0) / 1000
+        while True:
+            per = await _per_stream(
+                self.log.client,
+                lambda pipe, name: (pipe.xinfo_groups(name), pipe.xrange(name, count=1),
+                                    pipe.xreadgroup(self.group, self.consumer, {name: ">"},
+                                                    count=count)),
+                streams,
+            )  # fmt: skip
+            trimmed: list[int] = []
+            entries: list[LogEntry] = []
+            for n, (groups, head, read) in enumerate(per):
+                last = next(
+                    (g["last-delivered-id"] for g in groups if g["name"] == self.group), "0-0"
+                )
+                if head and _key(last) != (0, 0) and _key(head[0][0]) > _key(last):
+                    trimmed.append(n)
+                for _, items in read or []:
+                    entries.extend(_entry(n, sid, fields) for sid, fields in items)
+            if entries or trimmed or time.monotonic() >= deadline:
+                return Batch(_in_order(entries), None, tuple(trimmed))
+            await anyio.sleep(CLUSTER_POLL_S)

@@ -55,6 +55,13 @@ class Partition:
         return f"{self.base}log"
 
     @property
+    def events(self) -> str:
+        """Shard channel (SPUBLISH) of this partition's events on a Redis
+        Cluster: hash-tagged like its keys, so the commit script publishes
+        it on the node it runs on and the message stays on that shard."""
+        return f"{self.base}events"
+
+    @property
     def cred_pattern(self) -> str:
         """SCAN pattern of this partition's credentials (operator listings only)."""
         return f"{self.base}cred:*"
@@ -98,7 +105,8 @@ class Keyspace:
 
     @property
     def events(self) -> str:
-        """Pub/sub channel: one JSON message per refresh outcome."""
+        """Pub/sub channel: one JSON message per refresh outcome (one server,
+        Sentinel; a cluster uses each partition's ``Partition.events``)."""
         return f"{self.prefix}events"
 
     def logs(self) -> list[str]:

@@ -75,7 +75,7 @@ async def matching_ids(
     for part in store.keys.all_partitions():
         batch: list[str] = []
         skip = len(part.base) + len("cred:")
-        async for key in store.client.scan_iter(match=part.cred_pattern, count=1000):
+        async for key in store.node_of(part).scan_iter(match=part.cred_pattern, count=1000):
             batch.append(key[skip:])
             if len(batch) >= _BATCH:
                 found += await _keep(store, script, part, batch, where)

@@ -92,6 +92,13 @@ class ProfileStore:
         self.keys = store.keys
         self.codec = store.codec
 
+    def _pipeline(self) -> Any:
+        """The profile hash and the index in one MULTI on one server. On a
+        cluster they live in different slots, where MULTI cannot span them:
+        the two writes are then sent together but not atomically (the
+        index is only for listing; a profile is found by its own key)."""
+        return self.client.pipeline(transaction=self.store.router is None)
+
     async def create(self, data: dict[str, Any]) -> dict[str, Any]:
         profile = Profile.from_mapping(apply_preset(data))
         _warn_if_private(profile)
@@ -104,7 +111,7 @@ class ProfileStore:
             raise Conflict(f"profile {profile.id!r} already exists")
         mapping: dict[Any, Any] = _to_hash(profile, self.codec)
         mapping |= {"created_at": now, "updated_at": now}
-        pipe = self.client.pipeline(transaction=True)
+        pipe = self._pipeline()
         pipe.hset(key, mapping=mapping)
         pipe.zadd(self.keys.profiles, {profile.id: 0})
         await guard(pipe.execute())
@@ -183,7 +190,7 @@ class ProfileStore:
             )
         # The profile goes first: an import racing with this delete then
         # fails its own re-check instead of leaving credentials behind.
-        pipe = self.client.pipeline(transaction=True)
+        pipe = self._pipeline()
         pipe.delete(self.keys.profile(profile_id))
         pipe.zrem(self.keys.profiles, profile_id)
         await guard(pipe.execute())

@@ -23,6 +23,12 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from worker.cluster import (
+    CLUSTER_SCHEMES,
+    connect_cluster,
+    describe_cluster_url,
+    parse_cluster_url,
+)
 from worker.errors import ConfigError, StoreUnavailable
 
 __all__ = [
@@ -47,6 +53,12 @@ REDIS_UNAVAILABLE = (
     redis_errors.BusyLoadingError,
     redis_errors.TryAgainError,
     redis_errors.ReadOnlyError,
+    # a cluster mid-failover: a slot without a live primary, no node answering
+    redis_errors.ClusterError,  # redirections exhausted mid-migration, among others
+    redis_errors.ClusterDownError,
+    redis_errors.MasterDownError,
+    redis_errors.SlotNotCoveredError,
+    redis_errors.RedisClusterException,
     OSError,
 )
 
@@ -112,7 +124,9 @@ async def connect(
 
     ``redis+sentinel://[user:password@]host:port[,host:port...]/service`` asks
     Sentinel for the current primary and follows failovers; see
-    ``parse_sentinel_url`` for TLS (``rediss+sentinel://``) and the options."""
+    ``parse_sentinel_url`` for TLS (``rediss+sentinel://``) and the options.
+    ``redis+cluster://[user:password@]host:port[,host:port...]`` is a Redis
+    Cluster (``worker.cluster``; ``rediss+cluster://`` for TLS)."""
     options: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": kwargs.pop("socket_timeout", 10.0),
@@ -125,6 +139,15 @@ async def connect(
     pool_timeout = kwargs.pop("pool_timeout", 10.0)
     options.update(kwargs)
     validate_url(url)
+    if url.lower().startswith(CLUSTER_SCHEMES):
+        async with (
+            connect_cluster(
+                url, options, max_connections=max_connections, pool_timeout=pool_timeout
+            ) as cluster,
+            _translated(url),
+        ):
+            yield cluster
+        return
     sentinel: Sentinel | None = None
     if url.startswith(SENTINEL_SCHEMES):
         target = parse_sentinel_url(url)
@@ -153,7 +176,20 @@ async def connect(
         # connection instead of failing with "Too many connections".
         client = aioredis.Redis.from_pool(pool)  # the client owns (and closes) the pool
     try:
-        yield client
+        async with _translated(url):
+            yield client
+    finally:
+        await client.aclose()
+        if sentinel is not None:
+            for node in sentinel.sentinels:
+                await node.aclose()
+
+
+@asynccontextmanager
+async def _translated(url: str) -> AsyncIterator[None]:
+    """Errors leaving a connection's scope say where the server was."""
+    try:
+        yield
     except StoreUnavailable as exc:
         raise StoreUnavailable(f"{exc} (at {describe_url(url)})") from exc
     except redis_errors.InvalidResponse as exc:
@@ -163,15 +199,10 @@ async def connect(
             f"the server at {describe_url(url)} does not speak the Redis protocol "
             "(is REFRESHD_REDIS_URL pointing at another service?)"
         ) from exc
-    finally:
-        await client.aclose()
-        if sentinel is not None:
-            for node in sentinel.sentinels:
-                await node.aclose()
 
 
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
-_SCHEMES = ("redis://", "rediss://", "unix://", *SENTINEL_SCHEMES)
+_SCHEMES = ("redis://", "rediss://", "unix://", *SENTINEL_SCHEMES, *CLUSTER_SCHEMES)
 
 
 def validate_url(url: str) -> None:
@@ -183,6 +214,8 @@ def validate_url(url: str) -> None:
         raise ConfigError(
             f"REFRESHD_REDIS_URL must start with {', '.join(_SCHEMES)} (got {scheme[:20]!r})"
         )
+    if url.lower().startswith(CLUSTER_SCHEMES):
+        parse_cluster_url(url)  # its errors are one line each, at start
 
 
 def describe_url(url: str) -> str:
@@ -192,6 +225,8 @@ def describe_url(url: str) -> str:
     if parts.scheme == "unix":
         return parts.path or "a unix socket"
     hostlist = parts.netloc.rpartition("@")[2] or "localhost"
+    if url.lower().startswith(CLUSTER_SCHEMES):
+        return describe_cluster_url(url)
     if url.startswith(SENTINEL_SCHEMES):
         return f"sentinels {hostlist} (service {parts.path.strip('/') or '?'})"
     return hostlist if ":" in hostlist else f"{hostlist}:6379"

@@ -26,6 +26,8 @@ import anyio
 from anyio.abc import TaskStatus
 
 from worker.batcher import ScriptBatcher
+from worker.cluster import router_of
+from worker.clusterbatch import ClusterBatcher
 from worker.errors import StoreUnavailable
 from worker.keys import Partition
 from worker.logs import get_logger
@@ -103,13 +105,25 @@ class Worker:
         queue: asyncio.Queue[Claimed | None] = asyncio.Queue()
         async with anyio.create_task_group() as tg:
             # at most half the pool: claims, gauges and pub/sub need the rest
-            pool_size = getattr(self.store.client.connection_pool, "max_connections", 32)
-            batcher = ScriptBatcher(
-                self.store,
-                connections=max(2, min(16, pool_size // 2)),
-                on_not_durable=self._not_durable,
-                on_unconfirmed=self.refresher.keep_unconfirmed,
-            )
+            pool = getattr(self.store.client, "connection_pool", None)
+            pool_size = getattr(pool, "max_connections", 32)
+            router = router_of(self.store.client)
+            batcher: ScriptBatcher | ClusterBatcher
+            if router is not None:  # one batcher per primary, a pool each
+                batcher = ClusterBatcher(
+                    self.store,
+                    router,
+                    connections=max(2, min(16, router.max_connections // 2)),
+                    on_not_durable=self._not_durable,
+                    on_unconfirmed=self.refresher.keep_unconfirmed,
+                )
+            else:
+                batcher = ScriptBatcher(
+                    self.store,
+                    connections=max(2, min(16, pool_size // 2)),
+                    on_not_durable=self._not_durable,
+                    on_unconfirmed=self.refresher.keep_unconfirmed,
+                )
             await tg.start(batcher.run)
             self.store.batcher = batcher
             tg.start_soon(self._gauges)

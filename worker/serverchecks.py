@@ -33,6 +33,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from worker.cluster import router_of
 from worker.errors import ConfigError
 from worker.redisio import guard
 from worker.store import Durability
@@ -67,6 +68,28 @@ class ServerFacts:
 
 
 async def inspect_server(client: aioredis.Redis) -> ServerFacts:
+    """What the server says; on a cluster, what the *weakest* primary says
+    (every node must keep the promise: a partition lives on one of them)."""
+    router = router_of(client)
+    if router is None:
+        return await _inspect_one(client)
+    facts = [await _inspect_one(router.client_at(node)) for node in router.primaries()]
+    policies = {f.policy for f in facts}
+    return ServerFacts(
+        aof=all(f.aof for f in facts),
+        replicas=min(f.replicas for f in facts),
+        policy=None if None in policies else next((p for p in sorted(policies, key=str)
+                                                   if p != "noeviction"), "noeviction"),
+        waitaof=all(f.waitaof for f in facts),
+        version=min((f.version for f in facts), key=_version_key),
+    )  # fmt: skip
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
+
+
+async def _inspect_one(client: aioredis.Redis) -> ServerFacts:
     info: Mapping[str, Any] = await guard(client.info())  # server, persistence, replication
     try:
         config = await guard(client.config_get("maxmemory-policy"))

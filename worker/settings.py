@@ -59,8 +59,9 @@ class Settings:
         metadata=_doc(
             "REFRESHD_REDIS_URL",
             "Redis/Valkey URL (redis://, rediss://, unix://, or "
-            "redis+sentinel://host:port[,host:port]/service, rediss+sentinel:// for TLS). "
-            "Unset: start or join the "
+            "redis+sentinel://host:port[,host:port]/service, rediss+sentinel:// for TLS, or "
+            "redis+cluster://host:port[,host:port] for a Redis Cluster, rediss+cluster:// "
+            "for TLS). Unset: start or join the "
             "embedded Valkey server under REFRESHD_DATA_DIR.",
         ),
     )
@@ -89,7 +90,9 @@ class Settings:
         default=16,
         metadata=_doc(
             "REFRESHD_PARTITIONS",
-            "Number of key partitions (hash-tagged slots). Fixed once data exists.",
+            "Number of key partitions (hash-tagged slots). Fixed once data exists. "
+            "On a Redis Cluster each partition lives on one primary: use a multiple of "
+            "the primaries, at least 8 per primary.",
         ),
     )
     concurrency: int = field(

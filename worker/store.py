@@ -32,6 +32,8 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from worker.batcher import ScriptBatcher, execute_scripts
+from worker.cluster import router_of
+from worker.clusterbatch import ClusterBatcher, Read, run_by_node
 from worker.codec import SecretCodec
 from worker.errors import Conflict, NotFound, StoreUnavailable
 from worker.eventlog import Retention
@@ -103,7 +105,9 @@ class Store:
         self.retention = retention or Retention()
         self._log_args = self.retention.commit_args(keys.partitions)
         self.scripts: Scripts = load_scripts(client)
-        self.batcher: ScriptBatcher | None = None  # set by a running worker
+        self.batcher: ScriptBatcher | ClusterBatcher | None = None  # set by a running worker
+        #: a cluster's per-node routing (None on one server, Sentinel)
+        self.router = router_of(client)
 
     # ------------------------------------------------------------ layout
 
@@ -141,18 +145,17 @@ class Store:
             "expires_at", cred.expires_at_ms,
             "params", json.dumps(dict(cred.params), sort_keys=True) if cred.params else "",
         ]  # fmt: skip
-        res = await guard(
-            self.scripts.upsert(
-                keys=[part.cred(cred.id), part.due, part.stats],
-                args=[
-                    cred.id,
-                    "replace" if replace else "create",
-                    due_ms,
-                    cred.profile,
-                    fingerprint(cred.refresh_token) if cred.refresh_token else "",
-                    *fields,
-                ],
-            )
+        res = await self._script(
+            self.scripts.upsert,
+            keys=[part.cred(cred.id), part.due, part.stats],
+            args=[
+                cred.id,
+                "replace" if replace else "create",
+                due_ms,
+                cred.profile,
+                fingerprint(cred.refresh_token) if cred.refresh_token else "",
+                *fields,
+            ],
         )
         if res[0] == "spent":
             raise Conflict(
@@ -181,24 +184,26 @@ class Store:
     async def many_raw_fields(self, ids: Sequence[str]) -> list[dict[str, str]]:
         """``raw_fields`` of several credentials in one round trip (tools,
         tests and the benchmark read thousands while workers race)."""
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         for credential_id in ids:
             part = self.keys.partition_of(credential_id)
             keys = [part.cred(credential_id), part.due, part.lock(credential_id)]
-            await self.scripts.get(keys=keys, args=[credential_id], client=pipe)
+            calls.append((self.scripts.get, keys, [credential_id]))
         out: list[dict[str, str]] = []
-        for res in await guard(pipe.execute()):
+        for reply in await execute_scripts(self.client, Durability(), calls):
+            if isinstance(reply, Exception):
+                raise reply
+            res = reply[0]
             flat = res[0] if res else []
             out.append(dict(zip(flat[0::2], flat[1::2], strict=True)))
         return out
 
     async def _read(self, credential_id: str) -> tuple[dict[str, str], float | None, bool]:
         part = self.keys.partition_of(credential_id)
-        res = await guard(
-            self.scripts.get(
-                keys=[part.cred(credential_id), part.due, part.lock(credential_id)],
-                args=[credential_id],
-            )
+        res = await self._script(
+            self.scripts.get,
+            keys=[part.cred(credential_id), part.due, part.lock(credential_id)],
+            args=[credential_id],
         )
         if not res:
             return {}, None, False
@@ -238,11 +243,10 @@ class Store:
 
     async def delete(self, credential_id: str, *, force: bool = False) -> None:
         part = self.keys.partition_of(credential_id)
-        res = await guard(
-            self.scripts.delete(
-                keys=[part.cred(credential_id), part.lock(credential_id), part.due, part.stats],
-                args=[credential_id, "1" if force else "0"],
-            )
+        res = await self._script(
+            self.scripts.delete,
+            keys=[part.cred(credential_id), part.lock(credential_id), part.due, part.stats],
+            args=[credential_id, "1" if force else "0"],
         )
         if res[0] == "missing":
             raise NotFound(f"no credential {credential_id!r}")
@@ -252,10 +256,10 @@ class Store:
     async def resume(self, credential_id: str) -> str:
         """Operator action: back to active and due now; returns the old status."""
         part = self.keys.partition_of(credential_id)
-        res = await guard(
-            self.scripts.resume(
-                keys=[part.cred(credential_id), part.due, part.stats], args=[credential_id]
-            )
+        res = await self._script(
+            self.scripts.resume,
+            keys=[part.cred(credential_id), part.due, part.stats],
+            args=[credential_id],
         )
         if res[0] == "missing":
             raise NotFound(f"no credential {credential_id!r}")
@@ -271,16 +275,35 @@ class Store:
         ids: list[str] = []
         for part in self.keys.all_partitions():
             skip = len(part.base) + len("cred:")
-            async for key in self.client.scan_iter(match=part.cred_pattern, count=1000):
+            async for key in self.node_of(part).scan_iter(match=part.cred_pattern, count=1000):
                 if len(ids) >= limit:
                     return sorted(ids)
                 ids.append(key[skip:])
         return sorted(ids)
 
+    def partitions_by_node(self) -> dict[str, int] | None:
+        """On a cluster, how many partitions each primary holds now (a
+        partition is one slot: CRC16 of its hash tag decides); None elsewhere."""
+        if self.router is None:
+            return None
+        spread = dict.fromkeys(self.router.primaries(), 0)
+        for part in self.keys.all_partitions():
+            address = self.router.address_of(part.due)
+            spread[address] = spread.get(address, 0) + 1
+        return spread
+
+    def node_of(self, part: Partition) -> aioredis.Redis:
+        """The client to SCAN a partition's keys with: on a cluster, the
+        node owning its slot (a cluster client would scan every primary
+        for every partition); elsewhere the one client."""
+        return self.router.client_for(part.due) if self.router is not None else self.client
+
     async def set_due(self, credential_id: str, due_ms: int) -> bool:
         """Move an active credential's next refresh (``refresh now``)."""
         part = self.keys.partition_of(credential_id)
-        changed = await guard(self.client.zadd(part.due, {credential_id: due_ms}, xx=True))
+        [changed] = await self._read_partitions(
+            [Read("zadd", part.due, ({credential_id: due_ms},), {"xx": True})]
+        )
         return changed is not None
 
     # ------------------------------------------------- claim/spend/commit
@@ -296,11 +319,10 @@ class Store:
     ) -> tuple[int, int, list[Claimed]]:
         """Lease up to ``limit`` due credentials (or exactly ``ids``).
         Returns (server now ms, contended count, claimed)."""
-        res = await guard(
-            self.scripts.claim(
-                keys=[part.due, part.stats],
-                args=[part.base, limit, lease_ms, token, "\n".join(ids)],
-            )
+        res = await self._script(
+            self.scripts.claim,
+            keys=[part.due, part.stats],
+            args=[part.base, limit, lease_ms, token, "\n".join(ids)],
         )
         return int(res[0]), int(res[1]), self._claimed(part, token, res)
 
@@ -426,9 +448,28 @@ class Store:
                 value = self.codec.encode(str(value))
             flat += [name, value]
         keys = [part.cred(c.id), part.lock(c.id), part.due, part.stats, part.log]
-        args = [c.token, c.version, outcome, next_due, self.keys.events, event, c.id, reason,
+        channel = self.event_channel(part)
+        args = [c.token, c.version, outcome, next_due, channel, event, c.id, reason,
                 *self._log_args, *flat]  # fmt: skip
         return keys, args
+
+    async def _script(self, script: AsyncScript, *, keys: list[str], args: list[Any]) -> Any:
+        """One script call. On a cluster it goes to its node's blocking pool
+        (the cluster client's own pools refuse a burst, such as an import,
+        with MaxConnectionsError) and follows redirections
+        (``worker.clusterbatch``)."""
+        if self.router is None:
+            return await guard(script(keys=keys, args=args))
+        [outcome] = await execute_scripts(self.client, Durability(), [(script, keys, args)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome[0]
+
+    def event_channel(self, part: Partition) -> str:
+        """Where a commit publishes its event: the installation's channel
+        (PUBLISH) on one server; on a cluster the partition's shard channel
+        (SPUBLISH), so an event costs only its own shard (``worker.eventsub``)."""
+        return part.events if self.router is not None else self.keys.events
 
     async def _run_durably(
         self,
@@ -448,7 +489,7 @@ class Store:
             return await self.batcher.call(script, keys, args, wait_durable=wait_durable)
         d = self.durability
         if not (d.fsync or d.replicas):
-            return await guard(script(keys=keys, args=args)), True
+            return await self._script(script, keys=keys, args=args), True
         (outcome,) = await execute_scripts(self.client, d, [(script, keys, args)])
         if isinstance(outcome, Exception):
             raise outcome
@@ -459,10 +500,9 @@ class Store:
     async def partition_earliest(self) -> dict[int, int]:
         """Earliest due time (ms) of every non-empty partition, one round trip."""
         parts = self.keys.all_partitions()
-        pipe = self.client.pipeline(transaction=False)
-        for part in parts:
-            pipe.zrange(part.due, 0, 0, withscores=True)
-        results = await guard(pipe.execute())
+        results = await self._read_partitions(
+            [Read("zrange", p.due, (0, 0), {"withscores": True}) for p in parts]
+        )
         return {p.index: int(r[0][1]) for p, r in zip(parts, results, strict=True) if r}
 
     async def earliest_due(self) -> int | None:
@@ -471,25 +511,37 @@ class Store:
     async def schedule_stats(self, now_ms: int) -> tuple[int, int, int | None]:
         """(due now, scheduled in all, earliest due time in ms or None) over
         every partition, in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        for part in self.keys.all_partitions():
-            pipe.zcount(part.due, "-inf", now_ms)
-            pipe.zcard(part.due)
-            pipe.zrange(part.due, 0, 0, withscores=True)
-        results = await guard(pipe.execute())
+        calls: list[Read] = []
+        for p in self.keys.all_partitions():
+            calls += [
+                Read("zcount", p.due, ("-inf", now_ms)),
+                Read("zcard", p.due),
+                Read("zrange", p.due, (0, 0), {"withscores": True}),
+            ]
+        results = await self._read_partitions(calls)
         earliest = [int(r[0][1]) for r in results[2::3] if r]
         return sum(results[0::3]), sum(results[1::3]), min(earliest, default=None)
 
     async def counters(self) -> dict[str, int]:
         """Sum of the partition counters (``status:<s>``, ``profile:<id>``)."""
-        pipe = self.client.pipeline(transaction=False)
-        for part in self.keys.all_partitions():
-            pipe.hgetall(part.stats)
+        parts = self.keys.all_partitions()
         totals: dict[str, int] = {}
-        for stats in await guard(pipe.execute()):
+        calls = [Read("hgetall", p.stats) for p in parts]
+        for stats in await self._read_partitions(calls):
             for name, value in stats.items():
                 totals[name] = totals.get(name, 0) + int(value)
         return totals
+
+    async def _read_partitions(self, calls: list[Read]) -> list[Any]:
+        """The commands in one round trip: one pipeline here, one per node
+        on a cluster (``worker.clusterbatch.run_by_node``: a slot being
+        migrated redirects its own commands, reliably)."""
+        if self.router is not None:
+            return await run_by_node(self.router, calls)
+        pipe = self.client.pipeline(transaction=False)
+        for call in calls:
+            call.queue(pipe)
+        return list(await guard(pipe.execute()))
 
     async def ping(self) -> bool:
         try:

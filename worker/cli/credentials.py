@@ -19,6 +19,7 @@ from worker.cli.common import bounded, emit, load_settings, table
 from worker.cli.progress import Progress
 from worker.errors import ConfigError, Conflict, NotFound, RefreshdError
 from worker.events import mask_event
+from worker.eventsub import EventSubscription
 from worker.listing import MAX_PAGE, CredentialFilter, list_credentials
 from worker.metrics import Metrics
 from worker.models import CredentialInput, Profile, Status
@@ -343,9 +344,8 @@ async def _refresh(args: argparse.Namespace) -> int:
                 f"credential {args.id} is {cred.status.value}; fix the cause, then "
                 f"`refreshd credential resume {args.id}` (or re-import it)"
             )
-        async with store.client.pubsub() as pubsub:
-            await pubsub.subscribe(store.keys.events)
-            part = store.keys.partition_of(args.id)
+        part = store.keys.partition_of(args.id)
+        async with EventSubscription(store.client, store.keys, [part]) as events:
             token = f"cli:{uuid.uuid4().hex}"
             _, _, claimed = await store.claim(
                 part, limit=1, lease_ms=int(settings.lease_s * 1000), token=token, ids=[args.id]
@@ -358,10 +358,10 @@ async def _refresh(args: argparse.Namespace) -> int:
                 return 0 if outcome == "refreshed" else 1
             with anyio.move_on_after(args.wait):
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-                    if message is None:
+                    data = await events.get(1)
+                    if data is None:
                         continue
-                    event = mask_event(message["data"])
+                    event = mask_event(data)
                     if event.get("credential_id") == args.id:
                         emit({"credential_id": args.id, "outcome": "in_flight_elsewhere",
                               "event": event})  # fmt: skip

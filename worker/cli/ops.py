@@ -106,6 +106,7 @@ async def _status(args: argparse.Namespace) -> int:
         now_ms = int(time.time() * 1000)
         counters = await store.counters()
         backlog, scheduled, earliest = await store.schedule_stats(now_ms)
+        spread = store.partitions_by_node()
     by_status = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("status:")}
     by_profile = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("profile:")}
     failing = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("failing:")}
@@ -119,6 +120,8 @@ async def _status(args: argparse.Namespace) -> int:
             "next_due_ms": earliest,
             "next_due_in_s": None if earliest is None else round((earliest - now_ms) / 1000, 3),
     }  # fmt: skip
+    if spread is not None:  # a cluster: how evenly the partitions fall on the primaries
+        summary["partitions_by_primary"] = spread
     if args.table:
         rows = [{"what": "credentials", "value": summary["credentials"]}]
         for group in ("by_status", "by_profile", "failing_by_reason"):
@@ -126,6 +129,8 @@ async def _status(args: argparse.Namespace) -> int:
             rows += [{"what": f"{group}.{key}", "value": n} for key, n in counts.items()]
         rows += [{"what": key, "value": summary[key]}
                  for key in ("scheduled", "backlog", "next_due_ms", "next_due_in_s")]  # fmt: skip
+        rows += [{"what": f"partitions_by_primary.{node}", "value": n}
+                 for node, n in (spread or {}).items()]  # fmt: skip
         table(rows, ["what", "value"])
     else:
         emit(summary)

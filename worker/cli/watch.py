@@ -24,6 +24,7 @@ from worker.cli.common import load_settings
 from worker.errors import ConfigError, StoreUnavailable
 from worker.eventlog import Cursor, EventLog, EventsTrimmed
 from worker.events import mask_event
+from worker.eventsub import EventSubscription
 from worker.redisio import REDIS_UNAVAILABLE
 from worker.settings import Settings
 from worker.store import Store
@@ -104,14 +105,13 @@ class _Trimmed(ConfigError):
 
 
 async def _follow_pubsub(store: Store, printer: _Printer) -> bool:
-    async with store.client.pubsub() as pubsub:
-        await pubsub.subscribe(store.keys.events)
+    async with EventSubscription(store.client, store.keys) as events:
         if not printer.announced:
-            _notice(f"watching live events on {store.keys.events} (the event log is off)")
+            _notice(f"watching live events on {events.describe()} (the event log is off)")
             printer.announced = True
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None and printer.show(_body(message["data"], "", ""), None):
+            data = await events.get(1.0)
+            if data is not None and printer.show(_body(data, "", ""), None):
                 return True
 
 

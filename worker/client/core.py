@@ -101,7 +101,7 @@ async def connect(
         raise StoreUnreachable(str(exc)) from exc
     keys = Keyspace(settings.prefix, settings.partitions)
     async with connect_redis(url, max_connections=pool_size) as redis:
-        watch = EventWatch(redis, keys.events)
+        watch = EventWatch(redis, keys)
         client = Client(redis, keys, codec or PlainCodec(), settings, watch,
                         poll_interval=poll_interval)  # fmt: skip
         await client._check_layout()

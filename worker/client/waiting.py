@@ -2,7 +2,8 @@
 
 A ``get(id, min_ttl=...)`` that asked for a refresh waits for the commit's
 event. Rather than one pub/sub connection per waiting call, each client
-holds a single subscription to ``<prefix>events``, open only while some
+holds a single subscription to ``<prefix>events`` (on a cluster, to every
+partition's shard channel: ``worker.eventsub``), open only while some
 call waits, and wakes the calls waiting for the credential an event names.
 Pub/sub only shortens the wait: a waiting call re-reads the record after
 the subscription is live (a commit that landed just before is not missed)
@@ -21,6 +22,8 @@ import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError
 
+from worker.eventsub import EventSubscription
+from worker.keys import Keyspace
 from worker.logs import get_logger
 from worker.redisio import REDIS_UNAVAILABLE
 
@@ -53,9 +56,9 @@ class Waiter:
 class EventWatch:
     """The shared subscription; ``run`` is the task that owns it."""
 
-    def __init__(self, client: aioredis.Redis, channel: str, *, retry_s: float = 1.0) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keyspace, *, retry_s: float = 1.0) -> None:
         self._client = client
-        self._channel = channel
+        self._keys = keys
         self._retry_s = retry_s
         self._waiters: dict[str, set[Waiter]] = {}
         self._wanted = anyio.Event()  # set while some call waits
@@ -107,18 +110,17 @@ class EventWatch:
                 self._wanted = anyio.Event()
 
     async def _listen(self) -> None:
-        async with self._client.pubsub() as pubsub:
-            await pubsub.subscribe(self._channel)
-            while True:  # the server's confirmation: from now on nothing is missed
-                message = await pubsub.get_message(timeout=5.0)
-                if message is not None and message["type"] == "subscribe":
-                    break
+        # one channel, or on a cluster every partition's shard channel
+        async with EventSubscription(self._client, self._keys) as events:
+            # the server's confirmation: from now on nothing is missed
+            while not await events.confirm(5.0):
+                pass
             self._live.set()
             self._settled.set()
             while self._waiters:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None:
-                    self._dispatch(message["data"])
+                data = await events.get(1.0)
+                if data is not None:
+                    self._dispatch(data)
 
     def _dispatch(self, data: str | bytes) -> None:
         try:

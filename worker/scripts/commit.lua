@@ -9,7 +9,9 @@ ARGV[1]  token    claim token
 ARGV[2]  version  version read at claim
 ARGV[3]  outcome  refreshed | retry | needs_reauth | quarantined | release
 ARGV[4]  next_due ms of the next refresh; "now" for the server's now; "" to unschedule
-ARGV[5]  channel  pub/sub channel of events
+ARGV[5]  channel  pub/sub channel of events; a hash-tagged one ("{...}", the
+                  partition's own on a Redis Cluster) is a shard channel,
+                  published with SPUBLISH so the event stays on this shard
 ARGV[6]  event    JSON message to publish ("" for none)
 ARGV[7]  id       credential id (member of due)
 ARGV[8]  reason   failure reason ("" on success); kept in `reason`, and the
@@ -124,7 +126,7 @@ if lock_owner == token then
   lease_lost = 0
 end
 if event ~= '' then
-  redis.call('PUBLISH', ARGV[5], event)
+  redis.call(string.byte(ARGV[5]) == 123 and 'SPUBLISH' or 'PUBLISH', ARGV[5], event)
   if ARGV[9] == '1' then
     -- the entry's fields are a stable contract (README "Event log"): v, type,
     -- id, version, json. worker.events.build_event starts every event with
