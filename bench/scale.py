@@ -111,6 +111,8 @@ class Assumptions:
     #: how long a provider takes to answer: refreshes in flight = rate x this
     provider_latency_s: float = 0.5
     min_workers: int = 2  # one may be drained or rescheduled at any time
+    #: README "Configuration", REFRESHD_PARTITIONS: at least this many per primary
+    partitions_per_primary: int = 8
     settings: Settings = field(default_factory=_defaults)
 
     @property
@@ -149,6 +151,11 @@ class Plan:
     @property
     def choose(self) -> str:
         return "Sentinel" if self.shards == 1 else "Cluster"
+
+    def partitions(self, a: Assumptions) -> int:
+        """``REFRESHD_PARTITIONS``: the default, or enough for every primary
+        to hold its share of whole partitions."""
+        return max(a.settings.partitions, a.partitions_per_primary * self.shards)
 
 
 def plan(credentials: int, costs: Costs, a: Assumptions) -> Plan:
@@ -200,15 +207,15 @@ def block(costs: Costs, a: Assumptions, sizes: Sequence[int] = SIZES) -> str:
     plans = [plan(n, costs, a) for n in sizes]
     lines = [
         "| credentials (1-hour tokens) | refreshes/s | Redis memory | Redis CPU | shards "
-        "(memory / CPU) | worker CPU | worker processes | choose |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "(memory / CPU) | worker CPU | worker processes | choose | `REFRESHD_PARTITIONS` |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for p in plans:
         lines.append(
             f"| {_n(p.credentials)} | {p.refreshes_per_s:,.0f} | {_gb(p.memory_bytes)} | "
             f"{p.redis_cores:,.2f} cores | **{p.shards}** ({p.shards_for_memory} / "
             f"{p.shards_for_cpu}) | {p.worker_cores:,.2f} cores | **{p.workers}** | "
-            f"{p.choose} |"
+            f"{p.choose} | {p.partitions(a)} |"
         )
     first = plans[0]
     lead = a.schedule.lead_s(a.lifetime_s)

@@ -78,6 +78,9 @@ def test_cpu_or_memory_past_one_node_chooses_the_cluster() -> None:
     assert memory_bound.shards_for_memory == math.ceil(100.5e9 / 12e9) == 9
     assert memory_bound.shards == 9
     assert memory_bound.choose == "Cluster"
+    # at least 8 partitions per primary (README "Configuration"), never fewer than the default
+    assert memory_bound.partitions(Assumptions()) == 72
+    assert plan(1000, COSTS, Assumptions()).partitions(Assumptions()) == 16
 
 
 def test_the_settings_move_the_plan() -> None:
