@@ -220,6 +220,7 @@ def _per_shard(topo: Topology, ids: Sequence[str], cpu0: dict[str, float],
     n = max(len(ids), 1)
     return {
         "shards": len(primaries),
+        "partitions": Settings().partitions,
         "replicas_per_primary": len(replicas) // max(len(primaries), 1),
         "redis_cpu_ms_per_refresh_per_shard": 1000 * sum(spent[p] for p in primaries) / n,
         "replica_cpu_ms_per_refresh": (
@@ -264,12 +265,26 @@ def cluster_scenario(ctx: Ctx, n: int, rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {"scenario": "cluster", "credentials": n, "rounds": rounds}
     every = [r for rs in done.values() for r in rs]
     for kind, rs in done.items():
-        ordered = sorted(rs, key=lambda r: r["refreshes_per_s"])
-        out[kind] = ordered[(len(ordered) - 1) // 2]
+        out[kind] = _median(rs, lambda r: r["refreshes_per_s"])
         out[kind]["repeats"] = [r["refreshes_per_s"] for r in rs]
+        # CPU per refresh moves less with the machine's load than the rate,
+        # but still moves: each figure's own median over the rounds
+        cpu = {
+            "redis_per_shard": [r["redis_cpu_ms_per_refresh_per_shard"] for r in rs],
+            "replicas": [r["replica_cpu_ms_per_refresh"] or 0.0 for r in rs],
+            "worker": [r["cpu_ms_per_refresh"]["worker"] for r in rs],
+        }
+        out[kind]["cpu_repeats"] = cpu
+        out[kind]["cpu_medians"] = {k: _median(v, float) for k, v in cpu.items()}
     out["endpoint_reuse"] = sum(r["endpoint_reuse"] for r in every)
     out["all_committed_once"] = all(r["all_committed_once"] for r in every)
     return out
+
+
+def _median(values: Sequence[Any], key: Callable[[Any], float]) -> Any:
+    """The median item by ``key`` (the lower middle one of an even count)."""
+    ordered = sorted(values, key=key)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 _LABEL = {

@@ -171,34 +171,36 @@ def _consumer_rows(r: dict[str, Any], row: Any) -> None:
 
 def _cluster_rows(r: dict[str, Any], row: Any) -> None:
     """Scenario ``cluster``: one server, a primary with a replica, and a
-    3-shard cluster with a replica per primary, each its median run."""
+    3-shard cluster with a replica per primary. Rates are each kind's
+    median run; CPU per refresh each figure's median over the rounds."""
     cl = r.get("cluster")
     if not cl:
         return
     kinds = [cl[k] for k in ("single", "replica", "cluster")]
+    med = [k["cpu_medians"] for k in kinds]
     shards = cl["cluster"]["shards"]
     what = f"one server / primary + replica / {shards} shards + replicas"
     runs = f"; median of {cl['rounds']}" if cl["rounds"] > 1 else ""
     row(f"catch-up refreshes/s, {what} ({cl['credentials']:,}{runs})",
         " / ".join(_f(k["refreshes_per_s"]) for k in kinds), "",
         "all on the same 2 cores: a shard's CPU per refresh is the figure", "")  # fmt: skip
-    per_node = " / ".join(f"{s['cpu_ms_per_refresh']:.3f}" for s in cl["cluster"]["per_shard"])
-    replicas = cl["cluster"]["replica_cpu_ms_per_refresh"]
+    served = " / ".join(f"{s['refreshes'] / cl['credentials']:.0%}"
+                        for s in cl["cluster"]["per_shard"])  # fmt: skip
     row(f"Redis CPU ms per refresh per shard (primaries), {what}",
-        " / ".join(f"{k['redis_cpu_ms_per_refresh_per_shard']:.3f}" for k in kinds), "",
-        f"each primary over its own refreshes: {per_node}; replicas "
-        f"{cl['replica']['replica_cpu_ms_per_refresh']:.3f} / {replicas:.3f}", "")  # fmt: skip
-    ceiling = [1000 / k["redis_cpu_ms_per_refresh_per_shard"] for k in kinds]
-    row("Redis ceiling, refreshes/s (one core per shard / CPU per refresh)",
-        " / ".join(_f(c * (shards if i == 2 else 1)) for i, c in enumerate(ceiling)), "",
-        f"{shards} shards = {_f(ceiling[2] * shards / ceiling[0], 2)}x one server", "")  # fmt: skip
-    row(
-        f"worker CPU ms per refresh, {what}",
-        " / ".join(f"{k['cpu_ms_per_refresh']['worker']:.3f}" for k in kinds),
-        "",
-        "",
-        "",
-    )
+        " / ".join(f"{m['redis_per_shard']:.3f}" for m in med), "",
+        f"replicas {med[1]['replicas']:.3f} / {med[2]['replicas']:.3f}; the shards served "
+        f"{served} of the refreshes ({cl['cluster']['partitions']} partitions)", "")  # fmt: skip
+    # the cluster is full when its busiest shard is: that one's share decides
+    busiest = max(s["refreshes"] for s in cl["cluster"]["per_shard"]) / cl["credentials"]
+    ceiling = [1000 / m["redis_per_shard"] for m in med]
+    ceiling[2] /= busiest
+    row("Redis ceiling, refreshes/s (a core per shard / CPU per refresh; the cluster's "
+        "busiest shard full)", " / ".join(_f(c) for c in ceiling), "",
+        f"{shards} shards = {_f(ceiling[2] / ceiling[0], 2)}x one server (the busiest serves "
+        f"{busiest:.0%}; {_f(shards * ceiling[2] * busiest / ceiling[0], 2)}x with even "
+        "partitions)", "")  # fmt: skip
+    row(f"worker CPU ms per refresh, {what}",
+        " / ".join(f"{m['worker']:.3f}" for m in med), "", "", "")  # fmt: skip
 
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:

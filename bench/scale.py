@@ -75,7 +75,7 @@ class Costs:
         source = "single server catch-up"
         if cluster is not None:
             shard = cluster["runs"]["cluster"]["cluster"]
-            redis_ms = float(shard["redis_cpu_ms_per_refresh_per_shard"])
+            redis_ms = float(shard["cpu_medians"]["redis_per_shard"])
             source = f"{shard['shards']}-shard cluster catch-up, per shard"
         return cls(
             bytes_per_credential=float(runs["memory"]["refreshd"]["bytes_per_credential"]),

@@ -104,8 +104,8 @@ def test_the_costs_come_from_the_cluster_run_when_there_is_one() -> None:
     }
     single = Costs.from_results(full)
     assert (single.redis_cpu_ms, single.worker_cpu_ms) == (0.2, 0.3)
-    cluster = {"runs": {"cluster": {"cluster": {"redis_cpu_ms_per_refresh_per_shard": 0.25,
-                                                "shards": 3}}}}  # fmt: skip
+    shard = {"cpu_medians": {"redis_per_shard": 0.25}, "shards": 3}
+    cluster = {"runs": {"cluster": {"cluster": shard}}}
     costs = Costs.from_results(full, cluster)
     assert costs.redis_cpu_ms == 0.25
     assert "3-shard cluster" in costs.source
