@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot", "table"]
+__all__ = ["cluster_table", "plot", "table"]
 
 
 def machine_ceiling(res: dict[str, Any], cpus: int) -> float:
@@ -201,6 +201,38 @@ def _cluster_rows(r: dict[str, Any], row: Any) -> None:
         "partitions)", "")  # fmt: skip
     row(f"worker CPU ms per refresh, {what}",
         " / ".join(f"{m['worker']:.3f}" for m in med), "", "", "")  # fmt: skip
+
+
+def cluster_table(results: dict[str, Any]) -> str:
+    """The cluster scenario as the README shows it: one column per set-up."""
+    cl = results["runs"]["cluster"]
+    kinds = [cl[k] for k in ("single", "replica", "cluster")]
+    med = [k["cpu_medians"] for k in kinds]
+    shards = cl["cluster"]["shards"]
+    runs = f" (median of {cl['rounds']})" if cl["rounds"] > 1 else ""
+    busiest = max(s["refreshes"] for s in cl["cluster"]["per_shard"]) / cl["credentials"]
+    ceiling = [1000 / m["redis_per_shard"] for m in med]
+    ceiling[2] /= busiest
+
+    def acks(k: dict[str, Any]) -> float:
+        return float(k["commands"].get("waitaof", 0) + k["commands"].get("wait", 0))
+
+    rows = [
+        (f"catch-up, {cl['credentials']:,} credentials{runs}", "one server",
+         "primary + replica", f"{shards} shards + replicas"),
+        ("refreshes/s (all on the same 2 cores)", *(_f(k["refreshes_per_s"]) for k in kinds)),
+        ("Redis CPU ms per refresh, per shard (primaries)",
+         *(f"{m['redis_per_shard']:.3f}" for m in med)),
+        ("Redis CPU ms per refresh, replicas", "", *(f"{m['replicas']:.3f}" for m in med[1:])),
+        ("durability acks (WAITAOF + WAIT) per refresh", *(f"{acks(k):.3f}" for k in kinds)),
+        ("Redis ceiling, a core per shard (refreshes/s)", _f(ceiling[0]), _f(ceiling[1]),
+         f"{_f(ceiling[2])} ({ceiling[2] / ceiling[0]:.1f}x)"),
+        ("worker CPU ms per refresh", *(f"{m['worker']:.3f}" for m in med)),
+        ("refresh tokens presented twice", *(_f(k["endpoint_reuse"]) for k in kinds)),
+    ]  # fmt: skip
+    lines = [f"| {' | '.join(rows[0])} |", "|---|---:|---:|---:|"]
+    lines += [f"| {' | '.join(r)} |" for r in rows[1:]]
+    return "\n".join(lines)
 
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -119,3 +120,12 @@ def test_python_m_bench_scale_prints_the_block() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == readme_block()
+
+
+def test_the_readme_cluster_rows_are_the_cluster_run() -> None:
+    """README "Benchmark" shows docs/bench-cluster.json's figures, as
+    bench.report.cluster_table renders them."""
+    from bench.report import cluster_table
+
+    results = json.loads((ROOT / "docs" / "bench-cluster.json").read_text())
+    assert cluster_table(results) in README
