@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -26,7 +27,14 @@ from worker.logs import fingerprint
 from worker.models import Credential, Status
 from worker.store import Store
 
-__all__ = ["Workers", "grants_refreshed", "lost_spends", "nothing_lost", "refresh_counts"]
+__all__ = [
+    "Workers",
+    "grants_refreshed",
+    "lost_spends",
+    "nothing_lost",
+    "refresh_counts",
+    "wait_refreshed",
+]
 
 
 @dataclass
@@ -97,6 +105,35 @@ def grants_refreshed(
     """Every grant refreshed at least ``times`` more since ``since``."""
     now = refresh_counts(provider, grants)
     return all(now[cid] >= since.get(cid, 0) + times for cid in grants)
+
+
+async def wait_refreshed(
+    store: Store,
+    provider: FakeProvider,
+    grants: Mapping[str, IssuedGrant],
+    since: Mapping[str, int],
+    times: int,
+    *,
+    within: float,
+) -> None:
+    """Every grant refreshed ``times`` more since ``since``; on a timeout the
+    error says which are behind, in which partitions, in what state."""
+    deadline = anyio.current_time() + within
+    while not grants_refreshed(provider, grants, since, times):
+        if anyio.current_time() > deadline:
+            now = refresh_counts(provider, grants)
+            behind = [cid for cid in grants if now[cid] < since.get(cid, 0) + times]
+            parts = Counter(store.keys.partition_of(cid).index for cid in behind)
+            states: Counter[tuple[str | None, bool, str | None]] = Counter()
+            for cid in behind[:200]:
+                raw = (await _read(store, cid))[1]
+                states[(raw.get("status"), bool(raw.get("intent")), raw.get("last_error"))] += 1
+            raise AssertionError(
+                f"{len(behind)} of {len(grants)} credentials not refreshed {times} more times "
+                f"within {within:.0f}s; by partition {dict(parts)}; (status, intent open, "
+                f"last error) {dict(states)}"
+            )
+        await anyio.sleep(0.1)
 
 
 async def lost_spends(

@@ -15,7 +15,13 @@ from collections.abc import Callable
 import anyio
 import pytest
 
-from tests.cluster_load import Workers, grants_refreshed, nothing_lost, refresh_counts
+from tests.cluster_load import (
+    Workers,
+    grants_refreshed,
+    nothing_lost,
+    refresh_counts,
+    wait_refreshed,
+)
 from tests.harness import make_settings, seed, wait_for
 from tests.redis_cluster import RedisCluster, key_slot
 from worker.app import open_store
@@ -74,8 +80,9 @@ async def _migrate_under_load(
                 mid[cid] for cid in moved_ids
             )
             done = refresh_counts(provider, grants)
-            await wait_for(lambda: grants_refreshed(provider, grants, done, after), within=40,
-                           what=f"{after} more refreshes of every credential")  # fmt: skip
+            await wait_refreshed(
+                store, provider, grants, done, after, within=max(40, credentials / 50)
+            )
         await nothing_lost(store, provider, grants)
         assert cluster.owner_of(slot) is target
         assert _count_in_slot(cluster, slot)[source.index] == 0
