@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from worker.app import build_refresher, build_worker, open_store
+from worker.app import build_refresher, build_worker, open_store, watch_server
 from worker.cli.credentials import import_lines
 from worker.errors import StoreUnavailable
 from worker.eventsub import EventSubscription
@@ -26,6 +26,7 @@ from worker.metrics import Metrics
 from worker.models import Claimed, Status
 from worker.oauth2 import TokenSet, build_refresh_request, parse_token_answer
 from worker.profiles import ProfileStore
+from worker.redisio import REDIS_UNAVAILABLE
 from worker.runner import Worker
 from worker.scheduling import Schedule
 from worker.settings import Settings
@@ -135,7 +136,16 @@ async def _serve(
         running = RunningWorker(build_worker(settings, store, refresher, metrics), metrics, [])
         refresher.on_lag = running.lags.append
         async with anyio.create_task_group() as tg:
-            await tg.start(running.worker.run)
+            if store.router is not None:
+                # on a cluster, follow each primary's durability as `refreshd
+                # run` does: a failover leaves the promoted one without a replica
+                tg.start_soon(watch_server, store, settings, metrics, 1.0)
+
+            async def work(*, task_status: TaskStatus[None]) -> None:
+                await running.worker.run(task_status=task_status)
+                tg.cancel_scope.cancel()  # the watch ends with the worker
+
+            await tg.start(work)
             task_status.started(running)
 
 
@@ -181,14 +191,25 @@ class Events:
     async def listen(
         self, store: Store, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        # one channel, or every partition's shard channel on a cluster
-        async with EventSubscription(store.client, store.keys) as events:
-            await events.confirm(5.0)
-            task_status.started()
-            while True:
-                data = await events.get(1.0)
-                if data is not None:
-                    self.items.append(json.loads(data))
+        # one channel, or every partition's shard channel on a cluster;
+        # subscribed again after an outage (a failover, a restart): what was
+        # published meanwhile is not seen, as for any pub/sub consumer
+        started = False
+        while True:
+            try:
+                async with EventSubscription(store.client, store.keys) as events:
+                    await events.confirm(5.0)
+                    if not started:
+                        task_status.started()
+                        started = True
+                    while True:
+                        data = await events.get(1.0)
+                        if data is not None:
+                            self.items.append(json.loads(data))
+            except (StoreUnavailable, *REDIS_UNAVAILABLE):
+                if not started:
+                    raise
+                await anyio.sleep(0.2)
 
 
 async def is_current(

@@ -19,20 +19,24 @@ import pytest
 
 from tests.cli_helpers import Cli, cred_line, provider_thread, write_jsonl
 from tests.faultkit import running
-from tests.harness import all_current, make_settings, seed, wait_for
+from tests.harness import add_grants, all_current, make_settings, seed, wait_for
 from tests.redis_cluster import RedisCluster, key_slot
 from tests.test_process import worker_process
-from worker.app import open_store
+from worker.acl import CONSUMER_USER, WORKER_USER, acl_rules, worker_acl_rules
+from worker.app import open_store, watch_server
 from worker.client import Refreshed, connect
 from worker.cluster import parse_cluster_url, router_of
 from worker.clusterbatch import ClusterBatcher
 from worker.errors import ConfigError
 from worker.eventsub import EventSubscription
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
+from worker.keys import Keyspace
 from worker.logs import fingerprint
+from worker.metrics import Metrics
 from worker.models import Claimed
+from worker.profiles import ProfileStore
 from worker.redisio import describe_url, validate_url
-from worker.store import Store
+from worker.store import Durability, Store
 
 pytestmark = pytest.mark.anyio
 
@@ -398,3 +402,100 @@ async def commit(store: Store, item: Claimed) -> None:
                              fields={"access_token": f"new-{item.id}"},
                              event='{"schema":1,"type":"token.refreshed"}')  # fmt: skip
     assert res.ok, res
+
+
+# ------------------------------------------------------------------- ACL
+
+
+async def test_the_shipped_acl_users_work_on_a_cluster(
+    redis_cluster: RedisCluster, cluster_url: str
+) -> None:
+    """The worker user may SPUBLISH on the shard channels; the consumer may
+    read the slot map, read tokens and wait on the shard channels."""
+    keys = Keyspace(partitions=6)
+    users = {WORKER_USER: worker_acl_rules(keys), CONSUMER_USER: acl_rules(keys, refresh=True)}
+    for node in redis_cluster.nodes:
+        with node.client() as admin:
+            for name, rules in users.items():
+                admin.execute_command("ACL", "SETUSER", name, "reset", "on", ">pw", *rules)
+    try:
+        hosts = cluster_url.removeprefix("redis+cluster://")
+        worker = make_settings(f"redis+cluster://{WORKER_USER}:pw@{hosts}", partitions=6)
+        consumer = make_settings(f"redis+cluster://{CONSUMER_USER}:pw@{hosts}", partitions=6)
+        async with FakeProvider() as provider, open_store(worker) as store:
+            grants = await seed(store, provider, 12, expires_in=30)
+            async with running(worker, store), connect(consumer, poll_interval=5) as client:
+                started = time.monotonic()
+                for cred_id in grants:
+                    token = await client.get(cred_id, min_ttl=60, timeout=10)
+                    assert token.version == 1
+                assert time.monotonic() - started < 8  # events, not the 5 s re-reads
+        assert provider.stats.reuse_events == []
+    finally:
+        for node in redis_cluster.nodes:
+            with node.client() as admin:
+                admin.acl_deluser(*users)
+
+
+# ------------------------------------------------------ durability per node
+
+
+async def test_each_primary_waits_for_what_it_offers_after_a_failover(
+    fresh_cluster: RedisCluster,
+) -> None:
+    """WAIT for a replica on every primary that has one; the primary a
+    failover promoted has none (its old primary is dead), so its batches
+    wait for the fsync alone, and only there."""
+    cluster = fresh_cluster
+    settings = make_settings(cluster.url, partitions=3)
+    async with open_store(settings) as store:
+        addresses = [n.address for n in cluster.primaries()]
+        assert {store.durability_at(a) for a in addresses} == {Durability(fsync=True, replicas=1)}
+        victim = cluster.primaries()[0]
+        promoted = await anyio.to_thread.run_sync(cluster.fail_primary, victim)
+        async with anyio.create_task_group() as tg:
+            metrics = Metrics()
+            await tg.start(watch_server_until_settled, store, settings, metrics, promoted.address)
+            tg.cancel_scope.cancel()
+        assert store.durability_at(promoted.address) == Durability(fsync=True, replicas=0)
+        for address in addresses[1:]:
+            assert store.durability_at(address) == Durability(fsync=True, replicas=1)
+        # and a spend on every shard is durable, the promoted one included
+        grants_by_part: dict[int, str] = {}
+        async with FakeProvider() as provider:
+            grants = await add_grants(
+                store, provider, 30, profile_id=await any_profile(store, provider)
+            )
+        batcher = ClusterBatcher(store, router_of(store.client), connections=2)  # type: ignore[arg-type]
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.run)
+            store.batcher = batcher
+            for cred_id in sorted(grants):
+                grants_by_part.setdefault(store.keys.partition_of(cred_id).index, cred_id)
+            for cred_id in grants_by_part.values():
+                await store.set_due(cred_id, 0)
+                await spent(store, await claim(store, cred_id))
+            tg.cancel_scope.cancel()
+        store.batcher = None
+        assert len(grants_by_part) == 3
+
+
+async def watch_server_until_settled(
+    store: Store, settings: Any, metrics: Metrics, address: str, *, task_status: Any
+) -> None:
+    """``watch_server`` until it has seen ``address`` (the new primary)."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_server, store, settings, metrics, 0.2)
+        await wait_for(lambda: address in store.node_durability, within=20,
+                       what="the promoted primary checked")  # fmt: skip
+        task_status.started()
+        tg.cancel_scope.cancel()
+
+
+async def any_profile(store: Store, provider: FakeProvider) -> str:
+    await ProfileStore(store).create({
+        "id": "p", "token_url": provider.url, "client_id": provider.config.client_id,
+        "client_secret": provider.config.client_secret, "allow_http": True,
+        "allow_private_network": True,
+    })  # fmt: skip
+    return "p"

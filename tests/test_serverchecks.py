@@ -24,7 +24,7 @@ from tests.cli_helpers import Result, run_refreshd, write_jsonl
 from tests.faultkit import captured_logs, log_events
 from tests.harness import make_settings, seed, wait_for
 from tests.redis_server import RedisServer
-from worker.app import _watch_server, open_store
+from worker.app import open_store, watch_server
 from worker.embedded import stop_embedded
 from worker.errors import ConfigError
 from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault
@@ -224,7 +224,7 @@ async def test_a_running_worker_notices_a_policy_changed_at_runtime(
     metrics = Metrics()
     with captured_logs("info") as logs:
         async with open_store(settings) as store, anyio.create_task_group() as tg:
-            await tg.start(_watch_server, store, settings, metrics, 0.05)
+            await tg.start(watch_server, store, settings, metrics, 0.05)
             assert gauge(metrics, "eviction", "false") == 0
             assert gauge(metrics, "not_durable", "false") == 0
             await store.client.config_set("maxmemory-policy", "volatile-lru")
@@ -248,7 +248,7 @@ async def test_aof_switched_off_at_runtime_does_not_make_spends_undurable(
     metrics = Metrics()
     label = str(accepted).lower()
     async with open_store(settings) as store, anyio.create_task_group() as tg:
-        await tg.start(_watch_server, store, settings, metrics, 0.05)
+        await tg.start(watch_server, store, settings, metrics, 0.05)
         assert store.durability.fsync is True
         await store.client.config_set("appendonly", "no")
         await wait_for(lambda: gauge(metrics, "not_durable", label) == 1, within=5, what="gauge")

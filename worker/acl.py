@@ -68,10 +68,13 @@ def acl_rules(keys: Keyspace, *, refresh: bool = True) -> list[str]:
         "+get", "+zscore", "+exists", "+time", "+script|load",
         # the layout check at connect; following the log; live events
         "+hmget", "+xread", "+xrange", "+xrevrange", "+multi", "+exec", "+discard",
-        "+subscribe", "+unsubscribe",
+        "+subscribe", "+unsubscribe", "+ssubscribe", "+sunsubscribe",
+        # a Redis Cluster client reads the slot map first
+        "+cluster|slots",
         *under("cred:*", "%R"), *under("due", "%R"), *under("lock:*", "%R"), *under("log", "%R"),
         f"%R~{_escape(keys.layout)}",
-        f"&{_escape(keys.events)}",
+        # live events: one channel, or on a Redis Cluster a shard channel per partition
+        f"&{_escape(keys.events)}", *(f"&{tag}:events" for tag in tags),
         # EVAL declares its keys read-write: grant that to the script call
         # alone; the commands inside are checked against the rules above
         "(" + " ".join(["+eval", "+evalsha", *script_keys]) + ")",
@@ -97,6 +100,8 @@ def worker_acl_rules(keys: Keyspace) -> list[str]:
         *(f"~{_escape(name)}" for name in (keys.layout, keys.profiles)),
         f"~{_escape(keys.profile(''))}*",
         *(f"&{_escape(name)}" for name in (keys.events, keys.wake)),
+        # the commit script's SPUBLISH on a Redis Cluster (worker.eventsub)
+        *(f"&{tag}:events" for tag in key_tag_patterns(keys)),
     ]  # fmt: skip
 
 

@@ -35,8 +35,10 @@ from worker.serverchecks import (
     Hazard,
     ServerFacts,
     check_hazards,
+    combine,
     durability_for,
     find_hazards,
+    inspect_nodes,
     inspect_server,
     is_accepted,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "run_worker",
     "schedule_from",
     "tune_gc",
+    "watch_server",
 ]
 
 log = get_logger("refreshd")
@@ -137,6 +140,8 @@ async def open_store(
         durability = await probe_durability(client, settings, refuse=refuse_unsafe)
         store = Store(client, Keyspace(settings.prefix, settings.partitions), PlainCodec(),
                       durability, Retention.from_settings(settings))  # fmt: skip
+        if store.router is not None and settings.durability == "auto":
+            _follow_node_durability(store, await inspect_nodes(client))
         await store.check_layout()
         yield store
 
@@ -232,7 +237,7 @@ async def run_worker(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(heartbeat.run)
-            await tg.start(_watch_server, store, settings, metrics)
+            await tg.start(watch_server, store, settings, metrics)
             if settings.http_port:
                 health = HealthServer(
                     settings.http_host,
@@ -251,7 +256,7 @@ async def run_worker(
             tg.cancel_scope.cancel()
 
 
-async def _watch_server(
+async def watch_server(
     store: Store,
     settings: Settings,
     metrics: Metrics,
@@ -267,15 +272,18 @@ async def _watch_server(
     started = False
     while True:
         try:
-            facts = await inspect_server(store.client)
+            nodes = await inspect_nodes(store.client)
         except (StoreUnavailable, RedisError) as exc:
             log.debug("redis.check_failed", error=type(exc).__name__)
         else:
+            facts = combine(list(nodes.values()))
             found = find_hazards(facts, settings.durability)
             _report_hazards(found, reported, settings, metrics)
             reported = set(found)
             if settings.durability == "auto":
                 _follow_durability(store, facts, settings)
+                if store.router is not None:
+                    _follow_node_durability(store, nodes)
         if not started:
             started = True
             task_status.started()
@@ -311,6 +319,21 @@ def _follow_durability(store: Store, facts: ServerFacts, settings: Settings) -> 
     if current != store.durability:
         log.warning("redis.durability_changed", fsync=current.fsync, replicas=current.replicas)
         store.durability = current
+
+
+def _follow_node_durability(store: Store, nodes: Mapping[str, ServerFacts]) -> None:
+    """On a cluster, each primary's batches wait for what that primary
+    offers (``Store.durability_at``); a primary that offers nothing durable
+    keeps the store-wide setting (its spends are then refused, not sent)."""
+    for address, facts in nodes.items():
+        current = durability_for(facts, "auto")
+        if not (current.fsync or current.replicas):
+            continue
+        if store.node_durability.get(address) != current:
+            if address in store.node_durability:
+                log.warning("redis.durability_changed", node=address, fsync=current.fsync,
+                            replicas=current.replicas)  # fmt: skip
+            store.node_durability[address] = current
 
 
 async def _stop_on_signal(worker: Worker) -> None:

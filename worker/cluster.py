@@ -265,8 +265,12 @@ async def connect_cluster(
         try:
             await cluster.initialize()
         except (redis_errors.RedisError, redis_errors.RedisClusterException, OSError) as exc:
+            # redis-py's message says why (refused, an ACL denying CLUSTER
+            # SLOTS, ...) after "node: "; it never holds the password
+            why = str(exc).rpartition("node: ")[2][:160]
             raise StoreUnavailable(
-                f"redis cluster unavailable: {type(exc).__name__} (at {describe_cluster_url(url)})"
+                f"redis cluster unavailable: {type(exc).__name__}: {why} "
+                f"(at {describe_cluster_url(url)})"
             ) from exc
         yield cast(aioredis.Redis, cluster)
     finally:

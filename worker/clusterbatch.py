@@ -59,10 +59,17 @@ _NOT_NOW = (redis_errors.TryAgainError, redis_errors.ClusterDownError, redis_err
 
 @dataclass(frozen=True, slots=True)
 class _NodeStore:
-    """What a ``ScriptBatcher`` reads from its store: one node's client."""
+    """What a ``ScriptBatcher`` reads from its store: one node's client, and
+    what that node's batches wait for as it is now (a failover changes it:
+    ``Store.durability_at``)."""
 
     client: Any
-    durability: Any
+    store: Any
+    address: str
+
+    @property
+    def durability(self) -> Any:
+        return self.store.durability_at(self.address)
 
 
 def _redirect(exc: BaseException) -> tuple[str, str | None]:
@@ -181,7 +188,7 @@ class ClusterBatcher:
             if batcher is None or not batcher.running:
                 if self._tg is None:
                     raise StoreUnavailable("worker stopping")
-                node = _NodeStore(self._router.client_at(address), self._store.durability)
+                node = _NodeStore(self._router.client_at(address), self._store, address)
                 batcher = ScriptBatcher(node, resubmit=self.call, **self._options)
                 await self._tg.start(batcher.run)
                 self._batchers[address] = batcher

@@ -45,7 +45,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 
 from worker.cluster import router_of
-from worker.errors import ConfigError, RefreshdError
+from worker.errors import ConfigError, RefreshdError, StoreUnavailable
 from worker.eventmodel import Event, EventFormatError, UnknownEvent, parse_event
 from worker.keys import Keyspace
 from worker.redisio import guard
@@ -219,9 +219,13 @@ async def _per_stream(client: aioredis.Redis, build: Any, names: Sequence[str]) 
         build(pipe, name)
         out[n] = await guard(pipe.execute())
 
-    async with anyio.create_task_group() as tg:
-        for n, name in enumerate(names):
-            tg.start_soon(one, n, name)
+    try:
+        async with anyio.create_task_group() as tg:
+            for n, name in enumerate(names):
+                tg.start_soon(one, n, name)
+    except* StoreUnavailable as group:
+        await router.refresh()  # a node gone (a failover): the next read asks the new map
+        raise group.exceptions[0] from None
     return out
 
 

@@ -87,8 +87,12 @@ class EventSubscription:
                 for channel in channels:  # one per SSUBSCRIBE: several are CROSSSLOT
                     await pubsub.ssubscribe(channel)
                 self._tg.start_soon(self._pump, pubsub)
-        except BaseException:
+        except BaseException as exc:
             await self._close()
+            if self._router is not None and isinstance(
+                exc, (StoreUnavailable, RedisError, OSError)
+            ):
+                await self._router.refresh()  # a node gone: the next attempt asks the new map
             raise
         return self
 
@@ -164,6 +168,8 @@ class EventSubscription:
         with anyio.move_on_after(wait_s):
             kind, data = await self._receive.receive()
             if kind == "error":
+                if self._router is not None:
+                    await self._router.refresh()  # a failover? the next subscription follows
                 raise StoreUnavailable(f"redis unavailable: {type(data).__name__}") from data
             if kind == "sunsubscribe":  # the slot moved: its channel is elsewhere now
                 raise StoreUnavailable("a shard channel moved (slot migration or failover)")

@@ -34,7 +34,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from worker.cluster import router_of
-from worker.errors import ConfigError
+from worker.errors import ConfigError, StoreUnavailable
 from worker.redisio import guard
 from worker.store import Durability
 
@@ -42,8 +42,10 @@ __all__ = [
     "Hazard",
     "ServerFacts",
     "check_hazards",
+    "combine",
     "durability_for",
     "find_hazards",
+    "inspect_nodes",
     "inspect_server",
     "is_accepted",
 ]
@@ -70,10 +72,25 @@ class ServerFacts:
 async def inspect_server(client: aioredis.Redis) -> ServerFacts:
     """What the server says; on a cluster, what the *weakest* primary says
     (every node must keep the promise: a partition lives on one of them)."""
+    return combine(list((await inspect_nodes(client)).values()))
+
+
+async def inspect_nodes(client: aioredis.Redis) -> dict[str, ServerFacts]:
+    """What each primary says, by ``host:port`` on a cluster; one server
+    answers under the key ``""``."""
     router = router_of(client)
     if router is None:
-        return await _inspect_one(client)
-    facts = [await _inspect_one(router.client_at(node)) for node in router.primaries()]
+        return {"": await _inspect_one(client)}
+    try:
+        return {node: await _inspect_one(router.client_at(node)) for node in router.primaries()}
+    except StoreUnavailable:
+        await router.refresh()  # a primary gone (a failover): the next check asks the new map
+        raise
+
+
+def combine(facts: list[ServerFacts]) -> ServerFacts:
+    """The weakest of several servers' facts: the promise holds only if it
+    holds on each."""
     policies = {f.policy for f in facts}
     return ServerFacts(
         aof=all(f.aof for f in facts),

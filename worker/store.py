@@ -108,6 +108,10 @@ class Store:
         self.batcher: ScriptBatcher | ClusterBatcher | None = None  # set by a running worker
         #: a cluster's per-node routing (None on one server, Sentinel)
         self.router = router_of(client)
+        #: on a cluster under REFRESHD_DURABILITY=auto, what each primary's
+        #: batches wait for (``host:port`` -> its own replicas and AOF: a
+        #: failover leaves one shard without a replica, not all of them)
+        self.node_durability: dict[str, Durability] = {}
 
     # ------------------------------------------------------------ layout
 
@@ -145,7 +149,7 @@ class Store:
             "expires_at", cred.expires_at_ms,
             "params", json.dumps(dict(cred.params), sort_keys=True) if cred.params else "",
         ]  # fmt: skip
-        res = await self._script(
+        res = await self.run_script(
             self.scripts.upsert,
             keys=[part.cred(cred.id), part.due, part.stats],
             args=[
@@ -200,7 +204,7 @@ class Store:
 
     async def _read(self, credential_id: str) -> tuple[dict[str, str], float | None, bool]:
         part = self.keys.partition_of(credential_id)
-        res = await self._script(
+        res = await self.run_script(
             self.scripts.get,
             keys=[part.cred(credential_id), part.due, part.lock(credential_id)],
             args=[credential_id],
@@ -243,7 +247,7 @@ class Store:
 
     async def delete(self, credential_id: str, *, force: bool = False) -> None:
         part = self.keys.partition_of(credential_id)
-        res = await self._script(
+        res = await self.run_script(
             self.scripts.delete,
             keys=[part.cred(credential_id), part.lock(credential_id), part.due, part.stats],
             args=[credential_id, "1" if force else "0"],
@@ -256,7 +260,7 @@ class Store:
     async def resume(self, credential_id: str) -> str:
         """Operator action: back to active and due now; returns the old status."""
         part = self.keys.partition_of(credential_id)
-        res = await self._script(
+        res = await self.run_script(
             self.scripts.resume,
             keys=[part.cred(credential_id), part.due, part.stats],
             args=[credential_id],
@@ -319,7 +323,7 @@ class Store:
     ) -> tuple[int, int, list[Claimed]]:
         """Lease up to ``limit`` due credentials (or exactly ``ids``).
         Returns (server now ms, contended count, claimed)."""
-        res = await self._script(
+        res = await self.run_script(
             self.scripts.claim,
             keys=[part.due, part.stats],
             args=[part.base, limit, lease_ms, token, "\n".join(ids)],
@@ -453,8 +457,9 @@ class Store:
                 *self._log_args, *flat]  # fmt: skip
         return keys, args
 
-    async def _script(self, script: AsyncScript, *, keys: list[str], args: list[Any]) -> Any:
-        """One script call. On a cluster it goes to its node's blocking pool
+    async def run_script(self, script: AsyncScript, *, keys: list[str], args: list[Any]) -> Any:
+        """One script call (the store's, or ``worker.client``'s token script).
+        On a cluster it goes to its node's blocking pool
         (the cluster client's own pools refuse a burst, such as an import,
         with MaxConnectionsError) and follows redirections
         (``worker.clusterbatch``)."""
@@ -464,6 +469,10 @@ class Store:
         if isinstance(outcome, Exception):
             raise outcome
         return outcome[0]
+
+    def durability_at(self, address: str) -> Durability:
+        """What a batch on the primary at ``address`` waits for."""
+        return self.node_durability.get(address, self.durability)
 
     def event_channel(self, part: Partition) -> str:
         """Where a commit publishes its event: the installation's channel
@@ -489,7 +498,7 @@ class Store:
             return await self.batcher.call(script, keys, args, wait_durable=wait_durable)
         d = self.durability
         if not (d.fsync or d.replicas):
-            return await self._script(script, keys=keys, args=args), True
+            return await self.run_script(script, keys=keys, args=args), True
         (outcome,) = await execute_scripts(self.client, d, [(script, keys, args)])
         if isinstance(outcome, Exception):
             raise outcome

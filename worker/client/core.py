@@ -216,11 +216,11 @@ class Client:
     async def _view(self, credential_id: str, *, seen: int | None = None) -> RecordView:
         part = self._keys.partition_of(credential_id)
         try:
-            reply = await guard(
-                self._token_script(
-                    keys=[part.cred(credential_id), part.due, part.lock(credential_id)],
-                    args=[credential_id, "" if seen is None else seen, self._keys.wake],
-                )
+            # on a cluster: to the partition's primary, redirections followed
+            reply = await self._store.run_script(
+                self._token_script,
+                keys=[part.cred(credential_id), part.due, part.lock(credential_id)],
+                args=[credential_id, "" if seen is None else seen, self._keys.wake],
             )
         except (StoreUnavailable, ResponseError) as exc:
             raise _translated(exc) from exc
