@@ -102,7 +102,10 @@ async def _failover_under_load(cluster: RedisCluster, *, credentials: int, kills
     config = FakeProviderConfig(lifetime_s=4, rotate=True, revoke_on_reuse=True, latency_s=0.05)
     kills_done: list[dict[str, int]] = []
     async with FakeProvider(config) as provider, open_store(settings) as store:
-        grants = await seed(store, provider, credentials, profile=PROFILE)
+        # first refreshes due 3-5 s from now, once the workers are up, spread
+        # out: the load is then even, not in waves of every credential at once
+        grants = await seed(store, provider, credentials, profile=PROFILE,
+                            expires_in=lambda n: 6 + (n % 40) / 10)  # fmt: skip
         async with Workers.running(cluster.url, 3, **LEASE) as workers:
             await wait_for(lambda: grants_refreshed(provider, grants, {}, 1), within=30,
                            what="every credential refreshed once")  # fmt: skip
