@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -21,12 +23,14 @@ from tests.cli_helpers import Cli, cred_line, provider_thread, write_jsonl
 from tests.faultkit import running
 from tests.harness import add_grants, all_current, make_settings, seed, wait_for
 from tests.redis_cluster import RedisCluster, key_slot
+from tests.test_cli import _restore_logging  # noqa: F401 - autouse: logging put back
 from tests.test_process import worker_process
 from worker.acl import CONSUMER_USER, WORKER_USER, acl_rules, worker_acl_rules
 from worker.app import open_store, watch_server
 from worker.client import Refreshed, connect
 from worker.cluster import parse_cluster_url, router_of
 from worker.clusterbatch import ClusterBatcher
+from worker.clusterrate import ClusterRate
 from worker.errors import ConfigError
 from worker.eventsub import EventSubscription
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
@@ -275,6 +279,8 @@ async def test_a_following_consumer_and_a_group_see_commits_on_every_node(
 
 @pytest.fixture
 def cli_env(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """The CLI in-process, as ``tests.test_cli`` runs it; its autouse
+    ``_restore_logging`` (imported above) puts logging back after each test."""
     for name in list(os.environ):
         if name.startswith("REFRESHD_"):
             monkeypatch.delenv(name)
@@ -499,3 +505,56 @@ async def any_profile(store: Store, provider: FakeProvider) -> str:
         "allow_private_network": True,
     })  # fmt: skip
     return "p"
+
+
+# ------------------------------------------------------- demo, rate limit
+
+
+def test_the_demo_runs_on_a_cluster_url(cluster_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
+    env |= {"REFRESHD_REDIS_URL": cluster_url, "REFRESHD_LOG_LEVEL": "error"}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--credentials", "60", "--duration", "4",
+         "--lifetime", "3"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["refreshed"] > 60
+    assert summary["refresh_tokens_sent_twice"] == 0
+    assert summary["commits"] == summary["events_received"]
+    assert summary["events_missing"] == summary["events_duplicated"] == 0
+    assert "Traceback" not in done.stderr
+
+
+async def test_the_rate_limiter_is_shared_on_a_cluster(cluster_url: str) -> None:
+    """One key per profile, each in its own slot: limiters of several
+    profiles land on several primaries and each counts for all workers."""
+    async with open_store(make_settings(cluster_url)) as store:
+        limiters = [ClusterRate(store.client, store.keys) for _ in range(2)]  # two workers
+        profiles = [f"rl-{n}" for n in range(6)]
+        for profile_id in profiles:
+            waits = [await limiters[n % 2].ask(profile_id, 1.0, 3) for n in range(4)]
+            assert waits[:3] == [0, 0, 0]  # the burst, shared by both
+            assert waits[3] > 0
+        router = router_of(store.client)
+        assert router is not None
+        assert len({router.address_of(store.keys.rate_limit(p)) for p in profiles}) > 1
+
+
+async def test_idle_workers_wake_on_a_cluster(cluster_url: str) -> None:
+    """The wake-up channel reaches sleeping workers: a min-TTL read is
+    served at once, not at the next due time (15 s) or the 30 s safety net."""
+    settings = make_settings(cluster_url, partitions=6, idle_wakeup_s=30.0)
+    async with (
+        FakeProvider() as provider,
+        open_store(settings) as store,
+        connect(settings, poll_interval=5) as client,
+    ):
+        await seed(store, provider, 6, expires_in=30)
+        async with running(settings, store):
+            await anyio.sleep(1.0)  # every worker asleep until the first due time
+            started = time.monotonic()
+            for n in range(6):
+                assert (await client.get(f"cred-{n:05d}", min_ttl=60, timeout=10)).version == 1
+            assert time.monotonic() - started < 5

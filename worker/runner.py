@@ -297,9 +297,14 @@ class Worker:
         """A credential added or moved earlier publishes on the wake channel;
         every worker wakes and the claim script decides who gets it."""
         channel = self.store.keys.wake
+        router = self.store.router
         while True:
             try:
-                async with self.store.client.pubsub() as pubsub:
+                # on a cluster, a plain connection to the node the slot map
+                # names for the channel (PUBLISH reaches every node), read
+                # again after an outage: that node may be gone
+                client = self.store.client if router is None else router.client_for(channel)
+                async with client.pubsub() as pubsub:
                     await pubsub.subscribe(channel)
                     while True:
                         message = await pubsub.get_message(
@@ -308,6 +313,8 @@ class Worker:
                         if message is not None:
                             self._wake.set()
             except (StoreUnavailable, *REDIS_UNAVAILABLE):
+                if router is not None:
+                    await router.refresh()
                 await anyio.sleep(1.0)
 
     async def _gauges(self) -> None:
