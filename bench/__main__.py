@@ -13,6 +13,10 @@ Besides the head-to-head scenarios, two measure what consumers see:
 loopback; ``bench.client_read``) and ``eventlog`` (events per second one
 consumer follows from the log, and the catch-up with the log off and on:
 worker CPU per refresh, Redis bytes per retained event; ``bench.eventlog_ab``).
+``cluster`` runs the catch-up on a 3-shard Valkey Cluster (a replica per
+primary), on one server and on a primary with a replica, interleaved, and
+reads every node's CPU from INFO: Redis CPU per refresh per shard
+(``bench.cluster_runs``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from bench.infra import REPO, Endpoint
 from bench.refreshd_runs import Ctx
 from worker.settings import Settings
 
-ALL = ("calibrate", "catchup", "scaleout", "steady", "memory", "arq", "client_read", "eventlog")
+ALL = ("calibrate", "catchup", "scaleout", "steady", "memory", "arq", "client_read", "eventlog",
+       "cluster")  # fmt: skip
 ARQ_REQUIREMENTS = REPO / "bench" / "requirements-arq.txt"
 
 
@@ -80,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--credentials", type=int, help="catch-up size (default 20,000; quick 1,000)")
     p.add_argument("--memory-credentials", type=int, help="default 100,000; quick 5,000")
+    p.add_argument(
+        "--cluster-credentials",
+        type=int,
+        help="cluster scenario's catch-up size (default 20,000; quick 1,000)",
+    )
     p.add_argument("--steady-seconds", type=float, help="default 60; quick 6")
     p.add_argument(
         "--steady-rate",
@@ -178,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"memory: {mem_n:,} scheduled credentials")
                 runs["memory"] = memory.memory(ctx, mem_n)
             consumer_rows(ctx, runs, scenarios, n=n, quick=q)
+            if "cluster" in scenarios:
+                from bench import cluster_runs
+
+                ctx.profile = False
+                cluster_n = args.cluster_credentials or (1000 if q else 20_000)
+                runs["cluster"] = cluster_runs.cluster_scenario(ctx, cluster_n, reps)
         finally:
             endpoint.close()
     results["seconds"] = time.monotonic() - started
@@ -298,14 +314,19 @@ def _line(r: dict[str, Any]) -> str:
             "cores")  # fmt: skip
 
 
+def _timed(runs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every timed run, the cluster scenario's kinds included."""
+    out = [v for v in runs.values() if isinstance(v, dict)]
+    cluster = runs.get("cluster", {})
+    return out + [cluster[k] for k in ("single", "replica", "cluster") if k in cluster]
+
+
 def _max_steal(runs: dict[str, Any]) -> float:
-    return max((v.get("cpu_steal_pct", 0.0) for v in runs.values() if isinstance(v, dict)),
-               default=0.0)  # fmt: skip
+    return max((v.get("cpu_steal_pct", 0.0) for v in _timed(runs)), default=0.0)
 
 
 def _max_other(runs: dict[str, Any]) -> float:
-    return max((v.get("other_load_cores", 0.0) for v in runs.values() if isinstance(v, dict)),
-               default=0.0)  # fmt: skip
+    return max((v.get("other_load_cores", 0.0) for v in _timed(runs)), default=0.0)
 
 
 def _report_table(results: dict[str, Any]) -> str:

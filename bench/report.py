@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot", "table"]
+__all__ = ["cluster_table", "plot", "table"]
 
 
 def machine_ceiling(res: dict[str, Any], cpus: int) -> float:
@@ -131,7 +131,8 @@ def table(results: dict[str, Any]) -> str:
             _f(a) + _mark(a <= 1200), f"{_f(b)} (plain hash + ZSET)", _ratio(a, b, 2),
             "≤ 1,200 B")  # fmt: skip
     _consumer_rows(r, row)
-    if arq or cu:
+    _cluster_rows(r, row)
+    if arq or cu or r.get("cluster"):
         # the repeats' total covers the median runs shown above as well
         shown = ("catch_up_1p", "catch_up_arq")
         counted = [v for k, v in r.items() if isinstance(v, dict) and k not in shown]
@@ -168,6 +169,72 @@ def _consumer_rows(r: dict[str, Any], row: Any) -> None:
             f"{redis['off']:.3f} → {redis['on']:.3f}", "≤ +10 %")  # fmt: skip
         row("Redis bytes per retained event (log on - off, per refresh)",
             _f(ab["redis_bytes_per_retained_event"]), "", "", "")  # fmt: skip
+
+
+def _cluster_rows(r: dict[str, Any], row: Any) -> None:
+    """Scenario ``cluster``: one server, a primary with a replica, and a
+    3-shard cluster with a replica per primary. Rates are each kind's
+    median run; CPU per refresh each figure's median over the rounds."""
+    cl = r.get("cluster")
+    if not cl:
+        return
+    kinds = [cl[k] for k in ("single", "replica", "cluster")]
+    med = [k["cpu_medians"] for k in kinds]
+    shards = cl["cluster"]["shards"]
+    what = f"one server / primary + replica / {shards} shards + replicas"
+    runs = f"; median of {cl['rounds']}" if cl["rounds"] > 1 else ""
+    row(f"catch-up refreshes/s, {what} ({cl['credentials']:,}{runs})",
+        " / ".join(_f(k["refreshes_per_s"]) for k in kinds), "",
+        "all on the same 2 cores: a shard's CPU per refresh is the figure", "")  # fmt: skip
+    served = " / ".join(f"{s['refreshes'] / cl['credentials']:.0%}"
+                        for s in cl["cluster"]["per_shard"])  # fmt: skip
+    row(f"Redis CPU ms per refresh per shard (primaries), {what}",
+        " / ".join(f"{m['redis_per_shard']:.3f}" for m in med), "",
+        f"replicas {med[1]['replicas']:.3f} / {med[2]['replicas']:.3f}; the shards served "
+        f"{served} of the refreshes ({cl['cluster']['partitions']} partitions)", "")  # fmt: skip
+    # the cluster is full when its busiest shard is: that one's share decides
+    busiest = max(s["refreshes"] for s in cl["cluster"]["per_shard"]) / cl["credentials"]
+    ceiling = [1000 / m["redis_per_shard"] for m in med]
+    ceiling[2] /= busiest
+    row("Redis ceiling, refreshes/s (a core per shard / CPU per refresh; the cluster's "
+        "busiest shard full)", " / ".join(_f(c) for c in ceiling), "",
+        f"{shards} shards = {_f(ceiling[2] / ceiling[0], 2)}x one server (the busiest serves "
+        f"{busiest:.0%}; {_f(shards * ceiling[2] * busiest / ceiling[0], 2)}x with even "
+        "partitions)", "")  # fmt: skip
+    row(f"worker CPU ms per refresh, {what}",
+        " / ".join(f"{m['worker']:.3f}" for m in med), "", "", "")  # fmt: skip
+
+
+def cluster_table(results: dict[str, Any]) -> str:
+    """The cluster scenario as the README shows it: one column per set-up."""
+    cl = results["runs"]["cluster"]
+    kinds = [cl[k] for k in ("single", "replica", "cluster")]
+    med = [k["cpu_medians"] for k in kinds]
+    shards = cl["cluster"]["shards"]
+    runs = f" (median of {cl['rounds']})" if cl["rounds"] > 1 else ""
+    busiest = max(s["refreshes"] for s in cl["cluster"]["per_shard"]) / cl["credentials"]
+    ceiling = [1000 / m["redis_per_shard"] for m in med]
+    ceiling[2] /= busiest
+
+    def acks(k: dict[str, Any]) -> float:
+        return float(k["commands"].get("waitaof", 0) + k["commands"].get("wait", 0))
+
+    rows = [
+        (f"catch-up, {cl['credentials']:,} credentials{runs}", "one server",
+         "primary + replica", f"{shards} shards + replicas"),
+        ("refreshes/s (all on the same 2 cores)", *(_f(k["refreshes_per_s"]) for k in kinds)),
+        ("Redis CPU ms per refresh, per shard (primaries)",
+         *(f"{m['redis_per_shard']:.3f}" for m in med)),
+        ("Redis CPU ms per refresh, replicas", "", *(f"{m['replicas']:.3f}" for m in med[1:])),
+        ("durability acks (WAITAOF + WAIT) per refresh", *(f"{acks(k):.3f}" for k in kinds)),
+        ("Redis ceiling, a core per shard (refreshes/s)", _f(ceiling[0]), _f(ceiling[1]),
+         f"{_f(ceiling[2])} ({ceiling[2] / ceiling[0]:.1f}x)"),
+        ("worker CPU ms per refresh", *(f"{m['worker']:.3f}" for m in med)),
+        ("refresh tokens presented twice", *(_f(k["endpoint_reuse"]) for k in kinds)),
+    ]  # fmt: skip
+    lines = [f"| {' | '.join(rows[0])} |", "|---|---:|---:|---:|"]
+    lines += [f"| {' | '.join(r)} |" for r in rows[1:]]
+    return "\n".join(lines)
 
 
 def plot(results: dict[str, Any], path: Path) -> Path | None:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import anyio
+from redis.asyncio.cluster import RedisCluster
 
 from bench.shared import seed_tokens
 from worker.app import open_store
@@ -88,6 +89,12 @@ async def arm(redis_url: str, ids: Sequence[str], due_of: Callable[[int], int]) 
         pipe = store.client.pipeline(transaction=False)
         for key, mapping in by_part.items():
             pipe.zadd(key, mapping, xx=True)
+        if isinstance(store.client, RedisCluster):
+            # a cluster pipeline takes keyed commands only: the wake-up
+            # (PUBLISH reaches every node) after it, and this machine's clock
+            await guard(pipe.execute())
+            await guard(store.client.publish(store.keys.wake, "bench"))
+            return int(time.time() * 1000)
         pipe.publish(store.keys.wake, "bench")
         pipe.time()
         *_, (secs, micros) = await guard(pipe.execute())

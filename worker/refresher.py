@@ -335,11 +335,13 @@ class Refresher:
                 grace_ms=grace_ms,
             )
         except StoreUnavailable:
-            # The spend may have been recorded without our hearing it. Nothing
-            # was sent, so clearing our own intent is safe; if Redis is still
-            # away, the intent expires and the unknown-outcome rule applies.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                await self.store.commit(c, "release", next_due="now", fields={}, event="")
+            # The spend may have been recorded without our hearing it (a
+            # failover: the replica has it, the acknowledgement died with the
+            # primary). Nothing was sent, so clearing our own intent is safe,
+            # and worth retrying while Redis comes back, until the intent's
+            # deadline: one left open past it reads as an unknown outcome and
+            # quarantines a credential whose refresh token was never sent.
+            await self._release_unsent(c, timeout_ms / 1000)
             raise
         if spend.reason == "grace_over":
             unknown = Ambiguous("unknown_outcome", "an earlier request was never answered")
@@ -363,6 +365,18 @@ class Refresher:
             )
         self._child(self.metrics.refresh_duration, c.profile).observe(time.monotonic() - started)
         return await self._finish_success(c, profile, tokens)
+
+    async def _release_unsent(self, c: Claimed, within_s: float) -> None:
+        """Clear our spend intent for a request never sent, retrying (shielded)
+        for up to ``within_s`` while Redis is unreachable."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(max(within_s, 2.0)):
+            while True:
+                try:
+                    await self.store.commit(c, "release", next_due="now", fields={}, event="")
+                except StoreUnavailable:
+                    await anyio.sleep(0.25)
+                else:
+                    return
 
     async def _exchange(self, c: Claimed, profile: Profile, request: TokenRequest) -> TokenSet:
         try:
