@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import anyio
 import redis.asyncio as aioredis
@@ -37,6 +37,7 @@ from redis.asyncio.connection import SSLConnection
 
 from worker.errors import ConfigError, StoreUnavailable
 from worker.logs import get_logger
+from worker.redisurl import TLS_OPTIONS, parse_auth, parse_hosts, parse_options, tls_options
 
 __all__ = [
     "CLUSTER_SCHEMES",
@@ -51,11 +52,6 @@ __all__ = [
 log = get_logger("refreshd.cluster")
 
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
-
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
-_CERT_REQS = ("required", "optional", "none")
-_OPTIONS = frozenset({"ssl", *_TLS_FILES, "ssl_cert_reqs", "ssl_check_hostname"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,59 +76,16 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     would send the password in clear)."""
     parts = urlsplit(url)
     creds, _, hostlist = parts.netloc.rpartition("@")
-    hosts: list[tuple[str, int]] = []
-    for item in hostlist.split(","):
-        host, _, port = item.strip().rpartition(":") if ":" in item else (item, "", "6379")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"cluster node address {item.strip()[:60]!r} is not host:port")
-        hosts.append((host.strip("[]"), int(port)))
+    hosts = parse_hosts(
+        hostlist,
+        default_port="6379",
+        bad=lambda item: f"cluster node address {item.strip()[:60]!r} is not host:port",
+        check_range=True,
+    )
     if parts.path.strip("/") not in ("", "0"):
         raise ConfigError("a Redis Cluster has database 0 only: drop the /db from the URL")
-    auth: dict[str, str] = {}
-    if creds:
-        user, _, password = creds.partition(":")
-        if user:
-            auth["username"] = unquote(user)
-        if password:
-            auth["password"] = unquote(password)
-    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    unknown = sorted(set(query) - _OPTIONS)
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) in the cluster URL: {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(_OPTIONS))})"
-        )
-    return ClusterTarget(hosts, auth, _tls_options(parts.scheme.lower(), query))
-
-
-def _tls_options(scheme: str, query: dict[str, str]) -> dict[str, Any]:
-    ssl = scheme == "rediss+cluster"
-    if "ssl" in query:
-        raw = query["ssl"].lower()
-        if raw not in _TRUE | _FALSE:
-            raise ConfigError(f"ssl= in the cluster URL is true or false, not {query['ssl']!r}")
-        if ssl and raw in _FALSE:
-            raise ConfigError("rediss+cluster:// is TLS; ssl=false contradicts it")
-        ssl = raw in _TRUE
-    given = sorted(k for k in query if k.startswith("ssl_"))
-    if not ssl:
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)} in a plain cluster URL: use rediss+cluster:// for TLS"
-            )
-        return {}
-    tls: dict[str, Any] = {"ssl": True}
-    tls.update({k: query[k] for k in _TLS_FILES if k in query})
-    if "ssl_cert_reqs" in query:
-        if query["ssl_cert_reqs"] not in _CERT_REQS:
-            raise ConfigError(f"ssl_cert_reqs is one of {', '.join(_CERT_REQS)}")
-        tls["ssl_cert_reqs"] = query["ssl_cert_reqs"]
-    if "ssl_check_hostname" in query:
-        raw = query["ssl_check_hostname"].lower()
-        if raw not in _TRUE | _FALSE:
-            raise ConfigError("ssl_check_hostname is true or false")
-        tls["ssl_check_hostname"] = raw in _TRUE
-    return tls
+    query = parse_options(parts, TLS_OPTIONS, "cluster")
+    return ClusterTarget(hosts, parse_auth(creds), tls_options(parts.scheme, query, what="cluster"))
 
 
 def describe_cluster_url(url: str) -> str:

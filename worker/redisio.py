@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
@@ -31,6 +31,7 @@ from worker.cluster import (
     parse_cluster_url,
 )
 from worker.errors import ConfigError, StoreUnavailable
+from worker.redisurl import TLS_OPTIONS, parse_auth, parse_hosts, parse_options, tls_options
 
 __all__ = [
     "REDIS_UNAVAILABLE",
@@ -279,13 +280,7 @@ def describe_url(url: str) -> str:
     return hostlist if ":" in hostlist else f"{hostlist}:6379"
 
 
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
-_CERT_REQS = ("required", "optional", "none")
-_SENTINEL_OPTIONS = frozenset(
-    {"sentinel_password", "sentinel_username", "ssl", *_TLS_FILES, "ssl_cert_reqs",
-     "ssl_check_hostname"}
-)  # fmt: skip
+_SENTINEL_OPTIONS = frozenset({"sentinel_password", "sentinel_username", *TLS_OPTIONS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,62 +307,20 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     silently ignored ``ssl=true`` would send the password in clear."""
     parts = urlsplit(url)
     creds, _, hostlist = parts.netloc.rpartition("@")
-    hosts: list[tuple[str, int]] = []
-    for item in hostlist.split(","):
-        host, _, port = item.strip().rpartition(":") if ":" in item else (item, "", "26379")
-        if not host or not port.isdigit():
-            raise ConfigError(f"sentinel address {item!r} is not host:port")
-        hosts.append((host.strip("[]"), int(port)))
+    hosts = parse_hosts(
+        hostlist,
+        default_port="26379",
+        bad=lambda item: f"sentinel address {item!r} is not host:port",
+        check_range=False,
+    )
     service = parts.path.strip("/")
     if not service:
         raise ConfigError("a redis+sentinel:// URL names the service: .../mymaster")
-    auth: dict[str, str] = {}
-    if creds:
-        user, _, password = creds.partition(":")
-        if user:
-            auth["username"] = unquote(user)
-        if password:
-            auth["password"] = unquote(password)
-    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    unknown = sorted(set(query) - _SENTINEL_OPTIONS)
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) in the sentinel URL: {', '.join(unknown)} "
-            f"(known: {', '.join(sorted(_SENTINEL_OPTIONS))})"
-        )
+    query = parse_options(parts, _SENTINEL_OPTIONS, "sentinel")
     sentinel_auth = {
         key: query[f"sentinel_{key}"]
         for key in ("username", "password")
         if f"sentinel_{key}" in query
     }
-    return SentinelTarget(hosts, service, auth, sentinel_auth, _tls_options(parts.scheme, query))
-
-
-def _tls_options(scheme: str, query: dict[str, str]) -> dict[str, Any]:
-    ssl = scheme == "rediss+sentinel"
-    if "ssl" in query:
-        raw = query["ssl"].lower()
-        if raw not in _TRUE | _FALSE:
-            raise ConfigError(f"ssl= in the sentinel URL is true or false, not {query['ssl']!r}")
-        if ssl and raw in _FALSE:
-            raise ConfigError("rediss+sentinel:// is TLS; ssl=false contradicts it")
-        ssl = raw in _TRUE
-    given = sorted(k for k in query if k.startswith("ssl_"))
-    if not ssl:
-        if given:
-            raise ConfigError(
-                f"{', '.join(given)} in a plain sentinel URL: use rediss+sentinel:// for TLS"
-            )
-        return {}
-    tls: dict[str, Any] = {"ssl": True}
-    tls.update({k: query[k] for k in _TLS_FILES if k in query})
-    if "ssl_cert_reqs" in query:
-        if query["ssl_cert_reqs"] not in _CERT_REQS:
-            raise ConfigError(f"ssl_cert_reqs is one of {', '.join(_CERT_REQS)}")
-        tls["ssl_cert_reqs"] = query["ssl_cert_reqs"]
-    if "ssl_check_hostname" in query:
-        raw = query["ssl_check_hostname"].lower()
-        if raw not in _TRUE | _FALSE:
-            raise ConfigError("ssl_check_hostname is true or false")
-        tls["ssl_check_hostname"] = raw in _TRUE
-    return tls
+    tls = tls_options(parts.scheme, query, what="sentinel")
+    return SentinelTarget(hosts, service, parse_auth(creds), sentinel_auth, tls)
