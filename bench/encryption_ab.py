@@ -20,19 +20,15 @@ import base64
 import json
 import os
 import secrets
-import shutil
-import statistics
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import partialmethod
-from pathlib import Path
 from typing import Any
 
 import anyio
 
-from bench.infra import Endpoint, RefreshdWorker, start_valkey
+from bench.ab import compare, standalone_ctx, worker_env
+from bench.infra import fresh_valkey
 from bench.measure import used_memory
 from bench.refreshd_runs import Ctx, catch_up
 from bench.seed import PROFILE, cred_ids, seed_refreshd
@@ -61,46 +57,21 @@ def _ring(on: bool) -> Iterator[dict[str, str]]:
 
 
 def _run(ctx: Ctx, n: int, on: bool, tag: str) -> dict[str, Any]:
-    original = RefreshdWorker.start
-    with _ring(on) as env:
-        RefreshdWorker.start = partialmethod(original, extra_env=env)  # type: ignore[method-assign,assignment]
-        try:
-            return catch_up(ctx, n, 1, tag=tag)
-        finally:
-            RefreshdWorker.start = original  # type: ignore[method-assign]
+    with _ring(on) as env, worker_env(env):
+        return catch_up(ctx, n, 1, tag=tag)
 
 
 def ab_rounds(ctx: Ctx, n: int, rounds: int) -> dict[str, Any]:
     """``rounds`` pairs of catch-ups, encryption off and on, alternating
     which goes first (the machine's speed drifts); medians of each side."""
-    rows: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
-    runs: list[dict[str, Any]] = []
-    for r in range(rounds):
-        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
-            result = _run(ctx, n, mode == "on", f"-enc{mode}{r}")
-            runs.append(result)
-            cpu = result["cpu_ms_per_refresh"]
-            per_s = result["refreshes_per_s"]
-            seeded = result["redis_bytes_per_credential"]["seeded"]
-            rows[mode].append({"worker_ms": cpu["worker"], "redis_ms": cpu["redis"],
-                               "per_s": per_s, "seeded": seeded})  # fmt: skip
-            ctx.log(f"  encryption {mode:3}: worker {cpu['worker']:.3f} ms, redis "
-                    f"{cpu['redis']:.3f} ms per refresh, {per_s:.0f}/s")  # fmt: skip
-
-    def med(mode: str, key: str) -> float:
-        return float(statistics.median(row[key] for row in rows[mode]))
-
-    return {
-        "credentials": n,
-        "rounds": rounds,
-        "runs": {m: rows[m] for m in rows},
-        "worker_cpu_ms_per_refresh": {m: med(m, "worker_ms") for m in rows},
-        "redis_cpu_ms_per_refresh": {m: med(m, "redis_ms") for m in rows},
-        "refreshes_per_s": {m: med(m, "per_s") for m in rows},
-        "worker_cpu_change_pct": 100 * (med("on", "worker_ms") / med("off", "worker_ms") - 1),
-        "endpoint_reuse": sum(r.get("endpoint_reuse", 0) for r in runs),
-        "all_committed_once": all(r.get("all_committed_once", True) for r in runs),
-    }
+    rows, summary = compare(
+        ctx,
+        rounds,
+        lambda r, mode: _run(ctx, n, mode == "on", f"-enc{mode}{r}"),
+        label="encryption",
+        extra=lambda result: {"seeded": result["redis_bytes_per_credential"]["seeded"]},
+    )
+    return {"credentials": n, "rounds": rounds, "runs": rows, **summary}
 
 
 async def _seed_random(url: str, ids: Sequence[str]) -> None:
@@ -130,9 +101,7 @@ def memory_ab(ctx: Ctx, n: int) -> dict[str, Any]:
     out: dict[str, Any] = {"credentials": n}
     for tokens in ("bench", "random"):
         for mode in ("off", "on"):
-            work = ctx.work / f"enc-memory-{tokens}-{mode}"
-            shutil.rmtree(work, ignore_errors=True)
-            server = start_valkey(work / "redis", fsync=ctx.fsync)
+            server = fresh_valkey(ctx.work / f"enc-memory-{tokens}-{mode}", fsync=ctx.fsync)
             try:
                 ids = cred_ids(n)
                 with _ring(mode == "on"):
@@ -163,21 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-credentials", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=1024)
     args = p.parse_args(argv)
-    started = time.monotonic()
-
-    def log(msg: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {msg}", flush=True)
-
-    with tempfile.TemporaryDirectory(prefix="refreshd-enc-") as tmp:
-        work = Path(tmp)
-        endpoint = Endpoint(work)
-        ctx = Ctx(out=work, work=work, endpoint=endpoint, fsync="everysec",
-                  concurrency=args.concurrency, log=log)  # fmt: skip
-        try:
-            summary = ab_rounds(ctx, args.credentials, args.rounds)
-            summary["memory"] = memory_ab(ctx, args.memory_credentials)
-        finally:
-            endpoint.close()
+    with standalone_ctx("refreshd-enc-", args.concurrency) as ctx:
+        summary = ab_rounds(ctx, args.credentials, args.rounds)
+        summary["memory"] = memory_ab(ctx, args.memory_credentials)
     print(json.dumps(summary, indent=2))
 
 

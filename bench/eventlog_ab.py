@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import tempfile
 import time
-from functools import partialmethod
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from bench.infra import Endpoint, RefreshdWorker, start_valkey
+from bench.ab import compare, median_of, standalone_ctx, worker_env
+from bench.infra import start_valkey
 from bench.refreshd_runs import Ctx, catch_up
 from worker.client import connect as client_connect
 from worker.eventlog import EventLog
@@ -44,12 +42,8 @@ from worker.settings import Settings
 
 def _run(ctx: Ctx, n: int, log_on: bool, tag: str) -> dict[str, Any]:
     env = {"REFRESHD_EVENT_LOG": "true" if log_on else "false"}
-    original = RefreshdWorker.start
-    RefreshdWorker.start = partialmethod(original, extra_env=env)  # type: ignore[method-assign,assignment]
-    try:
+    with worker_env(env):
         return catch_up(ctx, n, 1, tag=tag)
-    finally:
-        RefreshdWorker.start = original  # type: ignore[method-assign]
 
 
 async def _follow_rate(url: str, events: int) -> dict[str, Any]:
@@ -92,35 +86,19 @@ async def _follow_rate(url: str, events: int) -> dict[str, Any]:
 def ab_rounds(ctx: Ctx, n: int, rounds: int) -> dict[str, Any]:
     """``rounds`` pairs of catch-ups, log off and on, alternating which goes
     first (the machine's speed drifts); medians of each side."""
-    rows: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
-    runs: list[dict[str, Any]] = []
-    for r in range(rounds):
-        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
-            result = _run(ctx, n, mode == "on", f"-log{mode}{r}")
-            runs.append(result)
-            cpu = result["cpu_ms_per_refresh"]
-            mem = result["redis_bytes_per_credential"]["after_one_refresh"]
-            per_s = result["refreshes_per_s"]
-            rows[mode].append({"worker_ms": cpu["worker"], "redis_ms": cpu["redis"],
-                               "per_s": per_s, "bytes": mem})  # fmt: skip
-            ctx.log(f"  log {mode:3}: worker {cpu['worker']:.3f} ms, redis {cpu['redis']:.3f}"
-                    f" ms per refresh, {per_s:.0f}/s, {mem:.0f} B/cred")  # fmt: skip
-
-    def med(mode: str, key: str) -> float:
-        return float(statistics.median(row[key] for row in rows[mode]))
-
-    return {
-        "credentials": n,
-        "rounds": rounds,
-        "worker_cpu_ms_per_refresh": {m: med(m, "worker_ms") for m in rows},
-        "redis_cpu_ms_per_refresh": {m: med(m, "redis_ms") for m in rows},
-        "refreshes_per_s": {m: med(m, "per_s") for m in rows},
-        "worker_cpu_change_pct": 100 * (med("on", "worker_ms") / med("off", "worker_ms") - 1),
-        "redis_bytes_per_retained_event": med("on", "bytes") - med("off", "bytes"),
-        # checked by `python -m bench` like every other run
-        "endpoint_reuse": sum(r.get("endpoint_reuse", 0) for r in runs),
-        "all_committed_once": all(r.get("all_committed_once", True) for r in runs),
-    }
+    rows, summary = compare(
+        ctx,
+        rounds,
+        lambda r, mode: _run(ctx, n, mode == "on", f"-log{mode}{r}"),
+        label="log",
+        extra=lambda result: {"bytes": result["redis_bytes_per_credential"]["after_one_refresh"]},
+        suffix=lambda row: f", {row['bytes']:.0f} B/cred",
+    )
+    retained = median_of(rows["on"], "bytes") - median_of(rows["off"], "bytes")
+    # endpoint_reuse and all_committed_once are checked by `python -m bench`
+    # like every other run
+    return {"credentials": n, "rounds": rounds, **summary,
+            "redis_bytes_per_retained_event": retained}  # fmt: skip
 
 
 def follow_rate(work: Path, events: int) -> dict[str, Any]:
@@ -139,22 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, default=1024)
     p.add_argument("--follow-events", type=int, default=100_000)
     args = p.parse_args(argv)
-    started = time.monotonic()
-
-    def log(msg: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {msg}", flush=True)
-
-    with tempfile.TemporaryDirectory(prefix="refreshd-ab-") as tmp:
-        work = Path(tmp)
-        endpoint = Endpoint(work)
-        ctx = Ctx(out=work, work=work, endpoint=endpoint, fsync="everysec",
-                  concurrency=args.concurrency, log=log)  # fmt: skip
-        try:
-            summary = ab_rounds(ctx, args.credentials, args.rounds)
-            follow = follow_rate(work, args.follow_events)
-            log(f"one consumer read {follow['events']} events at {follow['events_per_s']:.0f}/s")
-        finally:
-            endpoint.close()
+    with standalone_ctx("refreshd-ab-", args.concurrency) as ctx:
+        summary = ab_rounds(ctx, args.credentials, args.rounds)
+        follow = follow_rate(ctx.work, args.follow_events)
+        ctx.log(f"one consumer read {follow['events']} events at {follow['events_per_s']:.0f}/s")
     summary["consumer_events_per_s"] = follow["events_per_s"]
     print(json.dumps(summary, indent=2))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ __all__ = [
     "ProcGroup",
     "RefreshdWorker",
     "cpu_seconds",
+    "fresh_valkey",
     "start_valkey",
 ]
 
@@ -53,6 +55,14 @@ def start_valkey(data_dir: Path, *, fsync: str) -> RedisServer:
     )
     server.start()
     return server
+
+
+def fresh_valkey(work: Path, *, fsync: str) -> RedisServer:
+    """``start_valkey`` in ``work/redis`` after emptying ``work``: a
+    measurement that reads used_memory must not start from a previous
+    run's data."""
+    shutil.rmtree(work, ignore_errors=True)
+    return start_valkey(work / "redis", fsync=fsync)
 
 
 def _http_json(url: str, *, method: str = "GET", timeout: float = 5.0) -> Any:

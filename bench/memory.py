@@ -4,7 +4,6 @@ do-it-yourself scheduler could keep)."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from typing import Any
 
@@ -34,13 +33,11 @@ def _plain_hashes(server: RedisServer, ids: list[str]) -> None:
 
 
 def memory(ctx: Ctx, n: int) -> dict[str, Any]:
-    from bench.infra import start_valkey
+    from bench.infra import fresh_valkey
 
     results: dict[str, Any] = {"scenario": "memory", "credentials": n}
     for layout in ("refreshd", "plain_hash"):
-        work = ctx.work / f"memory-{layout}"
-        shutil.rmtree(work, ignore_errors=True)
-        server = start_valkey(work / "redis", fsync=ctx.fsync)
+        server = fresh_valkey(ctx.work / f"memory-{layout}", fsync=ctx.fsync)
         try:
             ids = cred_ids(n)
             before = used_memory(server)
