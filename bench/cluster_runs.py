@@ -25,7 +25,7 @@ import anyio
 
 from bench.infra import RefreshdWorker, cpu_seconds, start_valkey
 from bench.measure import Snapshot, catch_up_result, machine_ticks
-from bench.refreshd_runs import Ctx, _wait
+from bench.refreshd_runs import Ctx, _wait, wait_caught_up
 from bench.seed import cred_ids, read_commits, seed_refreshd
 from tests.redis_cluster import RedisCluster, key_slot
 from tests.redis_server import RedisServer
@@ -185,15 +185,7 @@ def cluster_catch_up(ctx: Ctx, n: int, kind: str, *, tag: str = "") -> dict[str,
         time.sleep(0.5)
         before, cpu0 = _snapshot(workers, topo, ctx.endpoint.pid)
         armed_ms = anyio.run(arm_anywhere, topo.url, ids, backend="asyncio")
-
-        def endpoint_done() -> bool:
-            workers.check_alive()
-            return int(ctx.endpoint.stats()["refreshes"]) >= n
-
-        _wait(endpoint_done, within=max(60.0, n / 100),
-              what=lambda: f"the endpoint to see every refresh ({ctx.endpoint.stats()['refreshes']}"
-              f" of {n})")  # fmt: skip
-        _wait(lambda: workers.refreshed_total() >= n, within=30, what="the last commits")
+        wait_caught_up(ctx, workers, n)
         after, cpu1 = _snapshot(workers, topo, ctx.endpoint.pid)
         ep = ctx.endpoint.stats()
         commits = anyio.run(read_commits, topo.url, ids, backend="asyncio")

@@ -15,7 +15,7 @@ from bench.infra import Endpoint, RefreshdWorker, start_valkey
 from bench.measure import Snapshot, catch_up_result, steady_size, steady_window, used_memory
 from bench.seed import arm, cred_ids, read_commits, seed_refreshd
 
-__all__ = ["Ctx", "catch_up", "steady"]
+__all__ = ["Ctx", "catch_up", "steady", "wait_caught_up"]
 
 
 @dataclass
@@ -43,6 +43,21 @@ def _wait(
         time.sleep(poll)
 
 
+def wait_caught_up(ctx: Ctx, workers: RefreshdWorker, n: int) -> None:
+    """Until the endpoint has seen ``n`` refreshes (the workers still alive)
+    and the workers have committed them: the end of every catch-up, on one
+    server or a cluster, so both time the same thing."""
+
+    def endpoint_done() -> bool:
+        workers.check_alive()
+        return int(ctx.endpoint.stats()["refreshes"]) >= n
+
+    _wait(endpoint_done, within=max(60.0, n / 100),
+          what=lambda: f"the endpoint to see every refresh ({ctx.endpoint.stats()['refreshes']}"
+          f" of {n})")  # fmt: skip
+    _wait(lambda: workers.refreshed_total() >= n, within=30, what="the last commits")
+
+
 def catch_up(ctx: Ctx, n: int, processes: int = 1, *, tag: str = "") -> dict[str, Any]:
     """N credentials all due at once; ``processes`` workers; until every one
     is refreshed and committed."""
@@ -66,15 +81,7 @@ def catch_up(ctx: Ctx, n: int, processes: int = 1, *, tag: str = "") -> dict[str
         profiler = _start_profiler(ctx, workers, work) if ctx.profile else None
         due = int(time.time() * 1000)
         armed_ms = anyio.run(arm, server.url, ids, lambda _i: due, backend="asyncio")
-
-        def endpoint_done() -> bool:
-            workers.check_alive()
-            return int(ctx.endpoint.stats()["refreshes"]) >= n
-
-        _wait(endpoint_done, within=max(60.0, n / 100),
-              what=lambda: f"the endpoint to see every refresh ({ctx.endpoint.stats()['refreshes']}"
-              f" of {n})")  # fmt: skip
-        _wait(lambda: workers.refreshed_total() >= n, within=30, what="the last commits")
+        wait_caught_up(ctx, workers, n)
         after = Snapshot.take(workers, server, ctx.endpoint.pid)
         profile = _stop_profiler(profiler, work) if profiler else None
         ep = ctx.endpoint.stats()
