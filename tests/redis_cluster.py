@@ -21,11 +21,11 @@ import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import redis
 
+from tests.lifecycle import StartStop
 from tests.redis_server import RedisServer, free_port
 
 __all__ = ["SLOTS", "ClusterNode", "RedisCluster", "key_slot"]
@@ -120,7 +120,7 @@ class ClusterNode:
         return f"<ClusterNode #{self.index} {self.address} {state}>"
 
 
-class RedisCluster:
+class RedisCluster(StartStop):
     """``primaries`` primaries, each with ``replicas_per_primary`` replicas.
 
     Slots are split evenly in index order: node 0 owns 0-5460, node 1
@@ -183,18 +183,6 @@ class RedisCluster:
             with node.client() as client:
                 client.execute_command("CLUSTER", "REPLICATE", primary.node_id)
         self.wait_healthy(timeout=max(deadline - time.monotonic(), 1.0))
-
-    def __enter__(self) -> RedisCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- what a client needs -----------------------------------------------
 

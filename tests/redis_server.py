@@ -17,11 +17,12 @@ import subprocess
 import time
 import weakref
 from pathlib import Path
-from types import TracebackType
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from tests.lifecycle import StartStop
 
 __all__ = ["RedisServer", "free_port", "server_binary"]
 
@@ -81,7 +82,7 @@ class _Child:
             proc.wait()
 
 
-class RedisServer:
+class RedisServer(StartStop):
     """One server on a fixed loopback port and data directory.
 
     The port is chosen once, so ``restart()`` brings the server back where
@@ -229,18 +230,6 @@ class RedisServer:
         if not self.running:
             raise RuntimeError("server is not running")
         os.kill(self.pid, signum)
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         state = "paused" if self.paused else "running" if self.running else "stopped"

@@ -28,10 +28,11 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
+
+from tests.lifecycle import StartStop
 
 __all__ = ["MAX_MINT_PER_CALL", "MintedGrant", "OidcPeer", "PeerStats"]
 
@@ -160,7 +161,7 @@ def _pump_stderr(proc: subprocess.Popen[str], tail: deque[str]) -> None:
             tail.append(line.rstrip("\n"))
 
 
-class OidcPeer:
+class OidcPeer(StartStop):
     """``node oidc/server.mjs`` on an OS-chosen 127.0.0.1 port.
 
     One confidential client (``client_secret_basic``; oidc-provider also
@@ -320,18 +321,6 @@ class OidcPeer:
         self._child.reap()
         self._issuer = None
         self._port = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- properties --------------------------------------------------------
 
