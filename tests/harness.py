@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -40,10 +44,30 @@ __all__ = [
     "add_grants",
     "claim_spend_send",
     "make_settings",
+    "run_demo",
     "seed",
     "wait_for",
     "worker_running",
 ]
+
+
+def run_demo(redis_url: str, cwd: Path) -> tuple[dict[str, Any], str]:
+    """``python -m worker demo`` (60 credentials, 4 s) against ``redis_url``
+    with no other ``REFRESHD_*`` from the environment, as a user runs it;
+    returns its JSON summary and stderr once it exited 0 without a
+    traceback. One runner for the single-server and the cluster test, so
+    both check the same demo."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
+    env |= {"REFRESHD_REDIS_URL": redis_url, "REFRESHD_LOG_LEVEL": "error"}
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "demo", "--credentials", "60", "--duration", "4",
+         "--lifetime", "3"],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    summary: dict[str, Any] = json.loads(done.stdout)
+    return summary, done.stderr
 
 
 def make_settings(redis_url: str, **overrides: Any) -> Settings:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -21,7 +19,7 @@ import pytest
 
 from tests.cli_helpers import Cli, cred_line, provider_thread, write_jsonl
 from tests.faultkit import running
-from tests.harness import add_grants, all_current, make_settings, seed, wait_for
+from tests.harness import add_grants, all_current, make_settings, run_demo, seed, wait_for
 from tests.redis_cluster import RedisCluster, key_slot
 from tests.test_cli import _restore_logging  # noqa: F401 - autouse: logging put back
 from tests.test_process import worker_process
@@ -529,20 +527,11 @@ async def any_profile(store: Store, provider: FakeProvider) -> str:
 
 
 def test_the_demo_runs_on_a_cluster_url(cluster_url: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
-    env |= {"REFRESHD_REDIS_URL": cluster_url, "REFRESHD_LOG_LEVEL": "error"}
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "demo", "--credentials", "60", "--duration", "4",
-         "--lifetime", "3"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout)
+    summary, _stderr = run_demo(cluster_url, tmp_path)
     assert summary["refreshed"] > 60
     assert summary["refresh_tokens_sent_twice"] == 0
     assert summary["commits"] == summary["events_received"]
     assert summary["events_missing"] == summary["events_duplicated"] == 0
-    assert "Traceback" not in done.stderr
 
 
 async def test_the_rate_limiter_is_shared_on_a_cluster(cluster_url: str) -> None:
