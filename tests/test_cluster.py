@@ -393,6 +393,31 @@ async def test_scripts_follow_moved_and_ask_while_a_slot_moves(
             assert cred.access_token == f"new-{cred_id}"
 
 
+async def test_claims_on_live_nodes_are_kept_when_another_node_is_down(
+    fresh_cluster: RedisCluster,
+) -> None:
+    """A claim round over every partition while one primary is dead (before
+    its replica takes over): the live nodes' claims hold leases, so they
+    are handed to the worker at once, not dropped until the lease ends."""
+    cluster = fresh_cluster
+    settings = make_settings(cluster.url, partitions=6)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        grants = await seed(store, provider, 60, expires_in=3600)
+        for cred_id in grants:
+            await store.set_due(cred_id, 0)
+        parts = [store.keys.partition(i) for i in range(6)]
+        dead = cluster.owner_of(key_slot(parts[0].due))
+        cluster.kill(dead)
+        live = [p for p in parts if cluster.owner_of(key_slot(p.due)) is not dead]
+        assert live, "every partition on the killed primary"
+        results = await store.claim_many(
+            [(p, 100, uuid.uuid4().hex) for p in parts], lease_ms=30_000
+        )
+        claimed = {c.id for _, items in results for c in items}
+        expected = {i for i in grants if store.keys.partition_of(i) in live}
+        assert claimed == expected
+
+
 async def claim(store: Store, cred_id: str) -> Claimed:
     """Claim one due credential the way a worker does (``claim_many``)."""
     part = store.keys.partition_of(cred_id)

@@ -30,7 +30,7 @@ from tests.redis_server import RedisServer
 from worker.app import open_store
 from worker.client import CredentialUnreadable, Quarantined, Refreshed, connect
 from worker.codec import PlainCodec, SecretContext
-from worker.errors import SecretUnreadable
+from worker.errors import NotFound, SecretUnreadable
 from worker.fakeprovider import FakeProvider, FakeProviderConfig, Fault, IssuedGrant
 from worker.keyring import AesGcmCodec, KeyRing
 from worker.models import CredentialInput, Status
@@ -362,3 +362,20 @@ async def test_a_profile_whose_secret_does_not_decrypt_can_be_shown_and_repaired
         profile = await profiles.load("p")
         assert profile.client_secret == provider.config.client_secret
         assert dict(profile.secret_params) == {"passcode": "654321"}
+
+
+async def test_a_profile_whose_secret_does_not_decrypt_can_still_be_deleted(
+    redis_url: str,
+) -> None:
+    settings = keyed(redis_url)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        profiles = ProfileStore(store)
+        await seed(store, provider, 2)
+        key = store.keys.profile("p")
+        stored = str(await store.client.hget(key, "client_secret"))
+        await store.client.hset(key, "client_secret", stored[:-2] + "zz")
+        assert await profiles.delete("p", force=True) == 2
+        with pytest.raises(NotFound):
+            await profiles.get("p")
+        with pytest.raises(NotFound):
+            await profiles.delete("p")

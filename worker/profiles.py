@@ -220,8 +220,12 @@ class ProfileStore:
         progress: Callable[[int, int], None] | None = None,
     ) -> int:
         """Delete the profile; returns how many credentials went with it.
-        ``progress(deleted_now, total)`` hears each batch of a forced delete."""
-        await self.load(profile_id)
+        ``progress(deleted_now, total)`` hears each batch of a forced delete.
+        Nothing is decrypted: a profile whose secret is under a key no
+        longer in the ring can still be deleted."""
+        validate_id("profile", profile_id)
+        if not await guard(self.client.hget(self.keys.profile(profile_id), "token_url")):
+            raise NotFound(f"no profile {profile_id!r}")
         in_use = (await self.store.counters()).get(f"profile:{profile_id}", 0)
         if in_use and not force:
             raise Conflict(

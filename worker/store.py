@@ -420,17 +420,28 @@ class Store:
             for part, limit, token in requests
         ]
         out: list[tuple[int, list[Claimed]]] = []
+        unavailable: list[tuple[int, StoreUnavailable]] = []
         # no durability wait: a lease forgotten by a failover only frees the work
         for (part, _, token), reply in zip(
             requests, await execute_scripts(self.client, Durability(), calls), strict=True
         ):
             if isinstance(reply, StoreUnavailable):
-                raise reply
+                unavailable.append((part.index, reply))
+                continue
             if isinstance(reply, Exception):  # a script error: the others stand
                 log.error("claim.failed", partition=part.index, error=str(reply))
                 continue
             res = reply[0]
             out.append((int(res[1]), self._claimed(part, token, res)))
+        if unavailable and not out:
+            raise unavailable[0][1]
+        if unavailable:
+            # On a cluster one node can be down while the others answered:
+            # their claims hold leases, so they are worked now rather than
+            # left until the lease runs out.
+            log.warning("claim.partitions_unavailable",
+                        partitions=[index for index, _ in unavailable],
+                        error=str(unavailable[0][1]))  # fmt: skip
         return out
 
     async def spend(
