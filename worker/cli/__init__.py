@@ -19,7 +19,7 @@ import anyio
 from redis import exceptions as redis_errors
 
 from worker import __version__
-from worker.cli import consumer, credentials, key, ops, profiles
+from worker.cli import cluster, consumer, credentials, key, ops, profiles
 from worker.cli.common import CliParser, Command, fail
 from worker.errors import ConfigError, RefreshdError
 from worker.settings import SETTINGS_DOC
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     credentials.register(sub)
     consumer.register(sub)
     key.register(sub)
+    cluster.register(sub)
     _no_abbreviations(parser)
     return parser
 
