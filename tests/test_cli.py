@@ -36,6 +36,7 @@ from tests.cli_helpers import (
     write_jsonl,
 )
 from tests.redis_server import free_port
+from worker.codec import RECORD_MARK
 from worker.fakeprovider import FakeProviderConfig, Fault, IssuedGrant
 from worker.keys import Keyspace
 from worker.logs import fingerprint
@@ -1239,7 +1240,7 @@ def test_with_a_key_ring_tokens_are_stored_encrypted_and_revealed_in_clear(
     make_profile(cli, "acme")
     import_lines(cli, tmp_path, cred_line("c1", "acme", 1))
     [stored] = stored_records(redis_url, ["c1"])  # read without the ring: as stored
-    assert stored["access_token"].startswith("e1.k1.")
+    assert stored["access_token"].startswith(RECORD_MARK + "k1.")
     assert "AT-1-9f3c1e" not in json.dumps(stored)
     revealed = cli.ok("credential", "get", "c1", "--reveal")
     assert (revealed["access_token"], revealed["refresh_token"]) == ("AT-1-9f3c1e", "RT-1-4b7d2a")

@@ -6,6 +6,7 @@ the redirection test has a cluster of its own (``fresh_cluster``).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -36,6 +37,7 @@ from worker.client import Refreshed, connect
 from worker.cluster import parse_cluster_url, router_of
 from worker.clusterbatch import ClusterBatcher
 from worker.clusterrate import ClusterRate
+from worker.codec import RECORD_MARK
 from worker.errors import ConfigError
 from worker.eventsub import EventSubscription
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
@@ -188,8 +190,14 @@ async def test_three_worker_processes_race_over_two_thousand_credentials(
         print(f"cluster race: {count} credentials, {len(refreshed)} refreshes in {elapsed:.1f} s")
 
 
-async def test_in_process_workers_keep_every_credential_current(cluster_url: str) -> None:
-    settings = make_settings(cluster_url, partitions=6)
+@pytest.mark.parametrize("ring", ["", "k1:" + base64.b64encode(bytes(range(32))).decode()],
+                         ids=["plain", "encrypted"])  # fmt: skip
+async def test_in_process_workers_keep_every_credential_current(
+    cluster_url: str, ring: str
+) -> None:
+    """Encrypted, each record holds the record form (raw bytes), which the
+    per-node group commit packs and every node's client reads back."""
+    settings = make_settings(cluster_url, partitions=6, encryption_keys=ring)
     async with (
         FakeProvider(FakeProviderConfig(reuse_grace_s=0)) as provider,
         open_store(settings) as store,
@@ -201,6 +209,8 @@ async def test_in_process_workers_keep_every_credential_current(cluster_url: str
             await wait_for(lambda: len(events.of("token.refreshed")) >= 60, within=5,
                            what="every event")  # fmt: skip
         assert provider.stats.reuse_events == []
+        raw = await store.many_raw_fields(sorted(grants))
+        assert all(r["refresh_token"].startswith(RECORD_MARK) == bool(ring) for r in raw)
 
 
 # --------------------------------------------------------------- client

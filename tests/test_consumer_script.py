@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tests.harness import make_settings, seed
 from worker.app import open_store
-from worker.codec import SecretContext
+from worker.codec import RECORD_MARK, text_form
 from worker.consumer_script import token_script_sha, token_script_source
 from worker.fakeprovider import FakeProvider
 from worker.redisio import load_script
@@ -76,6 +76,23 @@ async def set_extra(store: Store, extra: dict[str, str] | str) -> None:
     await store.client.eval(record + script, 1, part.cred(CRED), value)
 
 
+@pytest.mark.parametrize("size", [29, 30, 31, 32, 700])
+async def test_the_script_turns_the_record_form_into_the_text_form_python_makes(
+    redis_url: str, size: int
+) -> None:
+    """The script's base64url equals Python's for every length modulo 3
+    (bytes 0-255 all present), so a consumer sees what events carry."""
+    settings = make_settings(redis_url)
+    async with FakeProvider() as fake, open_store(settings) as store:
+        await seed(store, fake, 1, expires_in=3600)
+        body = bytes(range(256)) * 3
+        record = (b"\xffk1." + body[:size]).decode("utf-8", "surrogateescape")
+        await set_extra(store, record)
+        answer = json.loads(await token_call(store, CRED, "", "json"))
+    assert answer["extra_encrypted"] == text_form(record)
+    assert answer["extra_encrypted"].startswith("e1.k1.")
+
+
 async def test_the_printed_script_is_the_one_the_python_client_loads(redis_url: str) -> None:
     settings = make_settings(redis_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFRESHD_")}
@@ -99,8 +116,11 @@ async def test_with_encryption_the_json_answer_opens_as_the_readme_says(redis_ur
     async with FakeProvider() as fake, open_store(settings) as store:
         grants = await seed(store, fake, 1, expires_in=3600)
         extra = {"instance_url": "https://eu.example", "id_token": "eyJ.x.y"}
-        ctx = SecretContext(store.keys.prefix, "credential", CRED, "extra")
-        await set_extra(store, store.codec.encode(json.dumps(extra), ctx))
+        # as a record holds it: the record form (raw bytes), which the
+        # script turns into the text form
+        stored = store.encode(CRED, "extra", json.dumps(extra))
+        assert stored.startswith(RECORD_MARK + "k1.")
+        await set_extra(store, stored)
         answer = json.loads(await token_call(store, CRED, "", "json"))
     assert answer["extra"] == {}
     assert grants[CRED].access_token not in json.dumps(answer)

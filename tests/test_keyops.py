@@ -25,9 +25,11 @@ from tests.harness import add_grants, all_current, make_settings, seed, wait_for
 from tests.test_process import worker_process
 from worker.app import open_store
 from worker.cli.progress import Progress
+from worker.codec import RECORD_MARK, PlainCodec, text_form
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
 from worker.keyops import key_status, record_count, rotate
 from worker.keyring import generate_key, parse_key_ring
+from worker.models import CredentialInput
 from worker.profiles import ProfileStore
 from worker.redisio import guard, load_script
 from worker.settings import Settings
@@ -111,8 +113,8 @@ async def test_rotate_encrypts_a_plain_database_online(redis_url: str) -> None:
         assert after.json()["profiles"]["by_key"] == {"k1": 1}
         async with store_with(settings, K1) as store:
             for raw in await records(store, sorted(grants)):
-                assert raw["access_token"].startswith("e1.k1.")
-                assert raw["refresh_token"].startswith("e1.k1.")
+                assert raw["access_token"].startswith(RECORD_MARK + "k1.")
+                assert raw["refresh_token"].startswith(RECORD_MARK + "k1.")
             raw_profile: dict[str, str] = await guard(store.client.hgetall(store.keys.profile("p")))
             assert raw_profile["client_secret"].startswith("e1.k1.")
             assert fake.config.client_secret not in json.dumps(raw_profile)
@@ -218,7 +220,8 @@ async def test_the_rewrite_script_refuses_a_changed_record_and_a_refresh_in_flig
             assert second.busy == []
             assert second.credentials_rewritten == 1
             assert (await store.get(cred_id)).access_token == token
-            assert (await records(store, [cred_id]))[0]["access_token"].startswith("e1.k2.")
+            [raw] = await records(store, [cred_id])
+            assert raw["access_token"].startswith(RECORD_MARK + "k2.")
 
 
 async def test_an_open_spend_intent_waits_and_a_lapsed_one_does_not(redis_url: str) -> None:
@@ -241,7 +244,7 @@ async def test_an_open_spend_intent_waits_and_a_lapsed_one_does_not(redis_url: s
             raw = (await records(store, [cred_id]))[0]
     assert second.credentials_rewritten == 1
     assert raw["intent"]  # left for the claim's unknown-outcome rule
-    assert raw["refresh_token"].startswith("e1.k2.")
+    assert raw["refresh_token"].startswith(RECORD_MARK + "k2.")
 
 
 # ------------------------------------------------------------------ resuming
@@ -275,6 +278,51 @@ async def test_an_interrupted_rotation_resumes_where_it_stopped(redis_url: str) 
     assert rest.already_current == halfway.credentials.by_key["k2"] + 1  # + the profile
     assert done.credentials.by_key == {"k2": 600}
     assert done.credentials.pending == 0
+
+
+async def test_rotate_moves_an_earlier_releases_text_form_into_the_record_form(
+    redis_url: str,
+) -> None:
+    """Records an earlier release wrote hold the text form (base64url) of
+    their ciphertext: they read as before, count as pending, and rotate
+    rewrites them in the record form under the same key, a quarter smaller."""
+    settings = make_settings(redis_url, partitions=2)
+    async with FakeProvider() as fake, store_with(settings, K1) as store:
+        grants = await seed(store, fake, 3, expires_in=3600)
+        writer = Store(store.client, store.keys, PlainCodec())  # writes values as given
+        for cred_id in grants:
+            raw = (await records(store, [cred_id]))[0]
+            await writer.upsert(
+                CredentialInput(
+                    id=cred_id,
+                    profile=raw["profile"],
+                    access_token=text_form(raw["access_token"]),
+                    refresh_token=text_form(raw["refresh_token"]),
+                    expires_at_ms=int(raw["expires_at"]),
+                ),
+                due_ms=int(raw["expires_at"]),
+                replace=True,
+            )
+        before = await records(store, sorted(grants))
+        assert all(r["refresh_token"].startswith("e1.k1.") for r in before)
+        status = await key_status(store)
+        result = await rotate(store)
+        after = await records(store, sorted(grants))
+        for cred_id in grants:
+            assert (await store.get(cred_id)).refresh_token == grants[cred_id].refresh_token
+    assert status.credentials.by_key == {"k1": 3}
+    assert status.credentials.pending == 3
+    assert result.credentials_rewritten == 3
+    assert (await key_status_of(settings)).credentials.pending == 0
+    for old, new in zip(before, after, strict=True):
+        for name in ("access_token", "refresh_token"):
+            assert new[name].startswith(RECORD_MARK + "k1.")
+            assert len(new[name].encode("utf-8", "surrogateescape")) < 0.8 * len(old[name])
+
+
+async def key_status_of(settings: Settings) -> Any:
+    async with store_with(settings, K1) as store:
+        return await key_status(store)
 
 
 async def test_ctrl_c_stops_the_command_cleanly_and_a_rerun_finishes(redis_url: str) -> None:

@@ -8,10 +8,18 @@ import base64
 import os
 from pathlib import Path
 
+import hiredis
 import pytest
 
 from worker import keyring
-from worker.codec import PlainCodec, SecretContext
+from worker.codec import (
+    RECORD_MARK,
+    PlainCodec,
+    SecretContext,
+    record_form,
+    split_encrypted,
+    text_form,
+)
 from worker.errors import ConfigError, SecretUnreadable
 from worker.keyring import (
     AesGcmCodec,
@@ -21,6 +29,7 @@ from worker.keyring import (
     key_ring_from_settings,
     parse_key_ring,
 )
+from worker.redisio import pack_evalsha
 from worker.settings import Settings
 
 K1, K2 = bytes(range(32)), bytes(range(1, 33))
@@ -155,6 +164,78 @@ def test_plain_codec_refuses_ciphertext_instead_of_passing_it_on() -> None:
     with pytest.raises(SecretUnreadable) as err:
         plain.decode(stored, CTX)
     assert err.value.reason == "unknown_key"
+
+
+# ------------------------------------------------------------ the record form
+
+
+def test_the_record_form_is_the_same_ciphertext_a_quarter_smaller() -> None:
+    """A record holds the raw bytes after 0xFF (as ``surrogateescape``
+    text); either form decrypts, names its key, and converts back exactly."""
+    c = codec()
+    token = base64.urlsafe_b64encode(os.urandom(600)).decode()
+    text = c.encode(token, CTX)
+    record = record_form(text)
+    assert record.startswith(RECORD_MARK + "k1.")
+    raw = record.encode("utf-8", "surrogateescape")
+    assert raw.startswith(b"\xffk1.")
+    assert len(raw) <= 0.76 * len(text)
+    assert len(raw) < len(token)  # smaller than the plaintext itself
+    assert c.decode(record, CTX) == token
+    assert c.key_id(record) == "k1"
+    assert text_form(record) == text
+    assert record_form(record) == record
+    assert text_form(text) == text
+    assert raw.decode("utf-8", "surrogateescape") == record
+
+
+def test_plain_values_keep_their_form() -> None:
+    for plain in (
+        "",
+        "rt-1",
+        "e1.",
+        "e1.k1",
+        "eyJhbGciOi.e30.sig",
+        "\udcff-no-dot-here" + "x" * 20,
+    ):
+        assert record_form(plain) == plain
+        assert text_form(plain) == plain
+        assert split_encrypted(plain) is None
+        assert codec().decode(plain, CTX) == plain
+
+
+def test_a_record_form_value_is_bound_and_checked_as_the_text_form_is() -> None:
+    c = codec(("k1", K1), ("k2", K1))
+    record = record_form(c.encode("rt-1" * 30, CTX))
+    mid = len(record) // 2
+    flipped = record[:mid] + ("A" if record[mid] != "A" else "B") + record[mid + 1 :]
+    with pytest.raises(SecretUnreadable, match="undecryptable"):
+        c.decode(flipped, CTX)
+    with pytest.raises(SecretUnreadable, match="undecryptable"):
+        c.decode(record, SecretContext("refreshd:", "credential", "c2", "refresh_token"))
+    with pytest.raises(SecretUnreadable, match="undecryptable"):  # relabelled
+        c.decode(RECORD_MARK + "k2." + record[len(RECORD_MARK + "k1.") :], CTX)
+    with pytest.raises(SecretUnreadable, match="undecryptable"):  # cut short
+        c.decode(record[:20], CTX)
+    with pytest.raises(SecretUnreadable) as err:
+        codec(("new", K2)).decode(record, CTX)
+    assert err.value.reason == "unknown_key"
+    with pytest.raises(SecretUnreadable) as err:
+        PlainCodec().decode(record, CTX)
+    assert err.value.reason == "unknown_key"
+    assert PlainCodec().key_id(record) == "k1"
+
+
+def test_hiredis_packing_sends_the_record_forms_bytes() -> None:
+    """hiredis refuses lone surrogates; the packer sends the bytes they
+    stand for, as redis-py's encoder does with ENCODING_ERRORS."""
+    record = record_form(codec().encode("rt-1" * 30, CTX))
+    packed = pack_evalsha("0" * 40, ["k"], [record, "é", 7])
+    assert record.encode("utf-8", "surrogateescape") in packed
+    assert "é".encode() in packed
+    assert pack_evalsha("0" * 40, ["k"], ["a"]) == hiredis.pack_command(
+        ("EVALSHA", "0" * 40, 1, "k", "a")
+    )
 
 
 # ------------------------------------------------------------ the ring

@@ -24,7 +24,7 @@ from redis.client import NEVER_DECODE
 from tests.harness import make_settings
 from tests.redis_server import RedisServer
 from worker.app import open_store
-from worker.codec import PlainCodec
+from worker.codec import RECORD_MARK, PlainCodec
 from worker.errors import Conflict, NotFound
 from worker.keyring import AesGcmCodec, KeyRing
 from worker.keys import Keyspace, Partition
@@ -211,7 +211,7 @@ async def test_claim_decodes_what_the_codec_encoded(store: Store) -> None:
         scope="read",
     )
     raw = await store.raw_fields("c1")
-    assert raw["access_token"].startswith("e1.k1.")
+    assert raw["access_token"].startswith(RECORD_MARK + "k1.")
     assert coded.codec.key_id(raw["access_token"]) == "k1"
     assert "rt-secret" not in raw.values()
     key = part(store, "c1").cred("c1")

@@ -53,7 +53,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from worker.cluster import router_of
 from worker.errors import StoreUnavailable
 from worker.logs import get_logger
-from worker.redisio import REDIS_UNAVAILABLE, guard
+from worker.redisio import REDIS_UNAVAILABLE, guard, pack_evalsha
 
 __all__ = ["ScriptBatcher", "execute_scripts"]
 
@@ -234,9 +234,7 @@ class ScriptBatcher:
         for c in batch:
             if c.asking:
                 payload.append(hiredis.pack_command(("ASKING",)))
-            payload.append(
-                hiredis.pack_command(("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args))
-            )
+            payload.append(pack_evalsha(c.script.sha, c.keys, c.args))
         payload += [hiredis.pack_command(a) for a in acks]
         pool = store.client.connection_pool
         # the socket timeout bounds the whole exchange; the acks bound themselves

@@ -9,25 +9,49 @@ holds the AES-256-GCM codec and builds the right one from the settings.
 Every call names its ``SecretContext`` (key prefix, record kind, record id,
 field name). An encrypting codec binds the ciphertext to it (associated
 data), so a value copied to another record or field no longer decrypts.
+
+An encrypted value has two forms, the same ciphertext either way:
+
+- the text form, ``e1.<kid>.<base64url(nonce || ciphertext || tag)>``: what
+  events, the spool, profiles and non-Python consumers carry (JSON-safe);
+- the record form, one ``0xFF`` byte, the key id, a dot, then the raw
+  bytes: what a credential record holds, a quarter smaller (a credential
+  with 900 bytes of random tokens stays inside one 1 KiB allocation).
+
+Python holds the record form as text decoded with ``surrogateescape``, as
+``os.fsdecode`` does for file names: the ``0xFF`` byte (never part of
+UTF-8 text) reads as ``"\udcff"``, and every refreshd Redis client reads
+and writes with that error handler (``worker.redisio``), so the bytes go
+back to Redis exactly as they came.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Final, Literal, NamedTuple, Protocol
 
 from worker.errors import SecretUnreadable
 
 __all__ = [
     "ENCRYPTED_MARK",
+    "RECORD_MARK",
     "PlainCodec",
     "RecordKind",
     "SecretCodec",
     "SecretContext",
     "looks_encrypted",
+    "record_form",
+    "split_encrypted",
+    "text_form",
 ]
 
 #: what every value of the encrypted format starts with (``e1.<kid>.<body>``)
 ENCRYPTED_MARK: Final = "e1."
+#: what the record form starts with: the byte 0xFF as ``surrogateescape`` reads it
+RECORD_MARK: Final = "\udcff"
+#: the longest key id (``worker.keyring``): where to stop looking for its dot
+_KID_MAX: Final = 16
 
 RecordKind = Literal["credential", "profile", "event", "spool"]
 
@@ -58,19 +82,69 @@ class SecretContext(NamedTuple):
 
 
 def looks_encrypted(stored: str) -> bool:
-    """True when ``stored`` has the encrypted format's shape. A plain value
-    of that shape is read as ciphertext (and fails): an OAuth token never
-    starts with ``e1.`` followed by a key id and a dot in practice."""
-    return stored.startswith(ENCRYPTED_MARK) and stored.find(".", len(ENCRYPTED_MARK)) > 0
+    """True when ``stored`` has the shape of an encrypted value, in either
+    form. A plain value of that shape is read as ciphertext (and fails): an
+    OAuth token never starts with ``e1.`` followed by a key id and a dot in
+    practice, nor with a byte that UTF-8 text cannot hold."""
+    return _kid_end(stored) > 0
+
+
+def _kid_end(stored: str) -> int:
+    """Where the key id of an encrypted value ends (its dot), else -1."""
+    if stored.startswith(ENCRYPTED_MARK):
+        start = len(ENCRYPTED_MARK)
+    elif stored.startswith(RECORD_MARK):
+        start = len(RECORD_MARK)
+    else:
+        return -1
+    dot = stored.find(".", start, start + _KID_MAX + 1)
+    return dot if dot > start else -1
+
+
+def split_encrypted(stored: str) -> tuple[str, str, bool] | None:
+    """``(key id, body, is record form)`` of an encrypted value; None for
+    a plain one. The body is base64url text in the text form, the raw
+    bytes (as ``surrogateescape`` text) in the record form."""
+    dot = _kid_end(stored)
+    if dot < 0:
+        return None
+    record = stored.startswith(RECORD_MARK)
+    start = len(RECORD_MARK) if record else len(ENCRYPTED_MARK)
+    return stored[start:dot], stored[dot + 1 :], record
+
+
+def record_form(stored: str) -> str:
+    """An encrypted value as a credential record holds it (a plain or
+    undecodable value is returned as it is)."""
+    parts = split_encrypted(stored)
+    if parts is None or parts[2]:
+        return stored
+    kid, body, _ = parts
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (binascii.Error, ValueError):
+        return stored  # not ours to repair: decoding it reports it
+    return f"{RECORD_MARK}{kid}.{raw.decode('utf-8', 'surrogateescape')}"
+
+
+def text_form(stored: str) -> str:
+    """An encrypted value in its text form, what events and JSON carry (a
+    plain value is returned as it is)."""
+    parts = split_encrypted(stored)
+    if parts is None or not parts[2]:
+        return stored
+    kid, body, _ = parts
+    raw = body.encode("utf-8", "surrogateescape")
+    return f"{ENCRYPTED_MARK}{kid}.{base64.urlsafe_b64encode(raw).rstrip(b'=').decode()}"
 
 
 class SecretCodec(Protocol):
     """What the store, the client library, the CLI and the spool call.
 
-    ``encode``: plaintext to the stored form (``""`` stays ``""``: an
-    empty value is "no value" in a record). ``decode``: the stored form
-    back, accepting plain values too (a database written before
-    encryption was switched on); raises ``SecretUnreadable`` when the value
+    ``encode``: plaintext to the stored form, in its text form (``""``
+    stays ``""``: an empty value is "no value" in a record). ``decode``:
+    the stored form back, in either form, accepting plain values too (a
+    database written before encryption was switched on); raises ``SecretUnreadable`` when the value
     is encrypted and cannot be read. ``key_id``: the key id a stored value
     is encrypted under, None for a plain (or empty) value.
     """
@@ -110,8 +184,9 @@ class PlainCodec:
         return plaintext
 
     def decode(self, stored: str, ctx: SecretContext) -> str:
-        if looks_encrypted(stored):
-            kid = stored[len(ENCRYPTED_MARK) :].split(".", 1)[0]
+        parts = split_encrypted(stored)
+        if parts is not None:
+            kid = parts[0]
             raise SecretUnreadable(
                 "unknown_key",
                 f"{ctx.kind} {ctx.record} field {ctx.field} is encrypted under key id "
@@ -120,4 +195,5 @@ class PlainCodec:
         return stored
 
     def key_id(self, stored: str) -> str | None:
-        return stored[len(ENCRYPTED_MARK) :].split(".", 1)[0] if looks_encrypted(stored) else None
+        parts = split_encrypted(stored)
+        return None if parts is None else parts[0]

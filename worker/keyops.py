@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 from redis.commands.core import AsyncScript
 
-from worker.codec import SecretCodec, SecretContext
+from worker.codec import ENCRYPTED_MARK, SecretCodec, SecretContext
 from worker.errors import ConfigError, SecretUnreadable
 from worker.redisio import guard, load_plain_script, load_script
 from worker.store import SECRET_FIELDS, Store
@@ -58,7 +58,8 @@ _REREADS = 5  # a record changed under us is read again at once this often, then
 class KeyCount:
     """Records of one kind: how many, how many with a secret field under each
     key id (a record whose fields use two keys counts under both), and how
-    many a rotation would rewrite (not entirely under the primary)."""
+    many a rotation would rewrite (not entirely under the primary, or a
+    credential in an earlier release's text form)."""
 
     total: int
     by_key: Mapping[str, int]
@@ -140,22 +141,33 @@ async def key_status(store: Store) -> KeyStatus:
             if not raw:
                 continue  # deleted between the scan and the read
             total += 1
-            kids = _kids(codec, (raw.get(name, "") for name in SECRET_FIELDS))
-            counts.update(kids)
-            pending += bool(kids - {primary})
+            values = [raw.get(name, "") for name in SECRET_FIELDS]
+            counts.update(_kids(codec, values))
+            pending += any(_stale(codec, v, record=True) for v in values)
     p_counts: Counter[str] = Counter()
     p_total = p_pending = 0
     for raw in (r for _, r in await _profiles(store)):
         p_total += 1
-        kids = _kids(codec, (raw.get(name, "") for name in PROFILE_SECRET_FIELDS))
-        p_counts.update(kids)
-        p_pending += bool(kids - {primary})
+        values = [raw.get(name, "") for name in PROFILE_SECRET_FIELDS]
+        p_counts.update(_kids(codec, values))
+        p_pending += any(_stale(codec, v, record=False) for v in values)
     return KeyStatus(
         primary=primary,
         ring=_ring_ids(codec),
         credentials=KeyCount(total, counts, pending),
         profiles=KeyCount(p_total, p_counts, p_pending),
     )
+
+
+def _stale(codec: SecretCodec, value: str, *, record: bool) -> bool:
+    """True when ``key rotate`` rewrites a stored value: it is not under
+    the primary key or, in a credential record, it is in the text form an
+    earlier release stored there (the record form is a quarter smaller)."""
+    if not value:
+        return False
+    if codec.key_id(value) != codec.primary_key_id:
+        return True
+    return record and value.startswith(ENCRYPTED_MARK)
 
 
 def _kids(codec: SecretCodec, values: Any) -> set[str]:
@@ -269,7 +281,7 @@ class _Rotator:
             return store.encode(cred_id, name, store.decode(cred_id, name, value))
 
         try:
-            args = self._plan(raw, SECRET_FIELDS, again)
+            args = self._plan(raw, SECRET_FIELDS, again, record=True)
         except SecretUnreadable as exc:
             self._unreadable("credential", exc, raw, SECRET_FIELDS)
             return None
@@ -295,7 +307,7 @@ class _Rotator:
             return self.codec.encode(self.codec.decode(value, ctx), ctx)
 
         try:
-            args = self._plan(raw, PROFILE_SECRET_FIELDS, again)
+            args = self._plan(raw, PROFILE_SECRET_FIELDS, again, record=False)
         except SecretUnreadable as exc:
             self._unreadable("profile", exc, raw, PROFILE_SECRET_FIELDS)
             return "unreadable"
@@ -309,12 +321,17 @@ class _Rotator:
         return outcome
 
     def _plan(
-        self, raw: Mapping[str, str], names: Any, again: Callable[[str, str], str]
+        self,
+        raw: Mapping[str, str],
+        names: Any,
+        again: Callable[[str, str], str],
+        *,
+        record: bool,
     ) -> list[str]:
         args: list[str] = []
         for name in sorted(names):
             value = raw.get(name, "")
-            if value and self.codec.key_id(value) != self.primary:
+            if _stale(self.codec, value, record=record):
                 args += [name, value, again(name, value)]
         return args
 

@@ -6,7 +6,8 @@ A stored value names its format and key id::
 
     e1.<kid>.<base64url(nonce || ciphertext || tag)>     (no padding)
 
-with a fresh random 96-bit nonce per value. The associated data is the
+(a credential record holds the same bytes unencoded, ``worker.codec``'s
+record form) with a fresh random 96-bit nonce per value. The associated data is the
 format, the key id and the value's ``SecretContext`` (prefix, record kind,
 record id, field), so a ciphertext moved to another record or field, or
 relabelled with another key id, fails to decrypt. Inside the ciphertext,
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from worker.codec import ENCRYPTED_MARK, PlainCodec, SecretCodec, SecretContext, looks_encrypted
+from worker.codec import ENCRYPTED_MARK, PlainCodec, SecretCodec, SecretContext, split_encrypted
 from worker.errors import ConfigError, SecretUnreadable
 
 if TYPE_CHECKING:
@@ -222,9 +223,10 @@ class AesGcmCodec:
         return stored
 
     def decode(self, stored: str, ctx: SecretContext) -> str:
-        if not looks_encrypted(stored):
+        parts = split_encrypted(stored)
+        if parts is None:
             return stored  # written before encryption was on: `key rotate` rewrites it
-        kid, _, body = stored[len(ENCRYPTED_MARK) :].partition(".")
+        kid, body, record = parts
         cipher = self.ring.cipher(kid)
         if cipher is None:
             raise SecretUnreadable(
@@ -233,7 +235,8 @@ class AesGcmCodec:
                 f"key ring ({', '.join(self.ring.ids)})",
             )
         try:
-            return _open(cipher, body, _aad(f"{ENCRYPTED_MARK}{kid}.", ctx))
+            raw = body.encode("utf-8", "surrogateescape") if record else _unbase64(body)
+            return _open(cipher, raw, _aad(f"{ENCRYPTED_MARK}{kid}.", ctx))
         except (InvalidTag, binascii.Error, ValueError, zlib.error):
             raise SecretUnreadable(
                 "undecryptable",
@@ -242,9 +245,8 @@ class AesGcmCodec:
             ) from None
 
     def key_id(self, stored: str) -> str | None:
-        if not looks_encrypted(stored):
-            return None
-        return stored[len(ENCRYPTED_MARK) :].partition(".")[0]
+        parts = split_encrypted(stored)
+        return None if parts is None else parts[0]
 
     def __repr__(self) -> str:
         return f"AesGcmCodec({self.ring!r})"
@@ -262,10 +264,14 @@ def _pack(plaintext: str) -> tuple[int, bytes]:
     return _RAW, data
 
 
-def _open(cipher: AESGCM, body: str, aad: bytes) -> str:
-    """Decrypt and unpack one value's body; ValueError (or the cipher's
-    InvalidTag) when it is not one this ring sealed for ``aad``."""
-    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+def _unbase64(body: str) -> bytes:
+    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+
+
+def _open(cipher: AESGCM, raw: bytes, aad: bytes) -> str:
+    """Decrypt and unpack one value's bytes (nonce, ciphertext, tag);
+    ValueError (or the cipher's InvalidTag) when it is not one this ring
+    sealed for ``aad``."""
     if len(raw) <= _NONCE + _TAG:
         raise ValueError("too short")
     plain = cipher.decrypt(raw[:_NONCE], raw[_NONCE:], aad)

@@ -186,9 +186,11 @@ def fingerprint(secret: str) -> str:
     """Short stable name for a token: first 12 hex digits of its SHA-256.
 
     48 bits tell tokens apart in logs and events while revealing nothing
-    useful about the token itself.
+    useful about the token itself. (``surrogatepass``: text read from
+    Redis may hold raw bytes as lone surrogates, ``worker.redisio``; any
+    UTF-8 text hashes as its UTF-8 bytes.)
     """
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()[:12]
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 _configured = False

@@ -34,6 +34,7 @@ from worker.errors import ConfigError, StoreUnavailable
 from worker.redisurl import TLS_OPTIONS, parse_auth, parse_hosts, parse_options, tls_options
 
 __all__ = [
+    "ENCODING_ERRORS",
     "REDIS_UNAVAILABLE",
     "SENTINEL_SCHEMES",
     "Scripts",
@@ -44,11 +45,18 @@ __all__ = [
     "load_plain_script",
     "load_script",
     "load_scripts",
+    "pack_evalsha",
     "parse_sentinel_url",
     "run_script",
     "script_source",
     "validate_url",
 ]
+
+#: how every refreshd client turns text into bytes and back: UTF-8, with
+#: a byte that is not UTF-8 read as a lone surrogate and written back as
+#: that byte (``worker.codec``'s record form of an encrypted secret is raw
+#: bytes; all other text refreshd stores is UTF-8, unchanged by this)
+ENCODING_ERRORS = "surrogateescape"
 
 # Errors that mean "the server is not there right now", never "bad input".
 REDIS_UNAVAILABLE = (
@@ -110,8 +118,26 @@ async def run_script(
     return await _run_once(client.connection_pool, script.sha, keys, args)
 
 
+def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+    """One EVALSHA, packed by hiredis. hiredis encodes text as strict
+    UTF-8, and a secret in its record form (``worker.codec``) is text that
+    holds raw bytes through ``surrogateescape``: a call carrying one is
+    packed again with each text as the bytes it stands for, which is what
+    redis-py's own encoder does with ``ENCODING_ERRORS``."""
+    command = ("EVALSHA", sha, len(keys), *keys, *args)
+    try:
+        packed: bytes = hiredis.pack_command(command)
+    except UnicodeEncodeError:
+        packed = hiredis.pack_command(tuple(_wire(part) for part in command))
+    return packed
+
+
+def _wire(part: Any) -> Any:
+    return part.encode("utf-8", ENCODING_ERRORS) if isinstance(part, str) else part
+
+
 async def _run_once(pool: Any, sha: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-    command = hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args))
+    command = pack_evalsha(sha, keys, args)
     conn = await guard(pool.get_connection())
     try:
         await guard(conn.send_packed_command(command))
@@ -177,6 +203,7 @@ async def connect(
     Cluster (``worker.cluster``; ``rediss+cluster://`` for TLS)."""
     options: dict[str, Any] = {
         "decode_responses": True,
+        "encoding_errors": ENCODING_ERRORS,
         "socket_timeout": kwargs.pop("socket_timeout", 10.0),
         "socket_connect_timeout": kwargs.pop("socket_connect_timeout", 5.0),
         "health_check_interval": kwargs.pop("health_check_interval", 30),

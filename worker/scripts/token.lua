@@ -40,6 +40,30 @@ where `action` says what the request did ("" when only reading):
 The claim/spend/commit path does the rest, as for any due credential: this
 script never locks or refreshes, so any number of callers cause one refresh.
 ]]
+-- An encrypted value's text form (worker.codec), which JSON can carry: a
+-- record holds it in the record form, one 0xFF byte, the key id, a dot and
+-- the raw bytes; the text form is "e1.", the key id, a dot and the bytes in
+-- unpadded base64url. Plain values are returned as they are.
+local function text_form(v)
+  if string.byte(v, 1) ~= 255 then return v end
+  local dot = string.find(v, '.', 2, true)
+  if not dot then return v end
+  local alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_'
+  local digit = {}
+  for i = 1, 64 do digit[i - 1] = string.sub(alphabet, i, i) end
+  local out, n, floor = { 'e1.', string.sub(v, 2, dot) }, 2, math.floor
+  for i = dot + 1, #v, 3 do
+    local a, b, c = string.byte(v, i, i + 2)
+    local x = a * 65536 + (b or 0) * 256 + (c or 0)
+    out[n + 1] = digit[floor(x / 262144)]
+    out[n + 2] = digit[floor(x / 4096) % 64]
+    n = n + 2
+    if b then n = n + 1; out[n] = digit[floor(x / 64) % 64] end
+    if c then n = n + 1; out[n] = digit[x % 64] end
+  end
+  return table.concat(out)
+end
+
 local ck, due_key, lk = KEYS[1], KEYS[2], KEYS[3]
 local id, seen, wake, format = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local rec = rec_load(ck)
@@ -77,12 +101,14 @@ if format == 'json' then
   if not ok or type(extra) ~= 'table' then
     extra = {}
     -- encrypted at rest (worker.keyring): the consumer holding the ring opens it
-    if string.sub(raw_extra, 1, 3) == 'e1.' then sealed = raw_extra end
+    if string.sub(raw_extra, 1, 3) == 'e1.' or string.byte(raw_extra, 1) == 255 then
+      sealed = text_form(raw_extra)
+    end
   end
   return cjson.encode({
     extra_encrypted = sealed,
     id = id, status = status, profile = rec_get(rec, 'profile') or '',
-    version = tonumber(version), access_token = rec_get(rec, 'access_token') or '',
+    version = tonumber(version), access_token = text_form(rec_get(rec, 'access_token') or ''),
     token_type = rec_get(rec, 'token_type') or '',
     expires_at = tonumber(rec_get(rec, 'expires_at') or '0'),
     scope = rec_get(rec, 'scope') or '', extra = extra, failures = failures,
