@@ -8,7 +8,6 @@ import base64
 import os
 from pathlib import Path
 
-import hiredis
 import pytest
 
 from worker import keyring
@@ -233,8 +232,9 @@ def test_hiredis_packing_sends_the_record_forms_bytes() -> None:
     packed = pack_evalsha("0" * 40, ["k"], [record, "é", 7])
     assert record.encode("utf-8", "surrogateescape") in packed
     assert "é".encode() in packed
-    assert pack_evalsha("0" * 40, ["k"], ["a"]) == hiredis.pack_command(
-        ("EVALSHA", "0" * 40, 1, "k", "a")
+    sha = "0" * 40
+    assert pack_evalsha(sha, ["k"], ["a"]) == (
+        b"*5\r\n$7\r\nEVALSHA\r\n$40\r\n" + sha.encode() + b"\r\n$1\r\n1\r\n$1\r\nk\r\n$1\r\na\r\n"
     )
 
 
