@@ -141,8 +141,9 @@ def text_form(stored: str) -> str:
 class SecretCodec(Protocol):
     """What the store, the client library, the CLI and the spool call.
 
-    ``encode``: plaintext to the stored form, in its text form (``""``
-    stays ``""``: an empty value is "no value" in a record). ``decode``:
+    ``encode``: plaintext to the stored form, in its text form or, with
+    ``record``, in the record form (``""`` stays ``""``: an empty value is
+    "no value" in a record). ``decode``:
     the stored form back, in either form, accepting plain values too (a
     database written before encryption was switched on); raises ``SecretUnreadable`` when the value
     is encrypted and cannot be read. ``key_id``: the key id a stored value
@@ -159,7 +160,7 @@ class SecretCodec(Protocol):
         """The key id new writes use; None for a codec that does not encrypt."""
         ...
 
-    def encode(self, plaintext: str, ctx: SecretContext) -> str: ...
+    def encode(self, plaintext: str, ctx: SecretContext, *, record: bool = False) -> str: ...
 
     def decode(self, stored: str, ctx: SecretContext) -> str: ...
 
@@ -180,7 +181,7 @@ class PlainCodec:
     def primary_key_id(self) -> str | None:
         return None
 
-    def encode(self, plaintext: str, ctx: SecretContext) -> str:
+    def encode(self, plaintext: str, ctx: SecretContext, *, record: bool = False) -> str:
         return plaintext
 
     def decode(self, stored: str, ctx: SecretContext) -> str:

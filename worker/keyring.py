@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING, Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from worker.codec import ENCRYPTED_MARK, PlainCodec, SecretCodec, SecretContext, split_encrypted
+from worker.codec import (
+    ENCRYPTED_MARK,
+    RECORD_MARK,
+    PlainCodec,
+    SecretCodec,
+    SecretContext,
+    split_encrypted,
+)
 from worker.errors import ConfigError, SecretUnreadable
 
 if TYPE_CHECKING:
@@ -185,7 +192,7 @@ def generate_key() -> str:
 class AesGcmCodec:
     """AES-256-GCM over a key ring (the module docstring has the format)."""
 
-    __slots__ = ("_last", "_mark", "_primary", "ring")
+    __slots__ = ("_last", "_mark", "_primary", "_record_mark", "ring")
 
     def __init__(self, ring: KeyRing) -> None:
         self.ring = ring
@@ -193,11 +200,13 @@ class AesGcmCodec:
         assert primary is not None
         self._primary = primary
         self._mark = f"{ENCRYPTED_MARK}{ring.primary}."
+        self._record_mark = f"{RECORD_MARK}{ring.primary}."
         #: the last long value sealed: (the plaintext, by identity; its
-        #: associated data; the stored form). A refresh writes its access
-        #: token twice, into its event and into the record, under the same
-        #: context: the second is the same ciphertext, not a second one.
-        self._last: tuple[str, bytes, str] = ("", b"", "")
+        #: associated data; nonce, ciphertext and tag). A refresh writes its
+        #: access token twice, into its event (text form) and into the
+        #: record (record form), under the same context: the second is the
+        #: same ciphertext, not a second one.
+        self._last: tuple[str, bytes, bytes] = ("", b"", b"")
 
     @property
     def encrypting(self) -> bool:
@@ -207,20 +216,20 @@ class AesGcmCodec:
     def primary_key_id(self) -> str | None:
         return self.ring.primary
 
-    def encode(self, plaintext: str, ctx: SecretContext) -> str:
+    def encode(self, plaintext: str, ctx: SecretContext, *, record: bool = False) -> str:
         if not plaintext:
             return ""
         aad = _aad(self._mark, ctx)
-        last, last_aad, stored = self._last
-        if plaintext is last and aad == last_aad:
-            return stored
-        kind, data = _pack(plaintext)
-        nonce = os.urandom(_NONCE)
-        sealed = self._primary.encrypt(nonce, bytes((kind,)) + data, aad)
-        stored = self._mark + base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode()
-        if kind == _DEFLATED:  # a short value is cheap to seal again, and must not evict it
-            self._last = (plaintext, aad, stored)
-        return stored
+        last, last_aad, sealed = self._last
+        if plaintext is not last or aad != last_aad:
+            kind, data = _pack(plaintext)
+            nonce = os.urandom(_NONCE)
+            sealed = nonce + self._primary.encrypt(nonce, bytes((kind,)) + data, aad)
+            if kind == _DEFLATED:  # a short value is cheap to seal again, and must not evict it
+                self._last = (plaintext, aad, sealed)
+        if record:
+            return self._record_mark + sealed.decode("utf-8", "surrogateescape")
+        return self._mark + base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
 
     def decode(self, stored: str, ctx: SecretContext) -> str:
         parts = split_encrypted(stored)

@@ -34,7 +34,7 @@ from redis.commands.core import AsyncScript
 from worker.batcher import ScriptBatcher, execute_scripts
 from worker.cluster import router_of
 from worker.clusterbatch import ClusterBatcher, Read, run_by_node
-from worker.codec import SecretCodec, SecretContext, record_form
+from worker.codec import SecretCodec, SecretContext
 from worker.errors import Conflict, NotFound, SecretUnreadable, StoreUnavailable
 from worker.eventlog import Retention
 from worker.keys import Keyspace, Partition
@@ -123,8 +123,7 @@ class Store:
     def encode(self, credential_id: str, field: str, plaintext: str) -> str:
         """A credential's secret field as its record stores it
         (``SECRET_FIELDS``; encrypted, in the codec's record form)."""
-        stored = self.codec.encode(plaintext, self.secret_context(credential_id, field))
-        return record_form(stored) if self.codec.encrypting else stored
+        return self.codec.encode(plaintext, self.secret_context(credential_id, field), record=True)
 
     def decode(self, credential_id: str, field: str, stored: str) -> str:
         """The plaintext of a stored secret field; raises
