@@ -26,7 +26,9 @@ from worker.ratelimit import ProfileLimits
 from worker.settings import Settings
 
 
-async def _measure(url: str, server_pid: int, profile: Profile, n: int, tasks: int) -> dict[str, Any]:
+async def _measure(
+    url: str, server_pid: int, profile: Profile, n: int, tasks: int
+) -> dict[str, Any]:
     async with open_store(Settings(redis_url=url, http_port=0)) as store:
         limits = ProfileLimits(ClusterRate(store.client, store.keys), max_wait_s=10)
         per_task = n // tasks
