@@ -379,3 +379,27 @@ async def test_a_profile_whose_secret_does_not_decrypt_can_still_be_deleted(
             await profiles.get("p")
         with pytest.raises(NotFound):
             await profiles.delete("p")
+
+
+@pytest.mark.parametrize("ring", ["", RING], ids=["plain", "encrypted"])
+async def test_a_record_with_900_bytes_of_random_tokens_fits_one_kib(
+    redis_url: str, ring: str
+) -> None:
+    """Redis allocates a record's value in size classes (1 KiB, then 1.25):
+    encrypted, a record with 900 characters of random base64url tokens
+    (what real tokens look like) must stay in the class a plain one is in.
+    The text form of its ciphertext took 1,166 bytes; the record form,
+    deflated first, takes less than the plain record."""
+    settings = make_settings(redis_url, partitions=1, encryption_keys=ring)
+    async with FakeProvider() as provider, open_store(settings) as store:
+        await seed(store, provider, 1, expires_in=3600)
+        cred = CredentialInput(
+            id="random-1", profile="p", access_token=secrets.token_urlsafe(600),
+            refresh_token=secrets.token_urlsafe(75), expires_at_ms=int(time.time() * 1000)
+            + 3_600_000, scope="read write",
+        )  # fmt: skip
+        await store.upsert(cred, due_ms=cred.expires_at_ms, replace=False)
+        size = await store.client.strlen(store.keys.partition_of("random-1").cred("random-1"))
+        got = await store.get("random-1")
+    assert (got.access_token, got.refresh_token) == (cred.access_token, cred.refresh_token)
+    assert size <= 1024
