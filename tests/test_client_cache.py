@@ -267,6 +267,25 @@ async def test_put_and_delete_are_read_by_the_next_get(redis_url: str) -> None:
     assert new.access_token == grant.access_token != old.access_token
 
 
+async def test_a_get_after_an_event_returns_at_least_its_version(redis_url: str) -> None:
+    """Redis's invalidation and the event travel on different connections;
+    an event handed out by ``events()`` drops the older cached token
+    itself (here the invalidations are switched off to show it)."""
+    async with (
+        world(redis_url, expires_in=30) as (settings, _, _),
+        connect(settings) as client,
+        connect(settings) as asker,
+        worker_running(settings),
+    ):
+        assert (await client.get(CRED)).version == 0
+        assert await link_of(client).read(pack("CLIENT", "TRACKING", "OFF")) == "OK"
+        assert (await asker.get(CRED, min_ttl=60, timeout=10)).version == 1
+        assert (await client.get(CRED)).version == 0  # nothing told this client yet
+        async for entry in client.events(since="start", follow=False):
+            assert entry.version == 1
+            assert (await client.get(CRED)).version == 1
+
+
 async def test_the_setting_turns_the_cache_off(redis_url: str) -> None:
     async with (
         world(redis_url, client_cache=0) as (settings, store, _),

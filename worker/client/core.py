@@ -282,6 +282,12 @@ class Client:
         finally:
             cache.abandon(ticket)  # nothing once finished
 
+    def _saw(self, credential_id: str, version: int) -> None:
+        """An event of ``version`` was handed to the application: a cached
+        older token (or one being read) must not be returned after it."""
+        assert self._cache is not None
+        self._cache.saw(self._keys.partition_of(credential_id).cred(credential_id), version)
+
     def _forget(self, credential_id: str) -> None:
         """This client wrote the credential: its next read goes to Redis."""
         if self._cache is not None:
@@ -348,7 +354,8 @@ class Client:
             )
         return EventStream(self._log, since=since, group=group, consumer=consumer, ack=ack,
                            count=count, block_s=block, claim_idle_s=claim_idle,
-                           follow=follow, codec=self._codec)  # fmt: skip
+                           follow=follow, codec=self._codec,
+                           seen=self._saw if self._cache is not None else None)  # fmt: skip
 
     # ------------------------------------------------------------ writing
 
