@@ -19,7 +19,7 @@ import pytest
 from tests.harness import make_settings, seed, wait_for, worker_running
 from tests.redis_server import RedisServer
 from worker.app import open_store
-from worker.client import Client, CredentialNotFound, NoWorkerRunning, connect
+from worker.client import Client, CredentialNotFound, NoWorkerRunning, connect, connect_sync
 from worker.client.cache import TokenCache
 from worker.client.token import AccessToken, RecordView
 from worker.client.tracking import TrackingLink, pack
@@ -374,3 +374,19 @@ def test_entries_are_bounded_least_recently_used_first() -> None:
     assert (cache.lookup("b"), len(cache)) == (None, 2)
     assert cache.lookup("a") is not None
     assert cache.lookup("c") is not None
+
+
+def test_the_sync_client_reads_through_the_cache(redis_url: str) -> None:
+    settings = make_settings(redis_url)
+
+    async def prepare() -> None:
+        async with FakeProvider() as fake, open_store(settings) as store:
+            await seed(store, fake, 1, expires_in=3600)
+
+    anyio.run(prepare)
+    with connect_sync(settings) as client:
+        first = client.get(CRED)
+        assert client.get(CRED) == first
+        stats = client.cache_stats()
+    assert stats is not None
+    assert (stats.hits, stats.misses) == (1, 1)
