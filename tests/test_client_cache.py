@@ -182,6 +182,25 @@ async def test_a_reply_racing_its_invalidation_is_not_cached(redis_url: str) -> 
     assert stats.dropped == 1
 
 
+async def test_a_fill_cancelled_before_its_reply_hands_it_to_no_one(redis_url: str) -> None:
+    """The tracking connection is pipelined: a caller that gave up leaves
+    its reply slot behind, so the late reply cannot answer the next read."""
+    async with world(redis_url) as (settings, store, _), connect(settings) as client:
+        await client.get("cred-00000")
+        await store.client.client_pause(300, all=True)
+        with anyio.move_on_after(0.1) as scope:
+            await client.get("cred-00001")  # a miss: through the tracking connection
+        assert scope.cancelled_caught
+        await anyio.sleep(0.4)  # the paused read runs now and its reply arrives
+        token = await client.get("cred-00001")
+        again = await client.get("cred-00000")
+        stats = client.cache_stats()
+    assert token.credential_id == "cred-00001"
+    assert again.credential_id == "cred-00000"
+    assert stats is not None
+    assert stats.flushes == 0  # the link was never lost
+
+
 async def test_flushall_flushes_the_cache(redis_url: str) -> None:
     async with world(redis_url) as (settings, store, _), connect(settings) as client:
         await client.get(CRED)
@@ -284,6 +303,22 @@ async def test_a_get_after_an_event_returns_at_least_its_version(redis_url: str)
         async for entry in client.events(since="start", follow=False):
             assert entry.version == 1
             assert (await client.get(CRED)).version == 1
+
+
+async def test_a_get_never_returns_older_than_a_token_it_returned(redis_url: str) -> None:
+    """A min_ttl call returns the new token it waited for; the plain get()
+    after it must not return the cached older one, whether or not Redis's
+    invalidation has arrived (switched off here to show it)."""
+    async with (
+        world(redis_url, expires_in=30) as (settings, _, _),
+        connect(settings) as client,
+        worker_running(settings),
+    ):
+        assert (await client.get(CRED)).version == 0
+        assert await link_of(client).read(pack("CLIENT", "TRACKING", "OFF")) == "OK"
+        fresh = await client.get(CRED, min_ttl=60, timeout=10)
+        after = await client.get(CRED)
+    assert (fresh.version, after.version) == (1, 1)
 
 
 async def test_the_setting_turns_the_cache_off(redis_url: str) -> None:

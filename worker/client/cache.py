@@ -115,13 +115,15 @@ class TokenCache:
         self._pending.pop(key, None)
 
     def saw(self, key: str, version: int) -> None:
-        """The application was told of ``version`` (an event): unless the
+        """The application was told of ``version`` (an event, or a read that
+        went to Redis): unless the
         entry holds that version or a newer one, drop it and any fill in
         flight (whose reply may predate the commit), so the next read goes
         to Redis even if Redis's invalidation has not arrived yet."""
         view = self._entries.get(key)
         if view is None or view.token.version < version:
-            self.invalidate(key)
+            self._entries.pop(key, None)
+            self._pending.pop(key, None)
 
     def flush(self) -> None:
         """Everything may have changed unseen: drop every entry and every

@@ -305,7 +305,10 @@ class Client:
             )
         except (StoreUnavailable, ResponseError) as exc:
             raise _translated(exc) from exc
-        return self._parsed(credential_id, reply)
+        view = self._parsed(credential_id, reply)
+        if self._cache is not None:  # never a cached token older than one returned already
+            self._cache.saw(part.cred(credential_id), view.token.version)
+        return view
 
     def _parsed(self, credential_id: str, reply: Any) -> RecordView:
         if not reply:

@@ -210,6 +210,9 @@ class TrackingLink:
                 await (self._heartbeat() if name == "heartbeat" else self._read_loop(conn))
             except (_Dead, RedisError, *REDIS_UNAVAILABLE) as exc:
                 reason = reason or f"{name}: {exc or type(exc).__name__}"
+            except Exception as exc:  # noqa: BLE001 - a surprise turns the cache off, never a read
+                log.warning("client.cache_error", error=type(exc).__name__, where=name)
+                reason = reason or f"{name}: {type(exc).__name__}"
             tg.cancel_scope.cancel()
 
         async with anyio.create_task_group() as tg:
@@ -223,6 +226,7 @@ class TrackingLink:
             await conn.connect()
             _require_resp3(conn)
             conn._parser.set_invalidation_push_handler(self._invalidated)
+            conn._parser.set_pubsub_push_handler(self._other_push)
             await conn.send_packed_command(pack("CLIENT", "ID"), False)
             client_id = int(await conn.read_response())
             await conn.send_packed_command(pack("CLIENT", "TRACKING", "ON"), False)
@@ -279,6 +283,11 @@ class TrackingLink:
         else:
             for key in keys:
                 self.cache.invalidate(key.decode() if isinstance(key, bytes) else str(key))
+        return _PUSHED
+
+    async def _other_push(self, message: Any) -> object:
+        """Any other push (none is asked for): not a reply, so skipped."""
+        log.debug("client.cache_push_ignored", kind=str(message[0])[:40] if message else "")
         return _PUSHED
 
     async def _heartbeat(self) -> None:
