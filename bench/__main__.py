@@ -276,9 +276,13 @@ def consumer_rows(
         res = runs["client_read"] = client_read.run_isolated(
             ctx.work, reads=reads, rounds=rounds, concurrency=callers
         )
-        ctx.log(f"  p50 {res['p50_ms']:.3f} ms, p99 {res['p99_ms']:.3f} ms (rounds: "
+        ctx.log(f"  cache off: p50 {res['p50_ms']:.3f} ms, p99 {res['p99_ms']:.3f} ms (rounds: "
                 f"{' / '.join(map(str, res['p99_ms_per_round']))}); "
                 f"{res['concurrent_reads_per_s']:,}/s from {callers} callers")  # fmt: skip
+        if "cached" in res:
+            hit = res["cached"]
+            ctx.log(f"  cache on: p50 {hit['p50_ms']:.3f} ms, p99 {hit['p99_ms']:.3f} ms, "
+                    f"hit ratio {hit['hit_ratio']:.1%}")  # fmt: skip
     if "eventlog" in scenarios:
         events = 10_000 if quick else 100_000
         ctx.log(f"event log: one consumer follows {events:,} events")

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from tests.cli_helpers import run_refreshd
-from tests.harness import make_settings, seed, worker_running
+from tests.harness import make_settings, seed, wait_for, worker_running
 from tests.redis_server import RedisServer
 from worker.acl import (
     CONSUMER_USER,
@@ -32,7 +32,7 @@ from worker.acl import (
     acl_rules,
 )
 from worker.app import open_store
-from worker.client import ClientConfigError, connect
+from worker.client import Client, ClientConfigError, connect
 from worker.codec import PlainCodec
 from worker.eventlog import EventLog
 from worker.fakeprovider import FakeProvider
@@ -190,6 +190,40 @@ async def test_the_consumer_reads_asks_for_a_refresh_and_follows_the_log(redis_u
     assert confirmed is not None
     assert confirmed["type"] == "subscribe"
     assert fake.stats.requests == 1
+
+
+async def test_the_consumer_and_reader_read_through_the_token_cache(redis_url: str) -> None:
+    """The cache's tracking connection (RESP3, CLIENT TRACKING) runs as the
+    shipped users: the second read is served from memory, a commit by the
+    workers' scripts invalidates it, and the server refused nothing."""
+    async with world(redis_url) as (settings, store, _):
+        for name in (CONSUMER_USER, READER_USER):
+            async with (
+                as_user(store.client, settings, name) as (user, _conn),
+                connect(user) as client,
+            ):
+                first = await client.get(CRED)
+                assert await client.get(CRED) == first
+                stats = client.cache_stats()
+                assert stats is not None
+                assert (stats.hits, stats.serving) == (1, True), name
+                await _commit(store)
+
+                async def moved(c: Client = client, v: int = first.version) -> bool:
+                    return (await c.get(CRED)).version != v
+
+                await wait_for(moved, within=2.0, what=f"the invalidation ({name})")
+        assert await denied(store.client, CONSUMER_USER, READER_USER) == []
+
+
+async def _commit(store: Store) -> None:
+    """A refresh's outcome through the workers' claim, spend and commit scripts."""
+    part = store.keys.partition_of(CRED)
+    _, _, claimed = await store.claim(part, limit=1, lease_ms=5000, token="t", ids=[CRED])
+    assert (await store.spend(claimed[0], timeout_ms=1000, margin_ms=100, rt_hash="h")).ok
+    res = await store.commit(claimed[0], "refreshed", next_due="", event="",
+                             fields={"access_token": f"at-{claimed[0].version}"})  # fmt: skip
+    assert res.ok
 
 
 async def test_the_reader_reads_but_cannot_ask(redis_url: str) -> None:

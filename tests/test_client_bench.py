@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_client_read_benchmark_runs() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench.client_read", "--reads", "400", "--rounds", "2",
-         "--concurrency", "4", "--json"],
+         "--concurrency", "4", "--writes-per-s", "200", "--json"],
         cwd=ROOT, capture_output=True, text=True, check=False, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -24,6 +24,14 @@ def test_the_client_read_benchmark_runs() -> None:
     assert len(result["p99_ms_per_round"]) == 2
     assert result["client_cpu_us_per_read"] > 0
     assert result["concurrent_reads_per_s"] > 0
+    cached, load = result["cached"], result["workload"]
+    assert 0 < cached["p50_ms"] <= cached["p99_ms"] <= cached["max_ms"]
+    assert len(cached["p99_ms_per_round"]) == 2
+    assert 0 < cached["hit_ratio"] <= 1
+    assert cached["concurrent_reads_per_s"] > 0
+    # the writer process really committed during the reads
+    assert load["writes"] > 0
+    assert load["writes_per_s"] > 0
 
 
 def test_the_follow_rate_reads_every_event_both_ways(tmp_path: Path) -> None:
@@ -42,7 +50,11 @@ def test_the_report_shows_the_consumer_rows() -> None:
 
     runs = {
         "client_read": {"p50_ms": 0.25, "p99_ms": 1.4, "p99_ms_per_round": [0.5, 1.4],
-                        "concurrent_reads_per_s": 4000, "concurrency": 64},
+                        "concurrent_reads_per_s": 4000, "concurrency": 64,
+                        "cached": {"p50_ms": 0.006, "p99_ms": 0.24, "hit_ratio": 0.984,
+                                   "p99_ms_per_round": [0.2, 0.24],
+                                   "concurrent_reads_per_s": 50000},
+                        "workload": {"credentials": 1000, "writes_per_s": 50.2}},
         "eventlog_follow": {"events_per_s": 15000.0, "client_events_per_s": 12000.0},
         "eventlog_ab": {"credentials": 1000, "rounds": 2,
                         "worker_cpu_ms_per_refresh": {"off": 0.35, "on": 0.36},
@@ -51,8 +63,11 @@ def test_the_report_shows_the_consumer_rows() -> None:
                         "worker_cpu_change_pct": 2.857, "redis_bytes_per_retained_event": 1090.0},
     }  # fmt: skip
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table({"runs": runs}).splitlines()}
-    read = rows["token read through the client: p50 / p99 (ms, loopback, one at a time)"]
+    read = rows["token read through the client, cache off: p50 / p99 (ms, loopback, one at a time)"]
     assert "0.25 / 1.40 ❌" in read  # over the 1 ms target
+    hit = rows["token read through the client, cache on: p50 / p99 (ms, loopback, one at a time)"]
+    assert "0.006 / 0.24 ✅" in hit
+    assert "hit ratio 98.4% with 50 commits/s over 1,000 credentials" in hit
     assert "15,000" in rows["events/s one consumer follows from the log (800-char tokens)"]
     ab = next(v for k, v in rows.items() if k.startswith("catch-up, event log off → on"))
     assert "0.350 → 0.360 (+2.9 %) ✅" in ab

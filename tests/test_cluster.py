@@ -268,6 +268,9 @@ async def test_a_following_consumer_and_a_group_see_commits_on_every_node(
         open_store(settings) as store,
         connect(settings) as client,
     ):
+        # no token cache on a cluster (README "Consuming tokens")
+        assert client.cache_stats() is None
+        assert client._link is None
 
         async def follow() -> None:
             async for entry in client.events(since="now", block=0.3):

@@ -248,3 +248,39 @@ async def test_worker_follows_a_failover_without_reuse_or_loss(
                 state = provider.grant_state(grant.grant_id)
                 assert cred.status is Status.ACTIVE
                 assert cred.refresh_token == state.refresh_token  # nothing lost
+
+
+async def test_the_client_cache_is_flushed_by_a_failover_and_follows_the_new_primary(
+    cluster: tuple[RedisServer, RedisServer, SentinelProcess],
+) -> None:
+    """worker.client's token cache through Sentinel: the primary's death
+    flushes it; it comes back on the promoted replica, where a commit
+    invalidates it as before."""
+    from tests.test_client_cache import CRED, commit_new_token, link_of
+    from worker.client import connect as connect_client
+
+    primary, replica, sentinel = cluster
+    settings = make_settings(f"redis+sentinel://127.0.0.1:{sentinel.port}/{SERVICE}")
+    async with FakeProvider() as provider, open_store(settings) as store:
+        await seed(store, provider, 1, expires_in=3600)
+        key = store.keys.partition_of(CRED).cred(CRED)
+    _poll(lambda: replica.client().exists(key), 10, "the credential on the replica")
+    async with connect_client(settings) as client:
+        link = link_of(client)
+        first = await client.get(CRED)
+        assert await client.get(CRED) == first
+        flushes = link.cache.flushes
+        primary.kill()
+        await wait_for(lambda: link.cache.flushes > flushes, within=10, what="the flush")
+        assert len(link.cache) == 0
+        await wait_for(lambda: sentinel.primary_port() == replica.port, within=30, what="failover")
+        await wait_for(lambda: link.up and link.can_serve(), within=20, what="the cache back")
+        assert link._conn.port == replica.port
+        assert (await client.get(CRED)).version == first.version
+        async with open_store(settings) as store:
+            await commit_new_token(store, CRED, "on-the-new-primary")
+
+            async def moved() -> bool:
+                return (await client.get(CRED)).access_token == "on-the-new-primary"
+
+            await wait_for(moved, within=5, what="the invalidation from the new primary")

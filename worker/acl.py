@@ -63,8 +63,10 @@ def acl_rules(keys: Keyspace, *, refresh: bool = True) -> list[str]:
     script_keys = [*under("cred:*", ""), *under("due", ""), *under("lock:*", "")]
     rules = [
         "resetkeys", "resetchannels", "-@all",
-        # connecting (AUTH, HELLO, CLIENT SETINFO, PING) but no CLIENT KILL/LIST
-        "+@connection", "-@dangerous",
+        # connecting (AUTH, HELLO, CLIENT SETINFO, PING) but no CLIENT KILL/LIST;
+        # CLIENT TRACKING (in @connection, named so that it stays) keeps the
+        # client's token cache current (worker.client.tracking)
+        "+@connection", "-@dangerous", "+client|tracking",
         # what token.lua runs; SCRIPT LOAD for EVALSHA after a restart
         "+get", "+zscore", "+exists", "+time", "+script|load",
         # the layout check at connect; following the log; live events

@@ -245,6 +245,15 @@ class Settings:
             "length bound.",
         ),
     )
+    client_cache: int = field(
+        default=10_000,
+        metadata=_doc(
+            "REFRESHD_CLIENT_CACHE",
+            "Most tokens worker.client keeps in process memory (least recently used "
+            "dropped first), served without a round trip while Redis's invalidation "
+            "messages (CLIENT TRACKING) keep them current. 0: every read goes to Redis.",
+        ),
+    )
     encryption_keys: str = field(
         default="",
         repr=False,
@@ -349,6 +358,7 @@ class Settings:
                 "the event log needs a bound: set REFRESHD_EVENT_LOG_MAX_AGE_SECONDS or "
                 "REFRESHD_EVENT_LOG_MAX_LENGTH above 0 (or REFRESHD_EVENT_LOG=false)",
             ),
+            (self.client_cache >= 0, "REFRESHD_CLIENT_CACHE must not be negative"),
             (0 < self.lead_fraction < 1, "REFRESHD_LEAD_FRACTION must be between 0 and 1"),
             (self.lead_min_s >= 0, "REFRESHD_LEAD_MIN_SECONDS must not be negative"),
             (self.lead_max_s >= self.lead_min_s, "REFRESHD_LEAD_MAX_SECONDS must be >= min"),
@@ -461,6 +471,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "event_log": _bool,
     "event_log_max_age_s": float,
     "event_log_max_length": int,
+    "client_cache": int,
     "encryption_keys": str,
     "encryption_keys_file": str,
     "event_secrets": str,

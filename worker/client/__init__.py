@@ -11,7 +11,10 @@
             handle(entry.event)                         # Refreshed, Failed, ...
             save(entry.cursor)                          # resume here after a crash
 
-``connect_sync()`` gives the same calls without an event loop. Errors form
+``get(id)`` is served from an in-process cache while Redis's invalidation
+messages keep it current (``worker.client.cache``, ``worker.client.tracking``;
+``REFRESHD_CLIENT_CACHE``). ``connect_sync()`` gives the same calls without
+an event loop. Errors form
 one tree under ``ClientError`` (``worker.client.errors``). The refresh
 token never reaches a consumer; a refresh a consumer asks for goes through
 the workers' claim/spend/commit path, so it is sent once whoever asks.
@@ -24,6 +27,7 @@ The typed events (``worker.eventmodel``) and the log's ``Cursor``,
 
 from __future__ import annotations
 
+from worker.client.cache import CacheStats
 from worker.client.core import DEFAULT_TIMEOUT_S, Client, connect
 from worker.client.errors import (
     ClientConfigError,
@@ -55,6 +59,7 @@ from worker.eventmodel import Quarantined as QuarantinedEvent
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "AccessToken",
+    "CacheStats",
     "Client",
     "ClientConfigError",
     "ClientError",

@@ -3,7 +3,9 @@
 A consumer needs three things from refreshd, and none of its internals:
 
 - ``get(id)``: the current access token (never the refresh token), one
-  script call (``worker/scripts/token.lua``);
+  script call (``worker/scripts/token.lua``), or none at all when the
+  in-process cache holds it (``worker.client.cache``, kept current by
+  Redis's invalidations through ``worker.client.tracking``);
 - ``get(id, min_ttl=s)``: a token valid for at least ``s`` seconds. When
   the stored one expires sooner, the client makes the credential due now
   (only ever earlier), wakes the workers, and waits for the commit. It
@@ -28,8 +30,9 @@ from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
+from worker.client.cache import CacheStats, TokenCache
 from worker.client.errors import (
     ClientConfigError,
     ClientError,
@@ -50,7 +53,9 @@ from worker.client.errors import (
 from worker.client.events import AckMode, EventStream, Since
 from worker.client.listing import CredentialInfo, CredentialList
 from worker.client.token import AccessToken, RecordView, parse_view
+from worker.client.tracking import LinkDown, TrackingLink, pack
 from worker.client.waiting import EventWatch
+from worker.cluster import CLUSTER_SCHEMES
 from worker.codec import SecretCodec
 from worker.embedded import ensure_embedded
 from worker.errors import ConfigError, Conflict, NotFound, SecretUnreadable, StoreUnavailable
@@ -89,7 +94,9 @@ async def connect(
     key prefix and partitions; with no URL, the local embedded server).
     One per process is enough: calls share its connection pool and its
     events subscription. ``poll_interval`` bounds how long a waiting call
-    goes without re-reading the record (the safety net under pub/sub)."""
+    goes without re-reading the record (the safety net under pub/sub).
+    ``REFRESHD_CLIENT_CACHE`` sizes the token cache (0: off; always off on
+    a Redis Cluster)."""
     try:
         settings = settings or Settings.from_env()
         codec = codec or codec_from_settings(settings)
@@ -105,11 +112,16 @@ async def connect(
     keys = Keyspace(settings.prefix, settings.partitions)
     async with connect_redis(url, max_connections=pool_size) as redis:
         watch = EventWatch(redis, keys)
+        link = None
+        if settings.client_cache and not url.lower().startswith(CLUSTER_SCHEMES):
+            link = TrackingLink(redis, TokenCache(settings.client_cache))
         client = Client(redis, keys, codec, settings, watch,
-                        poll_interval=poll_interval)  # fmt: skip
+                        poll_interval=poll_interval, link=link)  # fmt: skip
         await client._check_layout()
         async with anyio.create_task_group() as tg:
             await tg.start(watch.run)
+            if link is not None:
+                await tg.start(link.run)
             try:
                 yield client
             finally:
@@ -129,8 +141,11 @@ class Client:
         watch: EventWatch,
         *,
         poll_interval: float = 0.5,
+        link: TrackingLink | None = None,
     ) -> None:
         self._redis = redis
+        self._link = link
+        self._cache = link.cache if link is not None else None
         self._keys = keys
         self._codec = codec
         self._settings = settings
@@ -171,7 +186,12 @@ class Client:
           request): nothing committed in time. The request stays: the
           credential is due now, and a worker refreshes it when it can.
         """
-        view = await self._view(credential_id)
+        cached = self._cached(credential_id)
+        if cached is not None:
+            token = _usable(cached)
+            if min_ttl is None or cached.valid_for(min_ttl):
+                return token
+        view = await self._read_through(credential_id)
         token = _usable(view)
         if min_ttl is None or view.valid_for(min_ttl):
             return token
@@ -216,6 +236,63 @@ class Client:
                 if view.action != "moved":
                     await waiter.wait(min(self._poll_s, left))
 
+    def cache_stats(self) -> CacheStats | None:
+        """The token cache's counters (hits, misses, invalidations, ...);
+        None when the cache is off (``REFRESHD_CLIENT_CACHE=0``, a Redis
+        Cluster, or a Redis user that may not run CLIENT TRACKING)."""
+        if self._cache is None or self._link is None or not self._link.enabled:
+            return None
+        return self._cache.stats(serving=self._link.can_serve())
+
+    def _cached(self, credential_id: str) -> RecordView | None:
+        """The cached view, only while an invalidation channel protects it."""
+        cache, link = self._cache, self._link
+        if cache is None or link is None:
+            return None
+        if not link.can_serve():
+            cache.bypassed += 1
+            return None
+        return cache.lookup(self._keys.partition_of(credential_id).cred(credential_id))
+
+    async def _read_through(self, credential_id: str) -> RecordView:
+        """A plain read that fills the cache: through the tracking
+        connection (token.lua's "cache" mode, which leaves the due set
+        alone), stored unless invalidated meanwhile. When the link is down
+        (or the script must be loaded again), the ordinary read."""
+        cache, link = self._cache, self._link
+        if cache is None or link is None or not link.up:
+            return await self._view(credential_id)
+        part = self._keys.partition_of(credential_id)
+        key = part.cred(credential_id)
+        command = pack("EVALSHA", self._token_script.sha, 3, key, part.due,
+                       part.lock(credential_id), credential_id, "", self._keys.wake,
+                       "cache")  # fmt: skip
+        ticket = cache.begin(key)
+        try:
+            try:
+                reply = await link.read(command)
+            except NoScriptError:  # a new or restarted server: load it, once
+                await guard(self._redis.script_load(self._token_script.script))
+                reply = await link.read(command)
+            view = self._parsed(credential_id, reply)
+            cache.finish(ticket, view)
+            return view
+        except (LinkDown, ResponseError, StoreUnavailable):  # the ordinary read says why
+            return await self._view(credential_id)
+        finally:
+            cache.abandon(ticket)  # nothing once finished
+
+    def _saw(self, credential_id: str, version: int) -> None:
+        """An event of ``version`` was handed to the application: a cached
+        older token (or one being read) must not be returned after it."""
+        assert self._cache is not None
+        self._cache.saw(self._keys.partition_of(credential_id).cred(credential_id), version)
+
+    def _forget(self, credential_id: str) -> None:
+        """This client wrote the credential: its next read goes to Redis."""
+        if self._cache is not None:
+            self._cache.invalidate(self._keys.partition_of(credential_id).cred(credential_id))
+
     async def _view(self, credential_id: str, *, seen: int | None = None) -> RecordView:
         part = self._keys.partition_of(credential_id)
         try:
@@ -228,6 +305,12 @@ class Client:
             )
         except (StoreUnavailable, ResponseError) as exc:
             raise _translated(exc) from exc
+        view = self._parsed(credential_id, reply)
+        if self._cache is not None:  # never a cached token older than one returned already
+            self._cache.saw(part.cred(credential_id), view.token.version)
+        return view
+
+    def _parsed(self, credential_id: str, reply: Any) -> RecordView:
         if not reply:
             raise CredentialNotFound(credential_id)
         try:
@@ -274,7 +357,8 @@ class Client:
             )
         return EventStream(self._log, since=since, group=group, consumer=consumer, ack=ack,
                            count=count, block_s=block, claim_idle_s=claim_idle,
-                           follow=follow, codec=self._codec)  # fmt: skip
+                           follow=follow, codec=self._codec,
+                           seen=self._saw if self._cache is not None else None)  # fmt: skip
 
     # ------------------------------------------------------------ writing
 
@@ -297,6 +381,7 @@ class Client:
         except ConfigError as exc:
             raise InvalidCredential(str(exc)) from exc
         await self._before_write()
+        self._forget(cred.id)
         try:
             created = await self._upsert(cred, now_ms)
         except NotFound as exc:
@@ -307,6 +392,8 @@ class Client:
             raise CredentialConflict(str(exc)) from exc
         except (StoreUnavailable, ResponseError) as exc:
             raise _translated(exc) from exc
+        finally:
+            self._forget(cred.id)  # read-your-writes, before Redis's invalidation arrives
         return created
 
     async def _upsert(self, cred: CredentialInput, now_ms: int) -> bool:
@@ -330,6 +417,7 @@ class Client:
         ``CredentialConflict`` while a refresh is in flight: its answer
         would be lost with the record; retry in a moment."""
         await self._before_write()
+        self._forget(credential_id)
         try:
             await self._store.delete(credential_id)
         except NotFound as exc:
@@ -338,6 +426,8 @@ class Client:
             raise CredentialConflict(str(exc)) from exc
         except (StoreUnavailable, ResponseError) as exc:
             raise _translated(exc) from exc
+        finally:
+            self._forget(credential_id)
 
     async def list(
         self,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Literal, Self, TypeVar
 
@@ -76,14 +76,19 @@ class EventStream:
         claim_idle_s: float,
         follow: bool,
         codec: SecretCodec | None = None,
+        seen: Callable[[str, int], None] | None = None,
     ) -> None:
         """``codec``: the client's; with a key ring it opens events whose
-        secrets were published encrypted (``REFRESHD_EVENT_SECRETS``)."""
+        secrets were published encrypted (``REFRESHD_EVENT_SECRETS``).
+        ``seen(credential_id, version)`` is told of each entry before it is
+        handed out (the client's token cache drops older entries, so a
+        ``get()`` after an event returns at least that event's version)."""
         if count < 1:
             raise ClientConfigError("events(): count must be at least 1")
         if ack not in ("auto", "manual"):
             raise ClientConfigError(f"events(): ack must be 'auto' or 'manual', not {ack!r}")
         self._log = log
+        self._seen = seen
         self._codec = codec if codec is not None and codec.encrypting else None
         self._count = count
         self._block_ms = max(1, int(block_s * 1000)) if follow else None
@@ -143,6 +148,8 @@ class EventStream:
             if not await self._fill():
                 raise StopAsyncIteration
         self._current = self._buffer.popleft()
+        if self._seen is not None:
+            self._seen(self._current.credential_id, self._current.version)
         event = self._current.event
         if (
             self._codec is not None

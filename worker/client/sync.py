@@ -11,6 +11,7 @@ from typing import Any, Self
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from worker.client.cache import CacheStats
 from worker.client.core import DEFAULT_TIMEOUT_S, Client, connect
 from worker.client.events import AckMode, EventStream, Since
 from worker.client.listing import CredentialList
@@ -50,6 +51,10 @@ class SyncClient:
         """See ``Client.get``."""
         call = partial(self._client.get, credential_id, min_ttl=min_ttl, timeout=timeout)
         return self._portal.call(call)
+
+    def cache_stats(self) -> CacheStats | None:
+        """See ``Client.cache_stats`` (read on the client's event loop)."""
+        return self._portal.call(self._client.cache_stats)
 
     def put(self, credential: Mapping[str, Any]) -> bool:
         """See ``Client.put``."""

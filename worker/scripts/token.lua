@@ -12,6 +12,10 @@ ARGV[4]  format   optional: "json" returns one JSON object (below) instead of
                   the list; what non-Python consumers use (README
                   "Non-Python consumers"). This contract is stable: fields
                   are only ever added.
+                  "cache" (with seen ""): the list, without reading the due
+                  set (due_ms ""): worker.client's cached read, whose
+                  connection has CLIENT TRACKING on; the due set changes on
+                  every claim and would invalidate every cached entry.
 
 Never returns the refresh token, the spend intent or the spent list: only
 what a consumer may see.
@@ -74,7 +78,8 @@ end
 local status = rec_get(rec, 'status') or 'active'
 local version = rec_get(rec, 'version') or '0'
 local failures = tonumber(rec_get(rec, 'failures') or '0')
-local due = redis.call('ZSCORE', due_key, id)
+local due = false
+if format ~= 'cache' then due = redis.call('ZSCORE', due_key, id) end
 local action, receivers = '', 0
 if seen ~= '' then
   local now = now_ms()
