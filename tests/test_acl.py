@@ -293,8 +293,10 @@ async def denied(admin: aioredis.Redis, *names: str) -> list[str]:
     command refreshd needs is missing from the shipped rules."""
     entries = await admin.execute_command("ACL", "LOG")  # type: ignore[no-untyped-call]
     found = []
-    for entry in entries:
-        fields = dict(zip(entry[::2], entry[1::2], strict=True))
+    for entry in entries:  # a map under RESP3, a flat list under RESP2
+        fields = (
+            entry if isinstance(entry, dict) else dict(zip(entry[::2], entry[1::2], strict=True))
+        )
         if fields["username"] in names:
             found.append(f"{fields['username']}: {fields['reason']} {fields['object']}")
     return found
