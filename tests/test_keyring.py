@@ -186,6 +186,14 @@ def test_the_record_form_is_the_same_ciphertext_a_quarter_smaller() -> None:
     assert record_form(record) == record
     assert text_form(text) == text
     assert raw.decode("utf-8", "surrogateescape") == record
+    # what a script writes: the same bytes; sealed right after the text form
+    # (a refresh's event, then its record), the same ciphertext
+    assert c.encode_record(token, CTX) == raw
+    fresh = c.encode_record("rt-" + token, CTX)
+    assert isinstance(fresh, bytes)
+    assert c.decode(fresh.decode("utf-8", "surrogateescape"), CTX) == "rt-" + token
+    assert PlainCodec().encode_record("rt-1", CTX) == "rt-1"
+    assert c.encode_record("", CTX) == ""
 
 
 def test_plain_values_keep_their_form() -> None:

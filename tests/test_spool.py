@@ -10,6 +10,7 @@ Redis is back. The other tests drive the spool and its replay directly.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -419,13 +420,17 @@ async def test_an_unwritable_spool_is_reported_at_start(redis_url: str, tmp_path
     assert "REFRESHD_SPOOL_DIR" in warning["note"]
 
 
+@pytest.mark.parametrize("ring", ["", "k1:" + base64.b64encode(bytes(range(32))).decode()],
+                         ids=["plain", "encrypted"])  # fmt: skip
 async def test_commits_never_acknowledged_are_spooled_when_the_batcher_stops(
-    fresh_redis: RedisServer, tmp_path: Path
+    fresh_redis: RedisServer, tmp_path: Path, ring: str
 ) -> None:
     """A commit whose script ran but whose acknowledgement died with the
     connection may be lost by the server: the batch re-applies it for as
-    long as it runs (was: 30 s), and hands it to the spool when it stops."""
-    settings = make_settings(fresh_redis.url)
+    long as it runs (was: 30 s), and hands it to the spool when it stops.
+    Encrypted, the commit carries its secrets in the record form, as bytes
+    (``SecretCodec.encode_record``), and the spool reads them back."""
+    settings = make_settings(fresh_redis.url, encryption_keys=ring)
     spool = Spool(tmp_path / "spool", MarkingCodec())
     async with (
         FakeProvider() as provider,
@@ -439,6 +444,7 @@ async def test_commits_never_acknowledged_are_spooled_when_the_batcher_stops(
             claimed, "refreshed", next_due=pending.next_due, fields=pending.fields,
             event=pending.event,
         )  # fmt: skip
+        assert any(isinstance(arg, bytes) for arg in args) == bool(ring)
         assert _timeless(PendingCommit.from_commit_args(args, store)) == _timeless(pending)
         refresher = build_refresher(settings, store, http, Metrics())
         refresher.spool = spool

@@ -141,9 +141,10 @@ def text_form(stored: str) -> str:
 class SecretCodec(Protocol):
     """What the store, the client library, the CLI and the spool call.
 
-    ``encode``: plaintext to the stored form, in its text form or, with
-    ``record``, in the record form (``""`` stays ``""``: an empty value is
-    "no value" in a record). ``decode``:
+    ``encode``: plaintext to the stored form, in its text form (``""``
+    stays ``""``: an empty value is "no value" in a record);
+    ``encode_record``: the same in the record form, as the bytes a script
+    writes into a credential record (a plain codec's is the plaintext). ``decode``:
     the stored form back, in either form, accepting plain values too (a
     database written before encryption was switched on); raises ``SecretUnreadable`` when the value
     is encrypted and cannot be read. ``key_id``: the key id a stored value
@@ -160,7 +161,9 @@ class SecretCodec(Protocol):
         """The key id new writes use; None for a codec that does not encrypt."""
         ...
 
-    def encode(self, plaintext: str, ctx: SecretContext, *, record: bool = False) -> str: ...
+    def encode(self, plaintext: str, ctx: SecretContext) -> str: ...
+
+    def encode_record(self, plaintext: str, ctx: SecretContext) -> str | bytes: ...
 
     def decode(self, stored: str, ctx: SecretContext) -> str: ...
 
@@ -181,7 +184,10 @@ class PlainCodec:
     def primary_key_id(self) -> str | None:
         return None
 
-    def encode(self, plaintext: str, ctx: SecretContext, *, record: bool = False) -> str:
+    def encode(self, plaintext: str, ctx: SecretContext) -> str:
+        return plaintext
+
+    def encode_record(self, plaintext: str, ctx: SecretContext) -> str | bytes:
         return plaintext
 
     def decode(self, stored: str, ctx: SecretContext) -> str:

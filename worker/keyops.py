@@ -245,7 +245,7 @@ class _Rotator:
             if attempt:
                 self.result.reread += len(todo)
             raws = await self.store.many_raw_fields(todo)
-            plans: list[tuple[str, str, list[str]]] = []
+            plans: list[tuple[str, str, list[str | bytes]]] = []
             settled = 0
             for cred_id, raw in zip(todo, raws, strict=True):
                 plan = self._plan_credential(cred_id, raw) if raw else None
@@ -271,13 +271,13 @@ class _Rotator:
             self.progress(settled)
         return later + todo
 
-    def _plan_credential(self, cred_id: str, raw: Mapping[str, str]) -> list[str] | None:
+    def _plan_credential(self, cred_id: str, raw: Mapping[str, str]) -> list[str | bytes] | None:
         """``field, value read, new value`` for each secret field not under
         the primary; None when there is nothing to do (counted) or the
         record cannot be read (counted by reason)."""
         store = self.store
 
-        def again(name: str, value: str) -> str:
+        def again(name: str, value: str) -> str | bytes:
             return store.encode(cred_id, name, store.decode(cred_id, name, value))
 
         try:
@@ -324,11 +324,11 @@ class _Rotator:
         self,
         raw: Mapping[str, str],
         names: Any,
-        again: Callable[[str, str], str],
+        again: Callable[[str, str], str | bytes],
         *,
         record: bool,
-    ) -> list[str]:
-        args: list[str] = []
+    ) -> list[str | bytes]:
+        args: list[str | bytes] = []
         for name in sorted(names):
             value = raw.get(name, "")
             if _stale(self.codec, value, record=record):

@@ -192,7 +192,7 @@ def generate_key() -> str:
 class AesGcmCodec:
     """AES-256-GCM over a key ring (the module docstring has the format)."""
 
-    __slots__ = ("_last", "_mark", "_primary", "_record_mark", "ring")
+    __slots__ = ("_aad_marks", "_last", "_mark", "_primary", "_record_mark", "ring")
 
     def __init__(self, ring: KeyRing) -> None:
         self.ring = ring
@@ -200,7 +200,9 @@ class AesGcmCodec:
         assert primary is not None
         self._primary = primary
         self._mark = f"{ENCRYPTED_MARK}{ring.primary}."
-        self._record_mark = f"{RECORD_MARK}{ring.primary}."
+        self._record_mark = f"{RECORD_MARK}{ring.primary}.".encode("utf-8", "surrogateescape")
+        #: what each key id's associated data starts with (format and key id)
+        self._aad_marks = {kid: f"{ENCRYPTED_MARK}{kid}.".encode() for kid in ring.ids}
         #: the last long value sealed: (the plaintext, by identity; its
         #: associated data; nonce, ciphertext and tag). A refresh writes its
         #: access token twice, into its event (text form) and into the
@@ -216,20 +218,30 @@ class AesGcmCodec:
     def primary_key_id(self) -> str | None:
         return self.ring.primary
 
-    def encode(self, plaintext: str, ctx: SecretContext, *, record: bool = False) -> str:
+    def encode(self, plaintext: str, ctx: SecretContext) -> str:
         if not plaintext:
             return ""
-        aad = _aad(self._mark, ctx)
+        return (
+            self._mark + base64.urlsafe_b64encode(self._seal(plaintext, ctx)).rstrip(b"=").decode()
+        )
+
+    def encode_record(self, plaintext: str, ctx: SecretContext) -> str | bytes:
+        if not plaintext:
+            return ""
+        return self._record_mark + self._seal(plaintext, ctx)
+
+    def _seal(self, plaintext: str, ctx: SecretContext) -> bytes:
+        """Nonce, ciphertext and tag of ``plaintext`` under the primary key."""
+        aad = self._aad_marks[self.ring.primary] + ctx.aad()
         last, last_aad, sealed = self._last
-        if plaintext is not last or aad != last_aad:
-            kind, data = _pack(plaintext)
-            nonce = os.urandom(_NONCE)
-            sealed = nonce + self._primary.encrypt(nonce, bytes((kind,)) + data, aad)
-            if kind == _DEFLATED:  # a short value is cheap to seal again, and must not evict it
-                self._last = (plaintext, aad, sealed)
-        if record:
-            return self._record_mark + sealed.decode("utf-8", "surrogateescape")
-        return self._mark + base64.urlsafe_b64encode(sealed).rstrip(b"=").decode()
+        if plaintext is last and aad == last_aad:
+            return sealed
+        kind, data = _pack(plaintext)
+        nonce = os.urandom(_NONCE)
+        sealed = nonce + self._primary.encrypt(nonce, bytes((kind,)) + data, aad)
+        if kind == _DEFLATED:  # a short value is cheap to seal again, and must not evict it
+            self._last = (plaintext, aad, sealed)
+        return sealed
 
     def decode(self, stored: str, ctx: SecretContext) -> str:
         parts = split_encrypted(stored)
@@ -245,7 +257,7 @@ class AesGcmCodec:
             )
         try:
             raw = body.encode("utf-8", "surrogateescape") if record else _unbase64(body)
-            return _open(cipher, raw, _aad(f"{ENCRYPTED_MARK}{kid}.", ctx))
+            return _open(cipher, raw, self._aad_marks[kid] + ctx.aad())
         except (InvalidTag, binascii.Error, ValueError, zlib.error):
             raise SecretUnreadable(
                 "undecryptable",
@@ -290,10 +302,6 @@ def _open(cipher: AESGCM, raw: bytes, aad: bytes) -> str:
     elif kind != _RAW:
         raise ValueError("unknown payload kind")
     return data.decode()
-
-
-def _aad(mark: str, ctx: SecretContext) -> bytes:
-    return mark.encode() + ctx.aad()
 
 
 def _where(ctx: SecretContext) -> str:

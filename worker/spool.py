@@ -101,7 +101,7 @@ class PendingCommit:
             return None
         flat = args[_PAIRS_AT:]
         fields = {
-            str(name): store.decode(str(cred_id), str(name), str(value))
+            str(name): store.decode(str(cred_id), str(name), _stored(value))
             if name in SECRET_FIELDS
             else value
             for name, value in zip(flat[0::2], flat[1::2], strict=True)
@@ -310,6 +310,12 @@ class Spool:
             reason=_text(doc["reason"]),
             received_ms=int(doc["received_ms"]),
         )
+
+
+def _stored(value: str | bytes) -> str:
+    """A secret field of a commit's ARGV as the store reads it back (the
+    record form travels as bytes, ``SecretCodec.encode_record``)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 def _text(value: Any) -> str:

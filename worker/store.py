@@ -120,10 +120,10 @@ class Store:
         """Where a credential's secret field lives (the codec binds it)."""
         return SecretContext(self.keys.prefix, "credential", credential_id, field)
 
-    def encode(self, credential_id: str, field: str, plaintext: str) -> str:
-        """A credential's secret field as its record stores it
-        (``SECRET_FIELDS``; encrypted, in the codec's record form)."""
-        return self.codec.encode(plaintext, self.secret_context(credential_id, field), record=True)
+    def encode(self, credential_id: str, field: str, plaintext: str) -> str | bytes:
+        """A credential's secret field as a script writes it into the record
+        (``SECRET_FIELDS``; encrypted, the codec's record form as bytes)."""
+        return self.codec.encode_record(plaintext, self.secret_context(credential_id, field))
 
     def decode(self, credential_id: str, field: str, stored: str) -> str:
         """The plaintext of a stored secret field; raises
@@ -157,7 +157,7 @@ class Store:
     async def upsert(self, cred: CredentialInput, *, due_ms: int, replace: bool) -> bool:
         """Register ``cred``; returns True when it was new."""
         part = self.keys.partition_of(cred.id)
-        fields: list[str | int] = [
+        fields: list[str | bytes | int] = [
             "access_token", self.encode(cred.id, "access_token", cred.access_token),
             "refresh_token", self.encode(cred.id, "refresh_token", cred.refresh_token),
             "token_type", cred.token_type,
@@ -511,8 +511,9 @@ class Store:
         flat: list[Any] = []
         for name, value in fields.items():
             if name in SECRET_FIELDS:
-                value = self.encode(c.id, name, str(value))
-            flat += [name, value]
+                flat += [name, self.encode(c.id, name, str(value))]
+            else:
+                flat += [name, value]
         keys = [part.cred(c.id), part.lock(c.id), part.due, part.stats, part.log]
         channel = self.event_channel(part)
         args = [c.token, c.version, outcome, next_due, channel, event, c.id, reason,
