@@ -320,6 +320,43 @@ async def test_rotate_moves_an_earlier_releases_text_form_into_the_record_form(
             assert len(new[name].encode("utf-8", "surrogateescape")) < 0.8 * len(old[name])
 
 
+async def test_a_database_of_the_previous_release_keeps_the_text_form_until_compact(
+    redis_url: str,
+) -> None:
+    """The previous release reads encrypted secrets in the text form only.
+    In a database it created (no ``secrets`` in the layout) this release
+    writes the text form too, so both run side by side during an upgrade;
+    ``key rotate --compact``, once nothing older runs, lets records hold
+    bytes and rewrites them."""
+    settings = make_settings(redis_url, partitions=2)
+    async with store_with(settings, K1) as first:
+        await first.client.hdel(first.keys.layout, "secrets")  # as the previous release left it
+    async with FakeProvider() as fake, store_with(settings, K1) as store:
+        assert not store.secrets_as_bytes
+        grants = await seed(store, fake, 3, expires_in=3600)
+        before = await records(store, sorted(grants))
+        status = await acli(redis_url, "key", "status", keys=K1, partitions=2)
+        plain_rotate = await acli(redis_url, "key", "rotate", keys=K1, partitions=2)
+        rotated = await acli(redis_url, "key", "rotate", "--compact", keys=K1, partitions=2)
+        after = await records(store, sorted(grants))
+        done = await acli(redis_url, "key", "status", keys=K1, partitions=2)
+        for cred_id, grant in grants.items():
+            assert (await store.get(cred_id)).refresh_token == grant.refresh_token
+    for raw in before:
+        assert raw["refresh_token"].startswith("e1.k1.")
+        assert raw["access_token"].startswith("e1.k1.")
+    assert status.json()["record_form"] == "text"
+    assert status.json()["credentials"]["pending"] == 0
+    assert plain_rotate.json()["credentials_rewritten"] == 0
+    assert rotated.code == 0, rotated.err
+    assert rotated.json()["credentials_rewritten"] == 3
+    for raw in after:
+        assert raw["refresh_token"].startswith(RECORD_MARK + "k1.")
+        assert raw["access_token"].startswith(RECORD_MARK + "k1.")
+    assert done.json()["record_form"] == "bytes"
+    assert done.json()["credentials"]["pending"] == 0
+
+
 async def key_status_of(settings: Settings) -> Any:
     async with store_with(settings, K1) as store:
         return await key_status(store)

@@ -76,6 +76,9 @@ class KeyStatus:
     ring: tuple[str, ...]
     credentials: KeyCount
     profiles: KeyCount
+    #: "bytes" when credential records may hold encrypted secrets as bytes
+    #: (``Store.secrets_as_bytes``), else "text"
+    record_form: str = "text"
 
     @property
     def unknown_keys(self) -> list[str]:
@@ -91,6 +94,7 @@ class KeyStatus:
             "credentials": self.credentials.to_json(),
             "profiles": self.profiles.to_json(),
             "unknown_keys": self.unknown_keys,
+            "record_form": self.record_form,
         }
 
 
@@ -143,7 +147,7 @@ async def key_status(store: Store) -> KeyStatus:
             total += 1
             values = [raw.get(name, "") for name in SECRET_FIELDS]
             counts.update(_kids(codec, values))
-            pending += any(_stale(codec, v, record=True) for v in values)
+            pending += any(_stale(codec, v, record=store.secrets_as_bytes) for v in values)
     p_counts: Counter[str] = Counter()
     p_total = p_pending = 0
     for raw in (r for _, r in await _profiles(store)):
@@ -156,13 +160,15 @@ async def key_status(store: Store) -> KeyStatus:
         ring=_ring_ids(codec),
         credentials=KeyCount(total, counts, pending),
         profiles=KeyCount(p_total, p_counts, p_pending),
+        record_form="bytes" if store.secrets_as_bytes else "text",
     )
 
 
 def _stale(codec: SecretCodec, value: str, *, record: bool) -> bool:
     """True when ``key rotate`` rewrites a stored value: it is not under
-    the primary key or, in a credential record, it is in the text form an
-    earlier release stored there (the record form is a quarter smaller)."""
+    the primary key or, where ``record`` (a credential record that may hold
+    bytes, ``Store.secrets_as_bytes``), it is in the text form (the record
+    form is a quarter smaller)."""
     if not value:
         return False
     if codec.key_id(value) != codec.primary_key_id:
@@ -281,7 +287,7 @@ class _Rotator:
             return store.encode(cred_id, name, store.decode(cred_id, name, value))
 
         try:
-            args = self._plan(raw, SECRET_FIELDS, again, record=True)
+            args = self._plan(raw, SECRET_FIELDS, again, record=store.secrets_as_bytes)
         except SecretUnreadable as exc:
             self._unreadable("credential", exc, raw, SECRET_FIELDS)
             return None

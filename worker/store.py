@@ -113,6 +113,9 @@ class Store:
         #: batches wait for (``host:port`` -> its own replicas and AOF: a
         #: failover leaves one shard without a replica, not all of them)
         self.node_durability: dict[str, Durability] = {}
+        #: records may hold encrypted secrets as bytes (the layout says so:
+        #: ``check_layout``); until then the text form, which every release reads
+        self.secrets_as_bytes = False
 
     # ------------------------------------------------------------ secrets
 
@@ -122,8 +125,12 @@ class Store:
 
     def encode(self, credential_id: str, field: str, plaintext: str) -> str | bytes:
         """A credential's secret field as a script writes it into the record
-        (``SECRET_FIELDS``; encrypted, the codec's record form as bytes)."""
-        return self.codec.encode_record(plaintext, self.secret_context(credential_id, field))
+        (``SECRET_FIELDS``): encrypted, the codec's record form as bytes, or
+        its text form while the layout says older processes may read it."""
+        ctx = self.secret_context(credential_id, field)
+        if self.secrets_as_bytes:
+            return self.codec.encode_record(plaintext, ctx)
+        return self.codec.encode(plaintext, ctx)
 
     def decode(self, credential_id: str, field: str, stored: str) -> str:
         """The plaintext of a stored secret field; raises
@@ -132,14 +139,29 @@ class Store:
 
     # ------------------------------------------------------------ layout
 
+    async def allow_secrets_as_bytes(self) -> None:
+        """From now on, records may hold encrypted secrets in the record form
+        (raw bytes, ``worker.codec``), which the previous release cannot
+        read: ``refreshd key rotate --compact`` calls it once every process
+        runs this release. A database created by this release starts so."""
+        await guard(self.client.hset(self.keys.layout, "secrets", "bytes"))
+        self.secrets_as_bytes = True
+
     async def check_layout(self) -> None:
         """Record the partition count and the record format on first use;
         refuse different ones later, since credentials would be looked up in
-        the wrong partition or read in the wrong format."""
+        the wrong partition or read in the wrong format. Also learn whether
+        records may hold encrypted secrets as bytes (``secrets_as_bytes``)."""
         key = self.keys.layout
         if await guard(self.client.hsetnx(key, "partitions", self.keys.partitions)):
-            await guard(self.client.hset(key, "record", RECORD_FORMAT))
-        stored, record = await guard(self.client.hmget(key, ["partitions", "record"]))
+            # a new database: no older process reads it, secrets may be bytes
+            await guard(
+                self.client.hset(key, mapping={"record": RECORD_FORMAT, "secrets": "bytes"})
+            )
+        stored, record, secrets = await guard(
+            self.client.hmget(key, ["partitions", "record", "secrets"])
+        )
+        self.secrets_as_bytes = secrets == "bytes"
         if stored is not None and int(stored) != self.keys.partitions:
             raise Conflict(
                 f"this Redis holds data written with {stored} partitions; "
