@@ -22,9 +22,10 @@ from worker.app import open_store
 from worker.client import Client, CredentialNotFound, NoWorkerRunning, connect, connect_sync
 from worker.client.cache import TokenCache
 from worker.client.token import AccessToken, RecordView
-from worker.client.tracking import TrackingLink, pack
+from worker.client.tracking import TrackingLink
 from worker.fakeprovider import FakeProvider
 from worker.models import Status
+from worker.redisio import pack_command
 from worker.settings import Settings
 from worker.store import Store
 
@@ -275,7 +276,7 @@ async def test_put_and_delete_are_read_by_the_next_get(redis_url: str) -> None:
     async with world(redis_url) as (settings, _store, fake), connect(settings) as client:
         link = link_of(client)
         old = await client.get(CRED)
-        assert await link.read(pack("CLIENT", "TRACKING", "OFF")) == "OK"
+        assert await link.read(pack_command("CLIENT", "TRACKING", "OFF")) == "OK"
         grant = fake.issue_grant()
         await client.put({"id": CRED, "profile": "p", "access_token": grant.access_token,
                           "refresh_token": grant.refresh_token, "expires_in": 3600})  # fmt: skip
@@ -297,7 +298,7 @@ async def test_a_get_after_an_event_returns_at_least_its_version(redis_url: str)
         worker_running(settings),
     ):
         assert (await client.get(CRED)).version == 0
-        assert await link_of(client).read(pack("CLIENT", "TRACKING", "OFF")) == "OK"
+        assert await link_of(client).read(pack_command("CLIENT", "TRACKING", "OFF")) == "OK"
         assert (await asker.get(CRED, min_ttl=60, timeout=10)).version == 1
         assert (await client.get(CRED)).version == 0  # nothing told this client yet
         async for entry in client.events(since="start", follow=False):
@@ -315,7 +316,7 @@ async def test_a_get_never_returns_older_than_a_token_it_returned(redis_url: str
         worker_running(settings),
     ):
         assert (await client.get(CRED)).version == 0
-        assert await link_of(client).read(pack("CLIENT", "TRACKING", "OFF")) == "OK"
+        assert await link_of(client).read(pack_command("CLIENT", "TRACKING", "OFF")) == "OK"
         fresh = await client.get(CRED, min_ttl=60, timeout=10)
         after = await client.get(CRED)
     assert (fresh.version, after.version) == (1, 1)

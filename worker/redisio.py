@@ -45,6 +45,7 @@ __all__ = [
     "load_plain_script",
     "load_script",
     "load_scripts",
+    "pack_command",
     "pack_evalsha",
     "parse_sentinel_url",
     "run_script",
@@ -118,18 +119,23 @@ async def run_script(
     return await _run_once(client.connection_pool, script.sha, keys, args)
 
 
-def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
-    """One EVALSHA, packed by hiredis. hiredis encodes text as strict
-    UTF-8, and a secret in its record form (``worker.codec``) is text that
-    holds raw bytes through ``surrogateescape``: a call carrying one is
-    packed again with each text as the bytes it stands for, which is what
-    redis-py's own encoder does with ``ENCODING_ERRORS``."""
-    command = ("EVALSHA", sha, len(keys), *keys, *args)
+def pack_command(*parts: Any) -> bytes:
+    """One command in RESP, packed by hiredis. hiredis encodes text as
+    strict UTF-8, and a secret in its record form (``worker.codec``) read
+    back from Redis is text that holds raw bytes through ``surrogateescape``:
+    a command carrying one is packed again with each text as the bytes it
+    stands for, which is what redis-py's own encoder does with
+    ``ENCODING_ERRORS``."""
     try:
-        packed: bytes = hiredis.pack_command(command)
+        packed: bytes = hiredis.pack_command(parts)
     except UnicodeEncodeError:
-        packed = hiredis.pack_command(tuple(_wire(part) for part in command))
+        packed = hiredis.pack_command(tuple(_wire(part) for part in parts))
     return packed
+
+
+def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[Any]) -> bytes:
+    """One EVALSHA (``pack_command``)."""
+    return pack_command("EVALSHA", sha, len(keys), *keys, *args)
 
 
 def _wire(part: Any) -> Any:

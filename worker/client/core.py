@@ -53,7 +53,7 @@ from worker.client.errors import (
 from worker.client.events import AckMode, EventStream, Since
 from worker.client.listing import CredentialInfo, CredentialList
 from worker.client.token import AccessToken, RecordView, parse_view
-from worker.client.tracking import LinkDown, TrackingLink, pack
+from worker.client.tracking import LinkDown, TrackingLink
 from worker.client.waiting import EventWatch
 from worker.cluster import CLUSTER_SCHEMES
 from worker.codec import SecretCodec
@@ -67,7 +67,7 @@ from worker.logs import get_logger
 from worker.models import CredentialInput, Status
 from worker.profiles import ProfileStore
 from worker.redisio import connect as connect_redis
-from worker.redisio import guard, load_script
+from worker.redisio import guard, load_script, pack_evalsha
 from worker.scheduling import Schedule
 from worker.serverchecks import check_hazards, find_hazards, inspect_server
 from worker.settings import Settings
@@ -264,9 +264,8 @@ class Client:
             return await self._view(credential_id)
         part = self._keys.partition_of(credential_id)
         key = part.cred(credential_id)
-        command = pack("EVALSHA", self._token_script.sha, 3, key, part.due,
-                       part.lock(credential_id), credential_id, "", self._keys.wake,
-                       "cache")  # fmt: skip
+        command = pack_evalsha(self._token_script.sha, [key, part.due, part.lock(credential_id)],
+                               [credential_id, "", self._keys.wake, "cache"])  # fmt: skip
         ticket = cache.begin(key)
         try:
             try:

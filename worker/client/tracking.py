@@ -36,29 +36,22 @@ from collections import deque
 from typing import Any
 
 import anyio
-import hiredis
 import redis.asyncio as aioredis
 from anyio.abc import TaskStatus
 from redis.exceptions import RedisError, ResponseError
 
 from worker.client.cache import TokenCache
 from worker.logs import get_logger
-from worker.redisio import REDIS_UNAVAILABLE
+from worker.redisio import REDIS_UNAVAILABLE, pack_command
 
-__all__ = ["LinkDown", "TrackingLink", "pack"]
+__all__ = ["LinkDown", "TrackingLink"]
 
 log = get_logger("refreshd.client")
 
 _PUSHED = object()  # what the invalidation handler returns to the read loop
 
 
-def pack(*parts: Any) -> bytes:
-    """One command in RESP, packed by hiredis (as ``redisio.run_script`` does)."""
-    packed: bytes = hiredis.pack_command(parts)
-    return packed
-
-
-_PING = pack("PING")
+_PING = pack_command("PING")
 
 
 class LinkDown(Exception):
@@ -227,9 +220,9 @@ class TrackingLink:
             _require_resp3(conn)
             conn._parser.set_invalidation_push_handler(self._invalidated)
             conn._parser.set_pubsub_push_handler(self._other_push)
-            await conn.send_packed_command(pack("CLIENT", "ID"), False)
+            await conn.send_packed_command(pack_command("CLIENT", "ID"), False)
             client_id = int(await conn.read_response())
-            await conn.send_packed_command(pack("CLIENT", "TRACKING", "ON"), False)
+            await conn.send_packed_command(pack_command("CLIENT", "TRACKING", "ON"), False)
             await conn.read_response()
         except BaseException:
             with anyio.CancelScope(shield=True):
