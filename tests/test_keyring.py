@@ -189,6 +189,11 @@ def test_the_record_form_is_the_same_ciphertext_a_quarter_smaller() -> None:
     # what a script writes: the same bytes; sealed right after the text form
     # (a refresh's event, then its record), the same ciphertext
     assert c.encode_record(token, CTX) == raw
+    # the same token for another field is sealed afresh, bound to that field
+    other = SecretContext("refreshd:", "credential", "c1", "access_token")
+    again = c.encode_record(token, other)
+    assert isinstance(again, bytes)
+    assert c.decode(again.decode("utf-8", "surrogateescape"), other) == token
     fresh = c.encode_record("rt-" + token, CTX)
     assert isinstance(fresh, bytes)
     assert c.decode(fresh.decode("utf-8", "surrogateescape"), CTX) == "rt-" + token

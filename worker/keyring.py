@@ -204,11 +204,11 @@ class AesGcmCodec:
         #: what each key id's associated data starts with (format and key id)
         self._aad_marks = {kid: f"{ENCRYPTED_MARK}{kid}.".encode() for kid in ring.ids}
         #: the last long value sealed: (the plaintext, by identity; its
-        #: associated data; nonce, ciphertext and tag). A refresh writes its
-        #: access token twice, into its event (text form) and into the
-        #: record (record form), under the same context: the second is the
-        #: same ciphertext, not a second one.
-        self._last: tuple[str, bytes, bytes] = ("", b"", b"")
+        #: context; nonce, ciphertext and tag). A refresh writes its access
+        #: token twice, into its event (text form) and into the record
+        #: (record form), under the same context: the second is the same
+        #: ciphertext, not a second one (nor a second associated data).
+        self._last: tuple[str, SecretContext | None, bytes] = ("", None, b"")
 
     @property
     def encrypting(self) -> bool:
@@ -232,15 +232,15 @@ class AesGcmCodec:
 
     def _seal(self, plaintext: str, ctx: SecretContext) -> bytes:
         """Nonce, ciphertext and tag of ``plaintext`` under the primary key."""
-        aad = self._aad_marks[self.ring.primary] + ctx.aad()
-        last, last_aad, sealed = self._last
-        if plaintext is last and aad == last_aad:
+        last, last_ctx, sealed = self._last
+        if plaintext is last and ctx == last_ctx:
             return sealed
+        aad = self._aad_marks[self.ring.primary] + ctx.aad()
         kind, data = _pack(plaintext)
         nonce = os.urandom(_NONCE)
         sealed = nonce + self._primary.encrypt(nonce, bytes((kind,)) + data, aad)
         if kind == _DEFLATED:  # a short value is cheap to seal again, and must not evict it
-            self._last = (plaintext, aad, sealed)
+            self._last = (plaintext, ctx, sealed)
         return sealed
 
     def decode(self, stored: str, ctx: SecretContext) -> str:
