@@ -6,6 +6,7 @@ the rewrite script's refusals (a changed record, a refresh in flight)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import io
@@ -25,7 +26,7 @@ from tests.harness import add_grants, all_current, make_settings, seed, wait_for
 from tests.test_process import worker_process
 from worker.app import open_store
 from worker.cli.progress import Progress
-from worker.codec import RECORD_MARK, PlainCodec, text_form
+from worker.codec import RECORD_MARK, PlainCodec, SecretContext, split_encrypted, text_form
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
 from worker.keyops import key_status, record_count, rotate
 from worker.keyring import generate_key, parse_key_ring
@@ -355,6 +356,45 @@ async def test_a_database_of_the_previous_release_keeps_the_text_form_until_comp
         assert raw["access_token"].startswith(RECORD_MARK + "k1.")
     assert done.json()["record_form"] == "bytes"
     assert done.json()["credentials"]["pending"] == 0
+
+
+def payload_kind(stored: str | bytes, ctx: SecretContext) -> int:
+    """The first byte inside a sealed value (README "The format")."""
+    if isinstance(stored, bytes):
+        stored = stored.decode("utf-8", "surrogateescape")
+    parts = split_encrypted(stored)
+    assert parts is not None
+    kid, body, record = parts
+    raw = body.encode("utf-8", "surrogateescape") if record else text_form_bytes(body)
+    cipher = parse_key_ring(K1, source="K1", one_per_line=False).cipher(kid)
+    assert cipher is not None
+    return cipher.decrypt(raw[:12], raw[12:], f"e1.{kid}.".encode() + ctx.aad())[0]
+
+
+def text_form_bytes(body: str) -> bytes:
+    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+
+
+async def test_the_layout_decides_the_payload_kind_too(redis_url: str) -> None:
+    """Payload kind 2 (base64url packed 6 bits a character) is new in this
+    release, like the record form, and follows the same word of the layout:
+    a database of the previous release gets kind 1 (Huffman codes) in both
+    forms, also in events, until ``key rotate --compact``."""
+    settings = make_settings(redis_url, partitions=2)
+    token = base64.urlsafe_b64encode(os.urandom(600)).decode()
+    ctx = SecretContext(settings.prefix, "credential", "c1", "access_token")
+    async with store_with(settings, K1) as fresh:
+        assert payload_kind(fresh.encode("c1", "access_token", token), ctx) == 2
+        await fresh.client.hdel(fresh.keys.layout, "secrets")  # as the previous release left it
+    async with store_with(settings, K1) as store:
+        assert payload_kind(store.encode("c1", "access_token", token), ctx) == 1
+        assert payload_kind(store.codec.encode(token, ctx), ctx) == 1  # an event's
+        sealed = store.encode("c1", "access_token", token)
+        assert isinstance(sealed, str)  # the text form
+        assert store.decode("c1", "access_token", sealed) == token
+        await store.allow_secrets_as_bytes()
+        assert payload_kind(store.encode("c1", "access_token", token), ctx) == 2
+        assert payload_kind(store.codec.encode(token, ctx), ctx) == 2
 
 
 async def key_status_of(settings: Settings) -> Any:

@@ -5,10 +5,14 @@ malformed rings as one ConfigError line that never shows a key."""
 from __future__ import annotations
 
 import base64
+import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from worker import keyring
 from worker.codec import (
@@ -251,6 +255,99 @@ def test_hiredis_packing_sends_the_record_forms_bytes() -> None:
     )
 
 
+# ------------------------------------------------------------ payload kinds
+
+
+def payload_kind(stored: str, ctx: SecretContext = CTX, key: bytes = K1) -> int:
+    """The first byte of the plaintext inside ``stored`` (either form):
+    what a consumer in another language reads first (README "The format")."""
+    parts = split_encrypted(stored)
+    assert parts is not None
+    kid, body, record = parts
+    raw = body.encode("utf-8", "surrogateescape") if record else keyring._unbase64(body)
+    aad = f"e1.{kid}.".encode() + ctx.aad()
+    return AESGCM(key).decrypt(raw[:12], raw[12:], aad)[0]
+
+
+def compact_codec() -> AesGcmCodec:
+    c = codec()
+    c.allow_compact_forms(True)
+    return c
+
+
+RANDOM_900 = base64.urlsafe_b64encode(os.urandom(675)).decode()  # 900 characters
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        RANDOM_900,
+        *(base64.urlsafe_b64encode(os.urandom(200 + n)).decode().rstrip("=") for n in range(3)),
+        "at." + "_" * 129,  # every length modulo 4, a last character with low bits set
+        "-" * 130,
+        "at.000000000042." + "Zz9-" * 40,  # the benchmark endpoint's shape
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiIxIn0." + "s" * 342,  # a JWT
+        "." + "a" * 200 + "..b.",  # empty segments at either end and between
+        "ya29.a0Af" + "Q" * 150,
+    ],
+)
+def test_base64url_tokens_pack_six_bits_a_character(token: str) -> None:
+    """Kind 2: each segment between dots 6 bits a character, plus two bytes
+    of length; exactly the same text comes back, whatever its length or
+    last character (the last group is filled with zero bits)."""
+    c = compact_codec()
+    for stored in (c.encode(token, CTX), record_form(c.encode(token, CTX))):
+        assert payload_kind(stored) == 2
+        assert c.decode(stored, CTX) == token
+        assert codec().decode(stored, CTX) == token  # any reader of this release
+    segments = token.count(".") + 1
+    raw = c.encode_record(token, CTX)
+    assert isinstance(raw, bytes)
+    overhead = len(b"\xffk1.") + 12 + 16 + 1
+    assert len(raw) - overhead <= 0.75 * len(token) + 2 * segments + 2 * segments
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "at0 " + "0123456789" * 80,  # a space: not base64url
+        '{"id_token": "' + "x" * 200 + '"}',  # kept extras are JSON
+        "tök" + "e" * 200,
+        "a" * 70_000,  # a segment longer than two bytes count
+    ],
+)
+def test_other_long_values_are_deflated(value: str) -> None:
+    c = compact_codec()
+    stored = c.encode(value, CTX)
+    assert payload_kind(stored) == 1
+    assert c.decode(stored, CTX) == value
+
+
+def test_kind_2_waits_for_the_layout_and_short_values_stay_raw() -> None:
+    """The previous release reads kinds 0 and 1 only: kind 2 is written
+    once the store says no older process reads the database."""
+    c = codec()
+    assert payload_kind(c.encode(RANDOM_900, CTX)) == 1
+    c.allow_compact_forms(True)
+    assert payload_kind(c.encode(RANDOM_900, CTX)) == 2
+    assert payload_kind(c.encode("rt-" + "x" * 100, CTX)) == 0
+    c.allow_compact_forms(False)
+    assert payload_kind(c.encode(RANDOM_900, CTX)) == 1
+
+
+def test_a_malformed_kind_2_payload_is_undecryptable() -> None:
+    """Sealed by this key for this place, yet not a kind 2 payload (a bug,
+    never an attacker: they cannot seal): unreadable, never garbage."""
+    c = compact_codec()
+    aad = b"e1.k1." + CTX.aad()
+    for payload in (b"\x02\x00", b"\x02\x00\x08AAA", b"\x07abc"):
+        nonce = os.urandom(12)
+        sealed = nonce + AESGCM(K1).encrypt(nonce, payload, aad)
+        stored = "e1.k1." + base64.urlsafe_b64encode(sealed).decode().rstrip("=")
+        with pytest.raises(SecretUnreadable, match="undecryptable"):
+            c.decode(stored, CTX)
+
+
 # ------------------------------------------------------------ the ring
 
 
@@ -363,9 +460,9 @@ def test_a_value_sealed_twice_in_one_place_is_one_ciphertext(
     calls: list[str] = []
     real = keyring._pack
 
-    def counting(plaintext: str) -> tuple[int, bytes]:
+    def counting(plaintext: str, compact: bool) -> tuple[int, bytes]:
         calls.append(plaintext)
-        return real(plaintext)
+        return real(plaintext, compact)
 
     monkeypatch.setattr(keyring, "_pack", counting)
     here = SecretContext("refreshd:", "credential", "c1", "access_token")
@@ -378,3 +475,44 @@ def test_a_value_sealed_twice_in_one_place_is_one_ciphertext(
     assert c.encode("".join(list(access)), here) != event  # not the same object
     assert len(calls) == 4
     assert c.decode(record, here) == access
+
+
+# ------------------------------------------------------------ another language
+
+FORMAT_DIR = Path(__file__).resolve().parent / "interop" / "format"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_reads_every_payload_kind_as_the_readme_describes() -> None:
+    """tests/interop/format/decrypt.mjs follows README "The format" with
+    node's crypto and zlib only: it reads what this codec seals, kinds 0,
+    1 and 2, bound to each context."""
+    c = compact_codec()
+    contexts = [
+        SecretContext("refreshd:", "credential", "c-ü", "access_token"),
+        SecretContext("app:", "event", "c2", "extra.id_token"),
+    ]
+    plaintexts = [
+        "rt-1",  # kind 0
+        "at0 " + "0123456789" * 30,  # kind 1
+        RANDOM_900,  # kind 2
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiIxIn0." + "s_-9" * 50 + ".",  # kind 2, dots
+        "." + "a" * 201,  # kind 2, an empty first segment, 201 = 1 mod 4
+    ]
+    values = []
+    for n, plaintext in enumerate(plaintexts):
+        ctx = contexts[n % 2]
+        stored = c.encode(plaintext, ctx)
+        values.append({"stored": stored, **ctx._asdict()})
+    assert sorted({payload_kind(v["stored"], contexts[n % 2]) for n, v in enumerate(values)}) == [
+        0,
+        1,
+        2,
+    ]
+    out = subprocess.run(
+        ["node", str(FORMAT_DIR / "decrypt.mjs")],
+        input=json.dumps({"key": B1, "values": values}),
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == plaintexts

@@ -149,6 +149,8 @@ class SecretCodec(Protocol):
     database written before encryption was switched on); raises ``SecretUnreadable`` when the value
     is encrypted and cannot be read. ``key_id``: the key id a stored value
     is encrypted under, None for a plain (or empty) value.
+    ``allow_compact_forms``: whether new values may use the forms the
+    previous release cannot read (the store passes on the layout's word).
     """
 
     @property
@@ -168,6 +170,8 @@ class SecretCodec(Protocol):
     def decode(self, stored: str, ctx: SecretContext) -> str: ...
 
     def key_id(self, stored: str) -> str | None: ...
+
+    def allow_compact_forms(self, allowed: bool) -> None: ...
 
 
 class PlainCodec:
@@ -204,3 +208,6 @@ class PlainCodec:
     def key_id(self, stored: str) -> str | None:
         parts = split_encrypted(stored)
         return None if parts is None else parts[0]
+
+    def allow_compact_forms(self, allowed: bool) -> None:
+        pass  # plaintext has one form

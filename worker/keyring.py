@@ -11,9 +11,12 @@ record form) with a fresh random 96-bit nonce per value. The associated data is 
 format, the key id and the value's ``SecretContext`` (prefix, record kind,
 record id, field), so a ciphertext moved to another record or field, or
 relabelled with another key id, fails to decrypt. Inside the ciphertext,
-one byte says whether the value was deflated first (Huffman codes only):
-tokens are mostly base64 text, 6 bits of information per character, and
-deflating them wins back most of what base64 adds to the ciphertext.
+one byte says how the value was packed first: tokens are mostly base64url
+text, 6 bits of information per character, and packing wins back what
+base64 adds to the ciphertext. Kind 2 packs base64url text 6 bits per
+character (a table lookup in C, no compressor state); kind 1, raw deflate
+with Huffman codes only, packs any other long value, and whatever a
+previous release may read (kind 2 is new: ``AesGcmCodec.allow_compact_forms``).
 
 Keys come from ``REFRESHD_ENCRYPTION_KEYS`` (``kid:base64key`` entries,
 comma-separated, primary first) or ``REFRESHD_ENCRYPTION_KEYS_FILE`` (one
@@ -62,8 +65,8 @@ __all__ = [
 KEY_BYTES: Final = 32
 _NONCE: Final = 12
 _TAG: Final = 16
-#: values shorter than this are not worth deflating (a refresh token often is)
-_DEFLATE_MIN: Final = 128
+#: values shorter than this are not worth packing (a refresh token often is)
+_PACK_MIN: Final = 128
 #: how values are deflated: Huffman coding only (no string matching), a
 #: small window and memory level. Tokens are random text over a small
 #: alphabet, which Huffman codes pack as well as full deflate does, at a
@@ -71,7 +74,16 @@ _DEFLATE_MIN: Final = 128
 #: allocated afresh for every value).
 _WBITS: Final = -10
 _MEMLEVEL: Final = 4
-_RAW, _DEFLATED = 0, 1
+#: payload kinds (the plaintext's first byte)
+_RAW, _DEFLATED, _BASE64URL = 0, 1, 2
+#: kind 2 packs base64url characters, in segments between dots (JWTs):
+#: ``-_`` become standard base64's ``+/``, and standard base64's own ``+/=``
+#: a character no base64 decoder in strict mode takes, so that one pass
+#: over the value both converts it and leaves any other value undecodable
+_TO_STANDARD: Final = bytes.maketrans(b"-_+/=", b"+/!!!")
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+#: kind 2 counts each segment's characters in two bytes
+_SEGMENT_MAX: Final = 0xFFFF
 _KID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 
 
@@ -192,7 +204,16 @@ def generate_key() -> str:
 class AesGcmCodec:
     """AES-256-GCM over a key ring (the module docstring has the format)."""
 
-    __slots__ = ("_aad_marks", "_last", "_mark", "_primary", "_record_mark", "ring")
+    __slots__ = (
+        "_aad_marks",
+        "_compact",
+        "_last",
+        "_mark",
+        "_primary",
+        "_primary_aad",
+        "_record_mark",
+        "ring",
+    )
 
     def __init__(self, ring: KeyRing) -> None:
         self.ring = ring
@@ -203,12 +224,16 @@ class AesGcmCodec:
         self._record_mark = f"{RECORD_MARK}{ring.primary}.".encode("utf-8", "surrogateescape")
         #: what each key id's associated data starts with (format and key id)
         self._aad_marks = {kid: f"{ENCRYPTED_MARK}{kid}.".encode() for kid in ring.ids}
+        self._primary_aad = self._aad_marks[ring.primary]
         #: the last long value sealed: (the plaintext, by identity; its
         #: context; nonce, ciphertext and tag). A refresh writes its access
         #: token twice, into its event (text form) and into the record
         #: (record form), under the same context: the second is the same
         #: ciphertext, not a second one (nor a second associated data).
         self._last: tuple[str, SecretContext | None, bytes] = ("", None, b"")
+        #: payload kind 2 allowed (no process of the previous release reads
+        #: this database: ``allow_compact_forms``)
+        self._compact = False
 
     @property
     def encrypting(self) -> bool:
@@ -218,12 +243,19 @@ class AesGcmCodec:
     def primary_key_id(self) -> str | None:
         return self.ring.primary
 
+    def allow_compact_forms(self, allowed: bool) -> None:
+        """Whether new values may use payload kind 2, which the previous
+        release does not read: the store says so from the database's layout
+        (where it allows the record form), before any value is sealed."""
+        if allowed != self._compact:
+            self._compact = allowed
+            self._last = ("", None, b"")
+
     def encode(self, plaintext: str, ctx: SecretContext) -> str:
         if not plaintext:
             return ""
-        return (
-            self._mark + base64.urlsafe_b64encode(self._seal(plaintext, ctx)).rstrip(b"=").decode()
-        )
+        body = binascii.b2a_base64(self._seal(plaintext, ctx), newline=False)
+        return self._mark + body.translate(_TO_URLSAFE, b"=").decode("ascii")
 
     def encode_record(self, plaintext: str, ctx: SecretContext) -> str | bytes:
         if not plaintext:
@@ -235,11 +267,11 @@ class AesGcmCodec:
         last, last_ctx, sealed = self._last
         if plaintext is last and ctx == last_ctx:
             return sealed
-        aad = self._aad_marks[self.ring.primary] + ctx.aad()
-        kind, data = _pack(plaintext)
+        aad = self._primary_aad + ctx.aad()
+        kind, data = _pack(plaintext, self._compact)
         nonce = os.urandom(_NONCE)
         sealed = nonce + self._primary.encrypt(nonce, bytes((kind,)) + data, aad)
-        if kind == _DEFLATED:  # a short value is cheap to seal again, and must not evict it
+        if kind != _RAW:  # a short value is cheap to seal again, and must not evict it
             self._last = (plaintext, ctx, sealed)
         return sealed
 
@@ -273,16 +305,57 @@ class AesGcmCodec:
         return f"AesGcmCodec({self.ring!r})"
 
 
-def _pack(plaintext: str) -> tuple[int, bytes]:
-    """(kind, bytes) of a value before encryption: deflated when it is long
-    enough for that to pay and it does."""
+def _pack(plaintext: str, compact: bool) -> tuple[int, bytes]:
+    """(kind, bytes) of a value before encryption: packed when it is long
+    enough for that to pay and it does; kind 2 only where ``compact``."""
     data = plaintext.encode()
-    if len(data) >= _DEFLATE_MIN:
-        deflate = zlib.compressobj(1, zlib.DEFLATED, _WBITS, _MEMLEVEL, zlib.Z_HUFFMAN_ONLY)
-        packed = deflate.compress(data) + deflate.flush()
-        if len(packed) < len(data):
-            return _DEFLATED, packed
+    if len(data) < _PACK_MIN:
+        return _RAW, data
+    if compact:
+        packed = _pack_base64url(data)
+        if packed is not None:
+            return _BASE64URL, packed
+    deflate = zlib.compressobj(1, zlib.DEFLATED, _WBITS, _MEMLEVEL, zlib.Z_HUFFMAN_ONLY)
+    packed = deflate.compress(data) + deflate.flush()
+    if len(packed) < len(data):
+        return _DEFLATED, packed
     return _RAW, data
+
+
+def _pack_base64url(data: bytes) -> bytes | None:
+    """Kind 2: for each segment between dots, its length in characters
+    (two bytes, big-endian), then its characters 6 bits each, the last
+    group of four filled up with ``A`` (zero bits), so that any length and
+    any last character packs exactly. None for a value with any other
+    character, or a segment too long to count."""
+    standard = data.translate(_TO_STANDARD)
+    try:
+        if b"." not in standard:  # an opaque token: one segment
+            return _pack_segment(standard)
+        return b"".join([_pack_segment(segment) for segment in standard.split(b".")])
+    except (binascii.Error, OverflowError):
+        return None
+
+
+def _pack_segment(segment: bytes) -> bytes:
+    n = len(segment)
+    return n.to_bytes(2, "big") + binascii.a2b_base64(segment + b"A" * (-n % 4), strict_mode=True)
+
+
+def _unpack_base64url(data: bytes) -> bytes:
+    segments = []
+    at, end = 0, len(data)
+    while at < end:
+        if at + 2 > end:
+            raise ValueError("a truncated segment length")
+        n = int.from_bytes(data[at : at + 2], "big")
+        size = (n + 3) // 4 * 3
+        chunk = data[at + 2 : at + 2 + size]
+        if len(chunk) != size:
+            raise ValueError("a truncated segment")
+        segments.append(binascii.b2a_base64(chunk, newline=False)[:n])
+        at += 2 + size
+    return b".".join(segments).translate(_TO_URLSAFE)
 
 
 def _unbase64(body: str) -> bytes:
@@ -297,7 +370,9 @@ def _open(cipher: AESGCM, raw: bytes, aad: bytes) -> str:
         raise ValueError("too short")
     plain = cipher.decrypt(raw[:_NONCE], raw[_NONCE:], aad)
     kind, data = plain[0], plain[1:]
-    if kind == _DEFLATED:
+    if kind == _BASE64URL:
+        data = _unpack_base64url(data)
+    elif kind == _DEFLATED:
         data = zlib.decompress(data, -15)  # any window: the format says raw deflate
     elif kind != _RAW:
         raise ValueError("unknown payload kind")

@@ -116,6 +116,7 @@ class Store:
         #: records may hold encrypted secrets as bytes (the layout says so:
         #: ``check_layout``); until then the text form, which every release reads
         self.secrets_as_bytes = False
+        codec.allow_compact_forms(False)
 
     # ------------------------------------------------------------ secrets
 
@@ -139,13 +140,19 @@ class Store:
 
     # ------------------------------------------------------------ layout
 
+    def _compact_secrets(self, allowed: bool) -> None:
+        """The layout's word on the forms only this release reads: the
+        record form here, the codec's compact payload in every value."""
+        self.secrets_as_bytes = allowed
+        self.codec.allow_compact_forms(allowed)
+
     async def allow_secrets_as_bytes(self) -> None:
         """From now on, records may hold encrypted secrets in the record form
         (raw bytes, ``worker.codec``), which the previous release cannot
         read: ``refreshd key rotate --compact`` calls it once every process
         runs this release. A database created by this release starts so."""
         await guard(self.client.hset(self.keys.layout, "secrets", "bytes"))
-        self.secrets_as_bytes = True
+        self._compact_secrets(True)
 
     async def check_layout(self) -> None:
         """Record the partition count and the record format on first use;
@@ -161,7 +168,7 @@ class Store:
         stored, record, secrets = await guard(
             self.client.hmget(key, ["partitions", "record", "secrets"])
         )
-        self.secrets_as_bytes = secrets == "bytes"
+        self._compact_secrets(secrets == "bytes")
         if stored is not None and int(stored) != self.keys.partitions:
             raise Conflict(
                 f"this Redis holds data written with {stored} partitions; "
