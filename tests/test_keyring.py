@@ -516,3 +516,22 @@ def test_node_reads_every_payload_kind_as_the_readme_describes() -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == plaintexts
+
+
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        CTX,
+        SecretContext("app:", "event", "c-2", "extra.id_token"),
+        SecretContext("refreshd:", "credential", "ü-1", "access_token"),
+        SecretContext("präfix:", "profile", "p", "client_secret"),
+        SecretContext("refreshd:", "spool", "c1", "feld-ß"),
+    ],
+)
+def test_the_codecs_associated_data_is_the_documented_one(ctx: SecretContext) -> None:
+    """The codec builds the associated data with a cached start per key,
+    prefix and record kind: byte for byte ``e1.<kid>.`` and ``ctx.aad()``,
+    the first time and every time after."""
+    c = codec(("k1", K1), ("k2", K2))
+    for kid in ("k1", "k2", "k1"):
+        assert c._aad(kid, ctx) == f"e1.{kid}.".encode() + ctx.aad()

@@ -205,12 +205,12 @@ class AesGcmCodec:
     """AES-256-GCM over a key ring (the module docstring has the format)."""
 
     __slots__ = (
+        "_aad_heads",
         "_aad_marks",
         "_compact",
         "_last",
         "_mark",
         "_primary",
-        "_primary_aad",
         "_record_mark",
         "ring",
     )
@@ -224,7 +224,9 @@ class AesGcmCodec:
         self._record_mark = f"{RECORD_MARK}{ring.primary}.".encode("utf-8", "surrogateescape")
         #: what each key id's associated data starts with (format and key id)
         self._aad_marks = {kid: f"{ENCRYPTED_MARK}{kid}.".encode() for kid in ring.ids}
-        self._primary_aad = self._aad_marks[ring.primary]
+        #: (key id, prefix, record kind) -> the associated data's start
+        #: (``_aad``): a few entries, one per kind of record a process seals
+        self._aad_heads: dict[tuple[str, str, str], bytes] = {}
         #: the last long value sealed: (the plaintext, by identity; its
         #: context; nonce, ciphertext and tag). A refresh writes its access
         #: token twice, into its event (text form) and into the record
@@ -267,7 +269,7 @@ class AesGcmCodec:
         last, last_ctx, sealed = self._last
         if plaintext is last and ctx == last_ctx:
             return sealed
-        aad = self._primary_aad + ctx.aad()
+        aad = self._aad(self.ring.primary, ctx)
         kind, data = _pack(plaintext, self._compact)
         nonce = os.urandom(_NONCE)
         sealed = nonce + self._primary.encrypt(nonce, bytes((kind,)) + data, aad)
@@ -289,7 +291,7 @@ class AesGcmCodec:
             )
         try:
             raw = body.encode("utf-8", "surrogateescape") if record else _unbase64(body)
-            return _open(cipher, raw, self._aad_marks[kid] + ctx.aad())
+            return _open(cipher, raw, self._aad(kid, ctx))
         except (InvalidTag, binascii.Error, ValueError, zlib.error):
             raise SecretUnreadable(
                 "undecryptable",
@@ -300,6 +302,18 @@ class AesGcmCodec:
     def key_id(self, stored: str) -> str | None:
         parts = split_encrypted(stored)
         return None if parts is None else parts[0]
+
+    def _aad(self, kid: str, ctx: SecretContext) -> bytes:
+        """``e1.<kid>.`` and ``ctx.aad()``: the same bytes, with the part
+        every value of a key, prefix and record kind shares made once."""
+        prefix, kind, record, field = ctx
+        head = self._aad_heads.get((kid, prefix, kind))
+        if head is None:
+            head = self._aad_marks[kid] + SecretContext(prefix, kind, "", "").aad()[:-4]
+            self._aad_heads[(kid, prefix, kind)] = head
+        if record.isascii() and field.isascii():
+            return head + f"{len(record)}:{record}{len(field)}:{field}".encode()
+        return head + ctx.aad()[len(head) - len(self._aad_marks[kid]) :]
 
     def __repr__(self) -> str:
         return f"AesGcmCodec({self.ring!r})"
@@ -328,18 +342,17 @@ def _pack_base64url(data: bytes) -> bytes | None:
     group of four filled up with ``A`` (zero bits), so that any length and
     any last character packs exactly. None for a value with any other
     character, or a segment too long to count."""
-    standard = data.translate(_TO_STANDARD)
+    a2b = binascii.a2b_base64
     try:
-        if b"." not in standard:  # an opaque token: one segment
-            return _pack_segment(standard)
-        return b"".join([_pack_segment(segment) for segment in standard.split(b".")])
+        return b"".join(
+            [
+                len(segment).to_bytes(2, "big")
+                + a2b(segment + b"A" * (-len(segment) % 4), strict_mode=True)
+                for segment in data.translate(_TO_STANDARD).split(b".")
+            ]
+        )
     except (binascii.Error, OverflowError):
         return None
-
-
-def _pack_segment(segment: bytes) -> bytes:
-    n = len(segment)
-    return n.to_bytes(2, "big") + binascii.a2b_base64(segment + b"A" * (-n % 4), strict_mode=True)
 
 
 def _unpack_base64url(data: bytes) -> bytes:
