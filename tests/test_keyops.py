@@ -29,7 +29,8 @@ from worker.cli.progress import Progress
 from worker.codec import RECORD_MARK, PlainCodec, SecretContext, split_encrypted, text_form
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
 from worker.keyops import key_status, record_count, rotate
-from worker.keyring import generate_key, parse_key_ring
+from worker.keyring import AesGcmCodec, generate_key, parse_key_ring
+from worker.keys import Keyspace
 from worker.models import CredentialInput
 from worker.profiles import ProfileStore
 from worker.redisio import guard, load_script
@@ -392,6 +393,16 @@ async def test_the_layout_decides_the_payload_kind_too(redis_url: str) -> None:
         sealed = store.encode("c1", "access_token", token)
         assert isinstance(sealed, str)  # the text form
         assert store.decode("c1", "access_token", sealed) == token
+        # one codec given to stores of two databases (the client library
+        # takes one): each store writes what its own database's layout allows
+        shared = AesGcmCodec(parse_key_ring(K1, source="K1", one_per_line=False))
+        older = Store(store.client, store.keys, shared)
+        newer = Store(store.client, Keyspace("newer:", 2), shared)
+        await older.check_layout()
+        await newer.check_layout()
+        newer_ctx = ctx._replace(prefix="newer:")
+        assert payload_kind(newer.encode("c1", "access_token", token), newer_ctx) == 2
+        assert payload_kind(older.encode("c1", "access_token", token), ctx) == 1
         await store.allow_secrets_as_bytes()
         assert payload_kind(store.encode("c1", "access_token", token), ctx) == 2
         assert payload_kind(store.codec.encode(token, ctx), ctx) == 2

@@ -150,7 +150,9 @@ class SecretCodec(Protocol):
     is encrypted and cannot be read. ``key_id``: the key id a stored value
     is encrypted under, None for a plain (or empty) value.
     ``allow_compact_forms``: whether new values may use the forms the
-    previous release cannot read (the store passes on the layout's word).
+    previous release cannot read (the store passes on the layout's word);
+    ``clone``: a codec with the same keys and its own state, which is how
+    each store gets one (the layout's word is one database's).
     """
 
     @property
@@ -172,6 +174,8 @@ class SecretCodec(Protocol):
     def key_id(self, stored: str) -> str | None: ...
 
     def allow_compact_forms(self, allowed: bool) -> None: ...
+
+    def clone(self) -> SecretCodec: ...
 
 
 class PlainCodec:
@@ -211,3 +215,6 @@ class PlainCodec:
 
     def allow_compact_forms(self, allowed: bool) -> None:
         pass  # plaintext has one form
+
+    def clone(self) -> SecretCodec:
+        return self  # no state

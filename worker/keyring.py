@@ -82,8 +82,6 @@ _RAW, _DEFLATED, _BASE64URL = 0, 1, 2
 #: over the value both converts it and leaves any other value undecodable
 _TO_STANDARD: Final = bytes.maketrans(b"-_+/=", b"+/!!!")
 _TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
-#: kind 2 counts each segment's characters in two bytes
-_SEGMENT_MAX: Final = 0xFFFF
 _KID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 
 
@@ -253,6 +251,10 @@ class AesGcmCodec:
             self._compact = allowed
             self._last = ("", None, b"")
 
+    def clone(self) -> SecretCodec:
+        """The same ring, this codec's own memo and word on kind 2."""
+        return AesGcmCodec(self.ring)
+
     def encode(self, plaintext: str, ctx: SecretContext) -> str:
         if not plaintext:
             return ""
@@ -341,7 +343,7 @@ def _pack_base64url(data: bytes) -> bytes | None:
     (two bytes, big-endian), then its characters 6 bits each, the last
     group of four filled up with ``A`` (zero bits), so that any length and
     any last character packs exactly. None for a value with any other
-    character, or a segment too long to count."""
+    character, or a segment too long to count in two bytes."""
     a2b = binascii.a2b_base64
     try:
         return b"".join(

@@ -101,7 +101,10 @@ class Store:
     ) -> None:
         self.client = client
         self.keys = keys
-        self.codec = codec
+        #: its own codec: which forms it may write is this database's word
+        #: (``check_layout``), which another store sharing the codec (a
+        #: client library given one codec for two databases) may not share
+        self.codec = codec.clone()
         self.durability = durability or Durability()
         self.retention = retention or Retention()
         self._log_args = self.retention.commit_args(keys.partitions)
@@ -116,7 +119,6 @@ class Store:
         #: records may hold encrypted secrets as bytes (the layout says so:
         #: ``check_layout``); until then the text form, which every release reads
         self.secrets_as_bytes = False
-        codec.allow_compact_forms(False)
 
     # ------------------------------------------------------------ secrets
 
