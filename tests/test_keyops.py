@@ -21,12 +21,13 @@ from typing import Any
 import anyio
 import pytest
 
+from tests import sealed
 from tests.cli_helpers import Result, run_refreshd
 from tests.harness import add_grants, all_current, make_settings, seed, wait_for, worker_running
 from tests.test_process import worker_process
 from worker.app import open_store
 from worker.cli.progress import Progress
-from worker.codec import RECORD_MARK, PlainCodec, SecretContext, split_encrypted, text_form
+from worker.codec import RECORD_MARK, PlainCodec, SecretContext, text_form
 from worker.fakeprovider import FakeProvider, FakeProviderConfig
 from worker.keyops import key_status, record_count, rotate
 from worker.keyring import AesGcmCodec, generate_key, parse_key_ring
@@ -360,20 +361,7 @@ async def test_a_database_of_the_previous_release_keeps_the_text_form_until_comp
 
 
 def payload_kind(stored: str | bytes, ctx: SecretContext) -> int:
-    """The first byte inside a sealed value (README "The format")."""
-    if isinstance(stored, bytes):
-        stored = stored.decode("utf-8", "surrogateescape")
-    parts = split_encrypted(stored)
-    assert parts is not None
-    kid, body, record = parts
-    raw = body.encode("utf-8", "surrogateescape") if record else text_form_bytes(body)
-    cipher = parse_key_ring(K1, source="K1", one_per_line=False).cipher(kid)
-    assert cipher is not None
-    return cipher.decrypt(raw[:12], raw[12:], f"e1.{kid}.".encode() + ctx.aad())[0]
-
-
-def text_form_bytes(body: str) -> bytes:
-    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    return sealed.payload_kind(stored, ctx, base64.b64decode(K1.split(":", 1)[1]))
 
 
 async def test_the_layout_decides_the_payload_kind_too(redis_url: str) -> None:

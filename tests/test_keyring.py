@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from tests import sealed
 from worker import keyring
 from worker.codec import (
     RECORD_MARK,
@@ -259,14 +260,7 @@ def test_hiredis_packing_sends_the_record_forms_bytes() -> None:
 
 
 def payload_kind(stored: str, ctx: SecretContext = CTX, key: bytes = K1) -> int:
-    """The first byte of the plaintext inside ``stored`` (either form):
-    what a consumer in another language reads first (README "The format")."""
-    parts = split_encrypted(stored)
-    assert parts is not None
-    kid, body, record = parts
-    raw = body.encode("utf-8", "surrogateescape") if record else keyring._unbase64(body)
-    aad = f"e1.{kid}.".encode() + ctx.aad()
-    return AESGCM(key).decrypt(raw[:12], raw[12:], aad)[0]
+    return sealed.payload_kind(stored, ctx, key)
 
 
 def compact_codec() -> AesGcmCodec:
@@ -342,8 +336,8 @@ def test_a_malformed_kind_2_payload_is_undecryptable() -> None:
     aad = b"e1.k1." + CTX.aad()
     for payload in (b"\x02\x00", b"\x02\x00\x08AAA", b"\x07abc"):
         nonce = os.urandom(12)
-        sealed = nonce + AESGCM(K1).encrypt(nonce, payload, aad)
-        stored = "e1.k1." + base64.urlsafe_b64encode(sealed).decode().rstrip("=")
+        raw = nonce + AESGCM(K1).encrypt(nonce, payload, aad)
+        stored = "e1.k1." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
         with pytest.raises(SecretUnreadable, match="undecryptable"):
             c.decode(stored, CTX)
 
