@@ -529,3 +529,21 @@ def test_the_codecs_associated_data_is_the_documented_one(ctx: SecretContext) ->
     c = codec(("k1", K1), ("k2", K2))
     for kid in ("k1", "k2", "k1"):
         assert c._aad(kid, ctx) == f"e1.{kid}.".encode() + ctx.aad()
+
+
+def test_the_codec_cost_bench_times_each_kind_it_names(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m bench.codec_cost``: its kind 1 run seals kind 1 and its
+    kind 2 run kind 2, every call of a refresh reads back, and it prints
+    both figures (their size is the bench's to report, not a test's)."""
+    from bench.codec_cost import main, per_refresh
+
+    for compact, kind in ((False, 1), (True, 2)):
+        run, store = per_refresh(compact)
+        run()
+        ctx = store.secret_context("cred-0000012345", "access_token")
+        access = "at." + base64.urlsafe_b64encode(os.urandom(600)).decode()
+        assert sealed.payload_kind(store.codec.encode(access, ctx), ctx, bytes(32)) == kind
+    assert main(["--rounds", "1", "--calls", "20"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out) == {"kind_1_us_per_refresh", "kind_2_us_per_refresh"}
+    assert all(v > 0 for v in out.values())
