@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import redis.asyncio
 
+from bench.shared import positive_int
 from worker.events import EventSecrets
 from worker.keyring import AesGcmCodec, KeyRing
 from worker.keys import Keyspace
@@ -61,8 +62,8 @@ def per_refresh(compact: bool) -> tuple[Callable[[], None], Store]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9, help="timed rounds per kind")
-    parser.add_argument("--calls", type=int, default=10_000, help="refreshes per round")
+    parser.add_argument("--rounds", type=positive_int, default=9, help="timed rounds per kind")
+    parser.add_argument("--calls", type=positive_int, default=10_000, help="refreshes per round")
     args = parser.parse_args(argv)
     runs = {"kind_1": per_refresh(False)[0], "kind_2": per_refresh(True)[0]}
     times: dict[str, list[float]] = {name: [] for name in runs}

@@ -32,6 +32,7 @@ from bench.infra import fresh_valkey
 from bench.measure import used_memory
 from bench.refreshd_runs import Ctx, catch_up
 from bench.seed import PROFILE, cred_ids, seed_refreshd
+from bench.shared import positive_int
 from worker.app import open_store
 from worker.models import CredentialInput
 from worker.settings import Settings
@@ -127,10 +128,10 @@ def memory_ab(ctx: Ctx, n: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else "")
-    p.add_argument("--credentials", type=int, default=5000)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--memory-credentials", type=int, default=20_000)
-    p.add_argument("--concurrency", type=int, default=1024)
+    p.add_argument("--credentials", type=positive_int, default=5000)
+    p.add_argument("--rounds", type=positive_int, default=3)
+    p.add_argument("--memory-credentials", type=positive_int, default=20_000)
+    p.add_argument("--concurrency", type=positive_int, default=1024)
     args = p.parse_args(argv)
     with standalone_ctx("refreshd-enc-", args.concurrency) as ctx:
         summary = ab_rounds(ctx, args.credentials, args.rounds)

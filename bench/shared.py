@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import argparse
+
 from bench.endpoint import SEED_PREFIX
 
-__all__ = ["ARQ_CRED", "ARQ_LOCK", "ARQ_QUEUE", "arq_job_id", "seed_tokens"]
+__all__ = ["ARQ_CRED", "ARQ_LOCK", "ARQ_QUEUE", "arq_job_id", "positive_int", "seed_tokens"]
 
 ARQ_QUEUE = "arq:queue"  # arq's default queue (a sorted set: job id -> run at, ms)
 ARQ_CRED = "alt:cred:"
@@ -22,3 +24,15 @@ def seed_tokens(i: int, tag: str = "") -> tuple[str, str]:
     body = f"{i:010d}" * 80
     refresh = f"{SEED_PREFIX}{tag}.{i:010d}."
     return f"at0.{body}"[:800], refresh + "r" * (100 - len(refresh))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count of runs or credentials (a clear usage
+    error for 0, a negative or a non-number, not a traceback later)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
