@@ -47,6 +47,8 @@ from worker.codec import (
     split_encrypted,
 )
 from worker.errors import ConfigError, SecretUnreadable
+from worker.nonces import NONCE_BYTES
+from worker.nonces import nonce as take_nonce
 
 if TYPE_CHECKING:
     from worker.settings import Settings
@@ -63,7 +65,7 @@ __all__ = [
 
 #: AES-256: every key is 32 bytes (44 characters of base64)
 KEY_BYTES: Final = 32
-_NONCE: Final = 12
+_NONCE: Final = NONCE_BYTES
 _TAG: Final = 16
 #: values shorter than this are not worth packing (a refresh token often is)
 _PACK_MIN: Final = 128
@@ -273,7 +275,7 @@ class AesGcmCodec:
             return sealed
         aad = self._aad(self.ring.primary, ctx)
         kind, data = _pack(plaintext, self._compact)
-        nonce = os.urandom(_NONCE)
+        nonce = take_nonce()
         sealed = nonce + self._primary.encrypt(nonce, bytes((kind,)) + data, aad)
         if kind != _RAW:  # a short value is cheap to seal again, and must not evict it
             self._last = (plaintext, ctx, sealed)
