@@ -78,10 +78,13 @@ _WBITS: Final = -10
 _MEMLEVEL: Final = 4
 #: payload kinds (the plaintext's first byte)
 _RAW, _DEFLATED, _BASE64URL = 0, 1, 2
+_RAW_BYTE, _DEFLATED_BYTE, _BASE64URL_BYTE = b"\x00", b"\x01", b"\x02"
+#: what fills a segment's last group of four characters up, by how many are missing
+_FILL: Final = (b"", b"A", b"AA", b"AAA")
 #: kind 2 packs base64url characters, in segments between dots (JWTs):
 #: ``-_`` become standard base64's ``+/``, and standard base64's own ``+/=``
-#: a character no base64 decoder in strict mode takes, so that one pass
-#: over the value both converts it and leaves any other value undecodable
+#: a character that is not base64 at all, so that one pass over the value
+#: both converts it and leaves any other value short of bytes when decoded
 _TO_STANDARD: Final = bytes.maketrans(b"-_+/=", b"+/!!!")
 _TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 _KID = re.compile(r"[A-Za-z0-9_-]{1,16}")
@@ -208,6 +211,7 @@ class AesGcmCodec:
         "_aad_heads",
         "_aad_marks",
         "_compact",
+        "_kid",
         "_last",
         "_mark",
         "_primary",
@@ -217,7 +221,8 @@ class AesGcmCodec:
 
     def __init__(self, ring: KeyRing) -> None:
         self.ring = ring
-        primary = ring.cipher(ring.primary)
+        self._kid = ring.primary
+        primary = ring.cipher(self._kid)
         assert primary is not None
         self._primary = primary
         self._mark = f"{ENCRYPTED_MARK}{ring.primary}."
@@ -270,14 +275,13 @@ class AesGcmCodec:
 
     def _seal(self, plaintext: str, ctx: SecretContext) -> bytes:
         """Nonce, ciphertext and tag of ``plaintext`` under the primary key."""
-        last, last_ctx, sealed = self._last
-        if plaintext is last and ctx == last_ctx:
-            return sealed
-        aad = self._aad(self.ring.primary, ctx)
-        kind, data = _pack(plaintext, self._compact)
+        last = self._last
+        if plaintext is last[0] and ctx == last[1]:
+            return last[2]
+        payload = _payload(plaintext, self._compact)
         nonce = take_nonce()
-        sealed = nonce + self._primary.encrypt(nonce, bytes((kind,)) + data, aad)
-        if kind != _RAW:  # a short value is cheap to seal again, and must not evict it
+        sealed = nonce + self._primary.encrypt(nonce, payload, self._aad(self._kid, ctx))
+        if payload[0] != _RAW:  # a short value is cheap to seal again, and must not evict it
             self._last = (plaintext, ctx, sealed)
         return sealed
 
@@ -323,40 +327,47 @@ class AesGcmCodec:
         return f"AesGcmCodec({self.ring!r})"
 
 
-def _pack(plaintext: str, compact: bool) -> tuple[int, bytes]:
-    """(kind, bytes) of a value before encryption: packed when it is long
-    enough for that to pay and it does; kind 2 only where ``compact``."""
+def _payload(plaintext: str, compact: bool) -> bytes:
+    """What is encrypted: one byte for the payload kind, then the value,
+    packed when it is long enough for that to pay and it does; kind 2 only
+    where ``compact``."""
     data = plaintext.encode()
     if len(data) < _PACK_MIN:
-        return _RAW, data
+        return _RAW_BYTE + data
     if compact:
         packed = _pack_base64url(data)
         if packed is not None:
-            return _BASE64URL, packed
+            return packed
     deflate = zlib.compressobj(1, zlib.DEFLATED, _WBITS, _MEMLEVEL, zlib.Z_HUFFMAN_ONLY)
     packed = deflate.compress(data) + deflate.flush()
     if len(packed) < len(data):
-        return _DEFLATED, packed
-    return _RAW, data
+        return _DEFLATED_BYTE + packed
+    return _RAW_BYTE + data
 
 
 def _pack_base64url(data: bytes) -> bytes | None:
-    """Kind 2: for each segment between dots, its length in characters
-    (two bytes, big-endian), then its characters 6 bits each, the last
-    group of four filled up with ``A`` (zero bits), so that any length and
-    any last character packs exactly. None for a value with any other
-    character, or a segment too long to count in two bytes."""
-    a2b = binascii.a2b_base64
-    try:
-        return b"".join(
-            [
-                len(segment).to_bytes(2, "big")
-                + a2b(segment + b"A" * (-len(segment) % 4), strict_mode=True)
-                for segment in data.translate(_TO_STANDARD).split(b".")
-            ]
-        )
-    except (binascii.Error, OverflowError):
-        return None
+    """Kind 2, its byte first: for each segment between dots, its length
+    in characters (two bytes, big-endian), then its characters 6 bits
+    each, the last group of four filled up with ``A`` (zero bits), so that
+    any length and any last character packs exactly. None for a value with
+    any other character, or a segment too long to count in two bytes.
+
+    The decoder skips what is not standard base64 (the translation made
+    every such byte one), so a segment packs to three bytes per four
+    characters exactly when it had none: its length is the check, at a
+    third less than the decoder's strict mode costs."""
+    out = [_BASE64URL_BYTE]
+    for segment in data.translate(_TO_STANDARD).split(b"."):
+        n = len(segment)
+        fill = -n % 4
+        try:
+            packed = binascii.a2b_base64(segment + _FILL[fill] if fill else segment)
+            out += (n.to_bytes(2, "big"), packed)
+        except (binascii.Error, OverflowError):
+            return None
+        if len(packed) != (n + fill) // 4 * 3:
+            return None
+    return b"".join(out)
 
 
 def _unpack_base64url(data: bytes) -> bytes:

@@ -130,7 +130,7 @@ class Store:
         """A credential's secret field as a script writes it into the record
         (``SECRET_FIELDS``): encrypted, the codec's record form as bytes, or
         its text form while the layout says older processes may read it."""
-        ctx = self.secret_context(credential_id, field)
+        ctx = SecretContext(self.keys.prefix, "credential", credential_id, field)
         if self.secrets_as_bytes:
             return self.codec.encode_record(plaintext, ctx)
         return self.codec.encode(plaintext, ctx)
@@ -138,7 +138,8 @@ class Store:
     def decode(self, credential_id: str, field: str, stored: str) -> str:
         """The plaintext of a stored secret field; raises
         ``SecretUnreadable`` when it does not decrypt with this ring."""
-        return self.codec.decode(stored, self.secret_context(credential_id, field))
+        ctx = SecretContext(self.keys.prefix, "credential", credential_id, field)
+        return self.codec.decode(stored, ctx)
 
     # ------------------------------------------------------------ layout
 
