@@ -10,15 +10,7 @@ side first in turn. Reports the worker's and Redis's CPU per refresh
 encryption off and on: with the benchmark's tokens (repetitive text) and
 with random base64url tokens of the same length (what real tokens look like).
 
-``--paired`` runs each round's two sides at the same time instead, each in
-its own process with its own Valkey, token endpoint and worker, armed at
-the same instant: both see the same machine (a VM's speed drifts by more
-than the difference measured), so each round's ratio is a paired
-measurement; reported is the median of the rounds' ratios. Both sides
-share the cores, so each runs at about half the rate of a sequential run.
-
     python -m bench.encryption_ab --credentials 5000 --rounds 3
-    python -m bench.encryption_ab --credentials 8000 --rounds 9 --paired
 """
 
 from __future__ import annotations
@@ -26,11 +18,8 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import multiprocessing
 import os
-import queue
 import secrets
-import statistics
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -38,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from bench.ab import compare, median_of, standalone_ctx, worker_env
+from bench.ab import compare, standalone_ctx, worker_env
 from bench.infra import fresh_valkey
 from bench.measure import used_memory
 from bench.refreshd_runs import Ctx, catch_up
@@ -48,7 +37,7 @@ from worker.app import open_store
 from worker.models import CredentialInput
 from worker.settings import Settings
 
-__all__ = ["ab_rounds", "memory_ab", "paired_rounds"]
+__all__ = ["ab_rounds", "memory_ab"]
 
 #: a fixed benchmark key (never a real one)
 RING = "b1:" + base64.b64encode(bytes(range(32))).decode()
@@ -84,71 +73,6 @@ def ab_rounds(ctx: Ctx, n: int, rounds: int) -> dict[str, Any]:
         extra=lambda result: {"seeded": result["redis_bytes_per_credential"]["seeded"]},
     )
     return {"credentials": n, "rounds": rounds, "runs": rows, **summary}
-
-
-def _paired_side(on: bool, n: int, concurrency: int, barrier: Any, results: Any) -> None:
-    """One side of a paired round, in a process of its own. On failure it
-    breaks the barrier, so the other side does not wait for it."""
-    try:
-        with standalone_ctx("refreshd-enc-pair-", concurrency) as ctx:
-            quiet = Ctx(**{**ctx.__dict__, "log": lambda _msg: None})
-            with _ring(on) as env, worker_env(env):
-                result = catch_up(quiet, n, 1, tag="-on" if on else "-off",
-                                  before_arm=lambda: barrier.wait(300))  # fmt: skip
-    except BaseException:
-        barrier.abort()
-        raise
-    results.put((on, result))
-
-
-def paired_rounds(ctx: Ctx, n: int, rounds: int) -> dict[str, Any]:
-    """``rounds`` catch-ups of both sides at once (the module docstring);
-    each round's worker CPU ratio, and their median."""
-    spawn = multiprocessing.get_context("spawn")
-    rows: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
-    changes: list[float] = []
-    reuse, once = 0, True
-    for r in range(rounds):
-        barrier, results = spawn.Barrier(2), spawn.Queue()
-        sides = [
-            spawn.Process(target=_paired_side, args=(on, n, ctx.concurrency, barrier, results))
-            for on in (False, True)
-        ]
-        for side in sides:
-            side.start()
-        got: dict[bool, dict[str, Any]] = {}
-        while len(got) < 2:
-            try:
-                on, result = results.get(timeout=5)
-                got[on] = result
-            except queue.Empty:  # is a side gone?
-                if any(side.exitcode not in (None, 0) for side in sides):
-                    raise RuntimeError(f"a side of paired round {r} failed") from None
-        for side in sides:
-            side.join(60)
-        for on, result in got.items():
-            cpu = result["cpu_ms_per_refresh"]
-            rows["on" if on else "off"].append({"worker_ms": cpu["worker"],
-                "redis_ms": cpu["redis"], "per_s": result["refreshes_per_s"]})  # fmt: skip
-            reuse += result.get("endpoint_reuse", 0)
-            once = once and result.get("all_committed_once", True)
-        off, on_ = rows["off"][-1]["worker_ms"], rows["on"][-1]["worker_ms"]
-        changes.append(100 * (on_ / off - 1))
-        ctx.log(f"  paired round {r}: worker off {off:.3f} ms, on {on_:.3f} ms per refresh"
-                f" ({changes[-1]:+.1f} %)")  # fmt: skip
-    return {
-        "credentials": n,
-        "rounds": rounds,
-        "paired": True,
-        "runs": rows,
-        "worker_cpu_ms_per_refresh": {m: median_of(rows[m], "worker_ms") for m in rows},
-        "redis_cpu_ms_per_refresh": {m: median_of(rows[m], "redis_ms") for m in rows},
-        "refreshes_per_s": {m: median_of(rows[m], "per_s") for m in rows},
-        "worker_cpu_change_pct_by_round": [round(c, 1) for c in changes],
-        "worker_cpu_change_pct": statistics.median(changes),
-        "endpoint_reuse": reuse,
-        "all_committed_once": once,
-    }
 
 
 async def _seed_random(url: str, ids: Sequence[str]) -> None:
@@ -208,15 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument("--memory-credentials", type=positive_int, default=20_000)
     p.add_argument("--concurrency", type=positive_int, default=1024)
-    p.add_argument(
-        "--paired",
-        action="store_true",
-        help="run each round's two sides at the same time (the module docstring)",
-    )
     args = p.parse_args(argv)
     with standalone_ctx("refreshd-enc-", args.concurrency) as ctx:
-        rounds = paired_rounds if args.paired else ab_rounds
-        summary = rounds(ctx, args.credentials, args.rounds)
+        summary = ab_rounds(ctx, args.credentials, args.rounds)
         ctx.log(f"  worker CPU per refresh, encryption on against off:"
                 f" {summary['worker_cpu_change_pct']:+.1f} %")  # fmt: skip
         summary["memory"] = memory_ab(ctx, args.memory_credentials)

@@ -58,18 +58,9 @@ def wait_caught_up(ctx: Ctx, workers: RefreshdWorker, n: int) -> None:
     _wait(lambda: workers.refreshed_total() >= n, within=30, what="the last commits")
 
 
-def catch_up(
-    ctx: Ctx,
-    n: int,
-    processes: int = 1,
-    *,
-    tag: str = "",
-    before_arm: Callable[[], None] = lambda: None,
-) -> dict[str, Any]:
+def catch_up(ctx: Ctx, n: int, processes: int = 1, *, tag: str = "") -> dict[str, Any]:
     """N credentials all due at once; ``processes`` workers; until every one
-    is refreshed and committed. ``before_arm`` runs once the workers are up
-    and idle, just before the credentials fall due (a paired A/B waits there
-    for its other side)."""
+    is refreshed and committed."""
     name = f"catchup-{processes}p{tag}"
     work = ctx.work / name
     shutil.rmtree(work, ignore_errors=True)
@@ -86,7 +77,6 @@ def catch_up(
         ctx.log(f"  seeded {n} credentials in {seed_s:.1f}s")
         workers.start(server.url, processes, concurrency=ctx.concurrency)
         time.sleep(0.5)
-        before_arm()
         before = Snapshot.take(workers, server, ctx.endpoint.pid)
         profiler = _start_profiler(ctx, workers, work) if ctx.profile else None
         due = int(time.time() * 1000)
