@@ -86,26 +86,13 @@ def looks_encrypted(stored: str) -> bool:
     form. A plain value of that shape is read as ciphertext (and fails): an
     OAuth token never starts with ``e1.`` followed by a key id and a dot in
     practice, nor with a byte that UTF-8 text cannot hold."""
-    return _kid_end(stored) > 0
-
-
-def _kid_end(stored: str) -> int:
-    """Where the key id of an encrypted value ends (its dot), else -1."""
-    if stored.startswith(ENCRYPTED_MARK):
-        start = len(ENCRYPTED_MARK)
-    elif stored.startswith(RECORD_MARK):
-        start = len(RECORD_MARK)
-    else:
-        return -1
-    dot = stored.find(".", start, start + _KID_MAX + 1)
-    return dot if dot > start else -1
+    return split_encrypted(stored) is not None
 
 
 def split_encrypted(stored: str) -> tuple[str, str, bool] | None:
     """``(key id, body, is record form)`` of an encrypted value; None for
     a plain one. The body is base64url text in the text form, the raw
-    bytes (as ``surrogateescape`` text) in the record form. (``_kid_end``'s
-    test inline: every claimed refresh token goes through here.)"""
+    bytes (as ``surrogateescape`` text) in the record form."""
     if stored.startswith(RECORD_MARK):
         start, record = len(RECORD_MARK), True
     elif stored.startswith(ENCRYPTED_MARK):
