@@ -308,8 +308,8 @@ def test_base64url_tokens_pack_six_bits_a_character(token: str) -> None:
         '{"id_token": "' + "x" * 200 + '"}',  # kept extras are JSON
         "tök" + "e" * 200,
         "a" * 70_000,  # a segment longer than two bytes count
-        # other characters four at a time: the decoder skips them and the
-        # rest decodes, three bytes short per four: the length gives them away
+        # other characters four at a time (a decoder that skipped them
+        # would decode the rest, three bytes short per four)
         "a+b/" * 50,  # standard base64, not base64url
         "x" * 200 + "    ",
         "====" + "a" * 200,

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+import pybase64
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -83,10 +84,8 @@ _RAW_BYTE, _DEFLATED_BYTE, _BASE64URL_BYTE = b"\x00", b"\x01", b"\x02"
 _FILL: Final = (b"", b"A", b"AA", b"AAA")
 #: kind 2 packs base64url characters, in segments between dots (JWTs):
 #: ``-_`` become standard base64's ``+/``, and standard base64's own ``+/=``
-#: a character that is not base64 at all, so that one pass over the value
-#: both converts it and leaves any other value short of bytes when decoded
+#: a character that is not base64 at all, which the decoder refuses
 _TO_STANDARD: Final = bytes.maketrans(b"-_+/=", b"+/!!!")
-_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
 _KID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 
 
@@ -265,8 +264,8 @@ class AesGcmCodec:
     def encode(self, plaintext: str, ctx: SecretContext) -> str:
         if not plaintext:
             return ""
-        body = binascii.b2a_base64(self._seal(plaintext, ctx), newline=False)
-        return self._mark + body.translate(_TO_URLSAFE, b"=").decode("ascii")
+        body = pybase64.b64encode_as_string(self._seal(plaintext, ctx), altchars=b"-_")
+        return self._mark + body.rstrip("=")
 
     def encode_record(self, plaintext: str, ctx: SecretContext) -> str | bytes:
         if not plaintext:
@@ -352,20 +351,17 @@ def _pack_base64url(data: bytes) -> bytes | None:
     any length and any last character packs exactly. None for a value with
     any other character, or a segment too long to count in two bytes.
 
-    The decoder skips what is not standard base64 (the translation made
-    every such byte one), so a segment packs to three bytes per four
-    characters exactly when it had none: its length is the check, at a
-    third less than the decoder's strict mode costs."""
+    The translation makes every character that is not base64url one the
+    decoder refuses, so that one pass over the value both converts it and
+    rejects any other value."""
     out = [_BASE64URL_BYTE]
     for segment in data.translate(_TO_STANDARD).split(b"."):
         n = len(segment)
         fill = -n % 4
         try:
-            packed = binascii.a2b_base64(segment + _FILL[fill] if fill else segment)
+            packed = pybase64.b64decode(segment + _FILL[fill] if fill else segment, validate=True)
             out += (n.to_bytes(2, "big"), packed)
         except (binascii.Error, OverflowError):
-            return None
-        if len(packed) != (n + fill) // 4 * 3:
             return None
     return b"".join(out)
 
@@ -381,13 +377,13 @@ def _unpack_base64url(data: bytes) -> bytes:
         chunk = data[at + 2 : at + 2 + size]
         if len(chunk) != size:
             raise ValueError("a truncated segment")
-        segments.append(binascii.b2a_base64(chunk, newline=False)[:n])
+        segments.append(pybase64.b64encode(chunk, altchars=b"-_")[:n])
         at += 2 + size
-    return b".".join(segments).translate(_TO_URLSAFE)
+    return b".".join(segments)
 
 
 def _unbase64(body: str) -> bytes:
-    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    return pybase64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
 
 
 def _open(cipher: AESGCM, raw: bytes, aad: bytes) -> str:
