@@ -536,6 +536,24 @@ def test_the_codecs_associated_data_is_the_documented_one(ctx: SecretContext) ->
         assert c._aad(kid, ctx) == f"e1.{kid}.".encode() + ctx.aad()
 
 
+def test_the_associated_data_stays_right_as_keys_prefixes_and_kinds_alternate() -> None:
+    """The last start used is kept aside for the next call (a worker's
+    calls share one): calls that alternate between keys, prefixes and
+    kinds must each get their own."""
+    c = codec(("k1", K1), ("k2", K2))
+    contexts = [
+        SecretContext("refreshd:", "credential", "c1", "access_token"),
+        SecretContext("refreshd:", "event", "c1", "access_token"),
+        SecretContext("other:", "credential", "c1", "access_token"),
+        SecretContext("präfix:", "credential", "c1", "access_token"),
+        SecretContext("refreshd:", "credential", "ü-1", "refresh_token"),
+    ]
+    for _ in range(2):
+        for ctx in contexts:
+            for kid in ("k1", "k2"):
+                assert c._aad(kid, ctx) == f"e1.{kid}.".encode() + ctx.aad()
+
+
 def test_the_codec_cost_bench_times_each_kind_it_names(capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m bench.codec_cost``: its kind 1 run seals kind 1 and its
     kind 2 run kind 2, every call of a refresh reads back, and it prints

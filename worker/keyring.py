@@ -208,7 +208,9 @@ class AesGcmCodec:
 
     __slots__ = (
         "_aad_heads",
+        "_aad_last",
         "_aad_marks",
+        "_ciphers",
         "_compact",
         "_kid",
         "_last",
@@ -228,9 +230,12 @@ class AesGcmCodec:
         self._record_mark = f"{RECORD_MARK}{ring.primary}.".encode("utf-8", "surrogateescape")
         #: what each key id's associated data starts with (format and key id)
         self._aad_marks = {kid: f"{ENCRYPTED_MARK}{kid}.".encode() for kid in ring.ids}
-        #: (key id, prefix, record kind) -> the associated data's start
-        #: (``_aad``): a few entries, one per kind of record a process seals
-        self._aad_heads: dict[tuple[str, str, str], bytes] = {}
+        #: (key id, prefix, record kind) -> the associated data's start, as
+        #: text (``_aad``): a few entries, one per kind of record a process
+        #: seals; and the last one used, which a worker's calls all share
+        self._aad_heads: dict[tuple[str, str, str], str] = {}
+        self._aad_last: tuple[str, str, str, str] = ("", "", "", "")
+        self._ciphers = {kid: ring.cipher(kid) for kid in ring.ids}
         #: the last long value sealed: (the plaintext, by identity; its
         #: context; nonce, ciphertext and tag). A refresh writes its access
         #: token twice, into its event (text form) and into the record
@@ -289,7 +294,7 @@ class AesGcmCodec:
         if parts is None:
             return stored  # written before encryption was on: `key rotate` rewrites it
         kid, body, record = parts
-        cipher = self.ring.cipher(kid)
+        cipher = self._ciphers.get(kid)
         if cipher is None:
             raise SecretUnreadable(
                 "unknown_key",
@@ -312,15 +317,22 @@ class AesGcmCodec:
 
     def _aad(self, kid: str, ctx: SecretContext) -> bytes:
         """``e1.<kid>.`` and ``ctx.aad()``: the same bytes, with the part
-        every value of a key, prefix and record kind shares made once."""
+        every value of a key, prefix and record kind shares made once (as
+        text: UTF-8 reads it back to the same bytes, and ASCII ids add as
+        many bytes as characters, so one encode makes the whole)."""
         prefix, kind, record, field = ctx
-        head = self._aad_heads.get((kid, prefix, kind))
-        if head is None:
-            head = self._aad_marks[kid] + SecretContext(prefix, kind, "", "").aad()[:-4]
-            self._aad_heads[(kid, prefix, kind)] = head
+        last = self._aad_last
+        if kid == last[0] and prefix == last[1] and kind == last[2]:
+            head = last[3]
+        else:
+            head = self._aad_heads.get((kid, prefix, kind), "")
+            if not head:
+                start = self._aad_marks[kid] + SecretContext(prefix, kind, "", "").aad()[:-4]
+                head = self._aad_heads[(kid, prefix, kind)] = start.decode()
+            self._aad_last = (kid, prefix, kind, head)
         if record.isascii() and field.isascii():
-            return head + f"{len(record)}:{record}{len(field)}:{field}".encode()
-        return head + ctx.aad()[len(head) - len(self._aad_marks[kid]) :]
+            return f"{head}{len(record)}:{record}{len(field)}:{field}".encode()
+        return self._aad_marks[kid] + ctx.aad()  # a non-ASCII id: rare, made whole
 
     def __repr__(self) -> str:
         return f"AesGcmCodec({self.ring!r})"
