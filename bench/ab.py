@@ -64,7 +64,10 @@ def compare(
     a progress line each (``label``, then ``suffix(row)``); returns each
     side's rows (worker/Redis CPU ms per refresh, refreshes per second, plus
     ``extra(result)``) and the medians every A/B reports, with the checks
-    ``python -m bench`` makes of every run (endpoint reuse, committed once)."""
+    ``python -m bench`` makes of every run (endpoint reuse, committed once).
+    ``worker_cpu_change_pct_by_round`` compares the two runs of each round,
+    one right after the other: the machine's speed drifts between rounds by
+    more than the change measured, and within a round much less."""
     rows: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
     runs: list[dict[str, Any]] = []
     for r, mode in alternating(rounds):
@@ -81,11 +84,18 @@ def compare(
     def med(mode: str, key: str) -> float:
         return median_of(rows[mode], key)
 
+    by_round = [on["worker_ms"] / off["worker_ms"] for on, off in zip(rows["on"], rows["off"],
+                                                                       strict=True)]  # fmt: skip
+
     return rows, {
         "worker_cpu_ms_per_refresh": {m: med(m, "worker_ms") for m in rows},
         "redis_cpu_ms_per_refresh": {m: med(m, "redis_ms") for m in rows},
         "refreshes_per_s": {m: med(m, "per_s") for m in rows},
         "worker_cpu_change_pct": 100 * (med("on", "worker_ms") / med("off", "worker_ms") - 1),
+        "worker_cpu_change_pct_by_round": {
+            "median": 100 * (statistics.median(by_round) - 1),
+            "mean": 100 * (statistics.fmean(by_round) - 1),
+        },
         "endpoint_reuse": sum(r.get("endpoint_reuse", 0) for r in runs),
         "all_committed_once": all(r.get("all_committed_once", True) for r in runs),
     }

@@ -135,8 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     with standalone_ctx("refreshd-enc-", args.concurrency) as ctx:
         summary = ab_rounds(ctx, args.credentials, args.rounds)
+        by_round = summary["worker_cpu_change_pct_by_round"]
         ctx.log(f"  worker CPU per refresh, encryption on against off:"
-                f" {summary['worker_cpu_change_pct']:+.1f} %")  # fmt: skip
+                f" {summary['worker_cpu_change_pct']:+.1f} % (the sides' medians);"
+                f" round by round {by_round['median']:+.1f} % (median),"
+                f" {by_round['mean']:+.1f} % (mean)")  # fmt: skip
         summary["memory"] = memory_ab(ctx, args.memory_credentials)
     print(json.dumps(summary, indent=2))
 
