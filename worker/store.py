@@ -130,6 +130,8 @@ class Store:
         """A credential's secret field as a script writes it into the record
         (``SECRET_FIELDS``): encrypted, the codec's record form as bytes, or
         its text form while the layout says older processes may read it."""
+        # secret_context's tuple, built here: three calls a refresh (read at
+        # claim, two writes at commit) need no extra frame each
         ctx = SecretContext(self.keys.prefix, "credential", credential_id, field)
         if self.secrets_as_bytes:
             return self.codec.encode_record(plaintext, ctx)
@@ -138,7 +140,7 @@ class Store:
     def decode(self, credential_id: str, field: str, stored: str) -> str:
         """The plaintext of a stored secret field; raises
         ``SecretUnreadable`` when it does not decrypt with this ring."""
-        ctx = SecretContext(self.keys.prefix, "credential", credential_id, field)
+        ctx = SecretContext(self.keys.prefix, "credential", credential_id, field)  # as in encode
         return self.codec.decode(stored, ctx)
 
     # ------------------------------------------------------------ layout
