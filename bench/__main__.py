@@ -13,7 +13,10 @@ Besides the head-to-head scenarios, two measure what consumers see:
 loopback; ``bench.client_read``) and ``eventlog`` (events per second one
 consumer follows from the log, and the catch-up with the log off and on:
 worker CPU per refresh, Redis bytes per retained event; ``bench.eventlog_ab``).
-``cluster`` runs the catch-up on a 3-shard Valkey Cluster (a replica per
+``encryption`` runs the catch-up without and with a key ring, alternately,
+and seeds credentials with 900 B of random tokens each way: worker CPU per
+refresh and Redis bytes per credential (``bench.encryption_ab``, whose own
+command takes more rounds). ``cluster`` runs the catch-up on a 3-shard Valkey Cluster (a replica per
 primary), on one server and on a primary with a replica, interleaved, and
 reads every node's CPU from INFO: Redis CPU per refresh per shard
 (``bench.cluster_runs``).
@@ -38,7 +41,7 @@ from bench.refreshd_runs import Ctx
 from worker.settings import Settings
 
 ALL = ("calibrate", "catchup", "scaleout", "steady", "memory", "arq", "client_read", "eventlog",
-       "cluster")  # fmt: skip
+       "encryption", "cluster")  # fmt: skip
 ARQ_REQUIREMENTS = REPO / "bench" / "requirements-arq.txt"
 
 
@@ -188,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"memory: {mem_n:,} scheduled credentials")
                 runs["memory"] = memory.memory(ctx, mem_n)
             consumer_rows(ctx, runs, scenarios, n=n, quick=q)
+            if "encryption" in scenarios:
+                encryption_rows(ctx, runs, n=n, quick=q)
             if "cluster" in scenarios:
                 from bench import cluster_runs
 
@@ -298,6 +303,23 @@ def consumer_rows(
         ctx.log(f"  worker CPU ms per refresh off {cpu['off']:.3f}, on {cpu['on']:.3f} "
                 f"({ab['worker_cpu_change_pct']:+.1f} %); "
                 f"{per_event:,.0f} Redis bytes per retained event")  # fmt: skip
+
+
+def encryption_rows(ctx: Ctx, runs: dict[str, Any], *, n: int, quick: bool) -> None:
+    """Encryption at rest's two targets: worker CPU per refresh with a key
+    ring (the catch-up, no ring and one, alternating; medians) and Redis
+    bytes per credential with 900 B of random tokens."""
+    from bench import encryption_ab
+
+    rounds = 1 if quick else 5  # README "Encryption at rest" quotes its own 30-round run
+    ctx.log(f"encryption at rest: catch-up of {n:,} credentials, no key ring and one,"
+            f" {rounds} round(s)")  # fmt: skip
+    ctx.profile = False
+    ab = runs["encryption_ab"] = encryption_ab.ab_rounds(ctx, n, rounds)
+    cpu = ab["worker_cpu_ms_per_refresh"]
+    ctx.log(f"  worker CPU ms per refresh off {cpu['off']:.3f}, on {cpu['on']:.3f}"
+            f" ({ab['worker_cpu_change_pct']:+.1f} %)")  # fmt: skip
+    runs["encryption_memory"] = encryption_ab.memory_ab(ctx, 5000 if quick else 20_000)
 
 
 def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:

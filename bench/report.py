@@ -131,6 +131,7 @@ def table(results: dict[str, Any]) -> str:
             _f(a) + _mark(a <= 1200), f"{_f(b)} (plain hash + ZSET)", _ratio(a, b, 2),
             "≤ 1,200 B")  # fmt: skip
     _consumer_rows(r, row)
+    _encryption_rows(r, row)
     _cluster_rows(r, row)
     if arq or cu or r.get("cluster"):
         # the repeats' total covers the median runs shown above as well
@@ -179,6 +180,30 @@ def _consumer_rows(r: dict[str, Any], row: Any) -> None:
             f"{redis['off']:.3f} → {redis['on']:.3f}", "≤ +10 %")  # fmt: skip
         row("Redis bytes per retained event (log on - off, per refresh)",
             _f(ab["redis_bytes_per_retained_event"]), "", "", "")  # fmt: skip
+
+
+def _encryption_rows(r: dict[str, Any], row: Any) -> None:
+    """Scenario ``encryption``: the catch-up without and with a key ring,
+    and the memory of credentials with 900 B of random tokens each way."""
+    ab = r.get("encryption_ab")
+    if ab:
+        cpu, redis = ab["worker_cpu_ms_per_refresh"], ab["redis_cpu_ms_per_refresh"]
+        change, by_round = ab["worker_cpu_change_pct"], ab["worker_cpu_change_pct_by_round"]
+        row(f"catch-up, encryption off → on: worker CPU ms per refresh ({ab['credentials']:,}; "
+            f"median of {ab['rounds']})",
+            f"{cpu['off']:.3f} → {cpu['on']:.3f} ({change:+.1f} %)" + _mark(change <= 10), "",
+            f"round by round {by_round['median']:+.1f} % (median); Redis CPU ms "
+            f"{redis['off']:.3f} → {redis['on']:.3f}; one run varies ±15 % here: README "
+            "\"Encryption at rest\" has 30 rounds", "≤ +10 %")  # fmt: skip
+    mem = r.get("encryption_memory")
+    if mem:
+        off, on = mem["random_off"], mem["random_on"]
+        row(f"Redis bytes per credential, 900 B of random tokens, encryption off → on "
+            f"({mem['credentials']:,})",
+            f"{_f(off['bytes_per_credential'])} → {_f(on['bytes_per_credential'])}"
+            + _mark(on["bytes_per_credential"] <= 1200), "",
+            f"record {_f(off['record_bytes'])} → {_f(on['record_bytes'])} B",
+            "≤ 1,200")  # fmt: skip
 
 
 def _cluster_rows(r: dict[str, Any], row: Any) -> None:

@@ -61,6 +61,14 @@ def test_the_report_shows_the_consumer_rows() -> None:
                         "redis_cpu_ms_per_refresh": {"off": 0.11, "on": 0.14},
                         "refreshes_per_s": {"off": 2030.0, "on": 1790.0},
                         "worker_cpu_change_pct": 2.857, "redis_bytes_per_retained_event": 1090.0},
+        "encryption_ab": {"credentials": 1000, "rounds": 1,
+                          "worker_cpu_ms_per_refresh": {"off": 0.32, "on": 0.36},
+                          "redis_cpu_ms_per_refresh": {"off": 0.12, "on": 0.13},
+                          "worker_cpu_change_pct": 12.5,
+                          "worker_cpu_change_pct_by_round": {"median": 12.5, "mean": 12.5}},
+        "encryption_memory": {"credentials": 2000,
+                              "random_off": {"bytes_per_credential": 1199.9, "record_bytes": 1003},
+                              "random_on": {"bytes_per_credential": 1067.6, "record_bytes": 871}},
     }  # fmt: skip
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table({"runs": runs}).splitlines()}
     read = rows["token read through the client, cache off: p50 / p99 (ms, loopback, one at a time)"]
@@ -73,3 +81,8 @@ def test_the_report_shows_the_consumer_rows() -> None:
     assert "0.350 → 0.360 (+2.9 %) ✅" in ab
     assert "2,030 → 1,790" in ab
     assert "1,090" in rows["Redis bytes per retained event (log on - off, per refresh)"]
+    enc = next(v for k, v in rows.items() if k.startswith("catch-up, encryption off → on"))
+    assert "0.320 → 0.360 (+12.5 %) ❌" in enc  # over the +10 % target
+    mem = next(v for k, v in rows.items() if k.startswith("Redis bytes per credential, 900 B"))
+    assert "1,200 → 1,068 ✅" in mem
+    assert "record 1,003 → 871 B" in mem
