@@ -38,6 +38,7 @@ from typing import Any
 
 from bench.infra import REPO, Endpoint
 from bench.refreshd_runs import Ctx
+from bench.shared import positive_int
 from worker.settings import Settings
 
 ALL = ("calibrate", "catchup", "scaleout", "steady", "memory", "arq", "client_read", "eventlog",
@@ -86,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes: a CI smoke run")
     p.add_argument("--scenarios", default=",".join(ALL), help=f"comma list of {', '.join(ALL)}")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    p.add_argument("--credentials", type=int, help="catch-up size (default 20,000; quick 1,000)")
-    p.add_argument("--memory-credentials", type=int, help="default 100,000; quick 5,000")
+    p.add_argument(
+        "--credentials", type=positive_int, help="catch-up size (default 20,000; quick 1,000)"
+    )
+    p.add_argument("--memory-credentials", type=positive_int, help="default 100,000; quick 5,000")
     p.add_argument(
         "--cluster-credentials",
-        type=int,
+        type=positive_int,
         help="cluster scenario's catch-up size (default 20,000; quick 1,000)",
     )
     p.add_argument("--steady-seconds", type=float, help="default 60; quick 6")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--concurrency",
-        type=int,
+        type=positive_int,
         default=Settings().concurrency,
         help="REFRESHD_CONCURRENCY, and arq's max_jobs (default: refreshd's default, "
         f"{Settings().concurrency})",
