@@ -57,13 +57,12 @@ class ClusterNode:
 
     def __init__(self, index: int, data_dir: Path, node_timeout_ms: int) -> None:
         self.index = index
-        self.bus_port = free_port()
         self.server = RedisServer(
             data_dir,
             config={
                 "cluster-enabled": "yes",
                 "cluster-config-file": "nodes.conf",
-                "cluster-port": str(self.bus_port),
+                "cluster-port": str(free_port()),
                 "cluster-node-timeout": str(node_timeout_ms),
                 # a replica may always take over, however long its link was
                 # down: tests kill primaries right after starting load
@@ -73,8 +72,15 @@ class ClusterNode:
                 # replicas of a dead primary never migrate away in tests
                 "cluster-allow-replica-migration": "no",
             },
+            free_ports=("cluster-port",),
         )
         self._node_id: str | None = None
+
+    @property
+    def bus_port(self) -> int:
+        """The cluster bus port (the server may have chosen another on its
+        first start, if this one was taken)."""
+        return int(self.server.setting("cluster-port"))
 
     @property
     def port(self) -> int:

@@ -82,6 +82,10 @@ class _Child:
             proc.wait()
 
 
+class _PortTaken(RuntimeError):
+    """The server could not bind a port: another process has it."""
+
+
 class RedisServer(StartStop):
     """One server on a fixed loopback port and data directory.
 
@@ -95,9 +99,15 @@ class RedisServer(StartStop):
         *,
         port: int | None = None,
         config: dict[str, str] | None = None,
+        free_ports: tuple[str, ...] = (),
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self._port = port if port is not None else free_port()
+        #: the settings whose port this fixture chose (``free_port``), which
+        #: a first start may choose again: ``port`` unless given, and
+        #: ``free_ports`` (a cluster node's bus port)
+        self._chosen = (() if port is not None else ("port",)) + free_ports
+        self._started_once = False
         self._config = {
             "port": str(self._port),
             "bind": _HOST,
@@ -118,7 +128,26 @@ class RedisServer(StartStop):
     # -- lifecycle ---------------------------------------------------------
 
     def start(self, timeout: float = 10.0) -> None:
-        """Returns only once PING answers, i.e. once the AOF is loaded."""
+        """Returns only once PING answers, i.e. once the AOF is loaded.
+
+        A port ``free_port`` chose can be taken before the server binds it:
+        it is an ephemeral port, the kind every outgoing connection on the
+        machine (a cluster's own bus links among them) is given. On its
+        first start the server then picks new ones, up to three times; a
+        restart keeps its ports, where clients and peers expect it."""
+        for attempt in range(3):
+            try:
+                self._start(timeout)
+                self._started_once = True
+                return
+            except _PortTaken:
+                if self._started_once or not self._chosen or attempt == 2:
+                    raise
+                for key in self._chosen:
+                    self._config[key] = str(free_port())
+                self._port = int(self._config["port"])
+
+    def _start(self, timeout: float) -> None:
         if self.running:
             return
         self._child.reap()  # a process that died on its own
@@ -134,10 +163,12 @@ class RedisServer(StartStop):
         while not self._answers():
             if self._child.proc.poll() is not None or time.monotonic() > deadline:
                 self._child.reap()
-                raise RuntimeError(
+                log = _tail(self.data_dir / "server.log")
+                taken = "Address already in use" in _tail(self.data_dir / "server.log", lines=3)
+                raise (_PortTaken if taken else RuntimeError)(
                     f"server on port {self._port} did not come up within {timeout}s\n"
                     f"--- server.out\n{_tail(self.data_dir / 'server.out')}\n"
-                    f"--- server.log\n{_tail(self.data_dir / 'server.log')}"
+                    f"--- server.log\n{log}"
                 )
             time.sleep(0.02)
 
@@ -186,6 +217,10 @@ class RedisServer(StartStop):
     @property
     def port(self) -> int:
         return self._port
+
+    def setting(self, key: str) -> str:
+        """One line of the configuration the server starts with."""
+        return self._config[key]
 
     @property
     def pid(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,22 @@ def test_failed_start_reports_the_log(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="no-such-directive"):
         server.start()
     assert not server.running
+
+
+def test_a_port_taken_before_the_first_start_is_chosen_again(tmp_path: Path) -> None:
+    """``free_port`` hands out ephemeral ports, which any outgoing connection
+    may take before the server binds: a server whose ports the fixture chose
+    picks new ones on its first start; a port the test gave stays an error."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        chosen = RedisServer(tmp_path / "chosen")
+        chosen._config["port"], chosen._port = str(port), port  # as if taken meanwhile
+        with chosen:
+            assert chosen.port != port
+            with chosen.client() as client:
+                assert client.ping()
+        given = RedisServer(tmp_path / "given", port=port)
+        with pytest.raises(RuntimeError, match="did not come up"):
+            given.start()
